@@ -1,0 +1,175 @@
+"""
+bench.py: how fast vae.py trains on this machine, and how close that is to its limit.
+
+    python bench.py --data_dir ./mnist                      # both models, default device
+    python bench.py --model conv --amp --cuda_graph off     # one model, other settings
+
+For each model it times, after a warm-up, (1) single training steps, (2) whole
+epochs of vae.py's own loop (data held on the device as one tensor) with the test
+pass, and (3) the same model fed by the conventional pipeline of
+torchvision.datasets.MNIST + ToTensor + DataLoader, and prints images per second,
+seconds per epoch, peak memory, FLOPs per image and the fraction of the device's
+measured matmul rate that the training step reaches. On CUDA every timing waits
+for the GPU (torch.cuda.synchronize) before reading the clock.
+
+Results measured with it are in README.md.
+"""
+
+import argparse
+import resource
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import vae
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device, dtype, n=2048, reps=10):
+    """Measured FLOP/s of an n x n x n matmul in `dtype`: the device's practical ceiling."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def flops_per_image(model, x, amp):
+    """FLOPs of one training step's forward and backward pass, divided by the batch size."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+        logits, mu, logvar = model(x, return_logits=True)
+        vae.vae_loss(logits, x, mu, logvar)[0].backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(x)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak
+
+
+def time_steps(step_model, optimizer, train_x, batch_size, amp, graph, device, steps):
+    idx = torch.arange(batch_size, device=device)
+    x = vae.to_float(train_x[idx])
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        if graph is not None:
+            graph(idx)
+        else:
+            vae.train_step(step_model, optimizer, x, 1.0, "bce", amp)
+    sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def time_dataloader_epoch(step_model, optimizer, data_dir, batch_size, amp, device, workers):
+    """One epoch fed the way most examples do it: a Dataset of PIL images and a DataLoader."""
+    from torchvision import datasets, transforms
+
+    ds = datasets.MNIST(data_dir, train=True, download=False, transform=transforms.ToTensor())
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    step_model.train()
+    sync(device)
+    t0 = time.perf_counter()
+    for x, _ in loader:
+        x = x.to(device, non_blocking=True)
+        vae.train_step(step_model, optimizer, x, 1.0, "bce", amp)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def bench_model(name, data, args, device, amp, rate):
+    torch.manual_seed(0)
+    train_x, test_x = data["train_x"].to(device), data["test_x"].to(device)
+    model, step_model, optimizer = vae.setup_training(name, 28, 1, args.latent_dim, 1e-3, device, args.compile)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    flops = flops_per_image(model, vae.to_float(train_x[:args.batch_size]), amp)
+    use_graph = args.cuda_graph == "on" or (args.cuda_graph == "auto" and device.type == "cuda"
+                                            and not args.compile)
+    graph = vae.CUDAGraphStep(step_model, optimizer, train_x, args.batch_size, 1.0, "bce", amp) if use_graph else None
+
+    # Warm-up: one full epoch and a test pass, so that compilation, cuDNN's autotuning and
+    # the allocator's caches are behind us.
+    t0 = time.perf_counter()
+    vae.train_epoch(step_model, optimizer, train_x, args.batch_size, 1.0, "bce", amp, graph)
+    vae.evaluate(step_model, test_x, amp=amp)
+    warmup = time.perf_counter() - t0
+
+    step = time_steps(step_model, optimizer, train_x, args.batch_size, amp, graph, device, args.steps)
+    epoch_times, total_times = [], []
+    for _ in range(args.epochs):
+        t0 = time.perf_counter()
+        vae.train_epoch(step_model, optimizer, train_x, args.batch_size, 1.0, "bce", amp, graph)  # syncs
+        t1 = time.perf_counter()
+        vae.evaluate(step_model, test_x, amp=amp)
+        epoch_times.append(t1 - t0)
+        total_times.append(time.perf_counter() - t0)
+    epoch, total = min(epoch_times), min(total_times)
+    row = dict(model=name, flops=flops, step_ms=1000 * step, img_s=len(train_x) / epoch, epoch_s=epoch,
+               total_s=total, limit_s=flops * len(train_x) / rate, warmup_s=warmup,
+               mem_mb=peak_memory_mb(device))
+    row["util"] = flops * args.batch_size / step / rate
+    if args.loader:
+        row["loader_s"] = time_dataloader_epoch(step_model, optimizer, args.data_dir, args.batch_size, amp,
+                                                device, args.workers)
+    return row
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data_dir", default="./mnist", help="folder holding MNIST/raw/")
+    p.add_argument("--model", choices=("conv", "mlp", "both"), default="both")
+    p.add_argument("--latent_dim", type=int, default=20, help="20 as in pytorch/examples, for comparison")
+    p.add_argument("--batch_size", type=int, default=128)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast, as in vae.py")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model, as vae.py --compile")
+    p.add_argument("--cuda_graph", choices=("auto", "on", "off"), default="auto", help="as in vae.py")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up; the best is kept")
+    p.add_argument("--steps", type=int, default=100, help="timed single steps on one fixed batch")
+    p.add_argument("--no_loader", dest="loader", action="store_false",
+                   help="skip the DataLoader comparison")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = vae.select_device(args.device)
+    amp = args.amp
+    data = vae.load_mnist(args.data_dir)
+    rate = matmul_rate(device, torch.bfloat16 if amp else torch.float32)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device {device} ({name}), torch {torch.__version__}, batch {args.batch_size}, "
+          f"{'bf16 autocast' if amp else 'fp32'}, compile {args.compile}, cuda_graph {args.cuda_graph}, "
+          f"{'bf16' if amp else 'fp32'} matmul rate {rate / 1e9:,.0f} GFLOP/s")
+
+    models = ("conv", "mlp") if args.model == "both" else (args.model,)
+    header = (f"{'model':5} {'MFLOP/img':>9} {'step ms':>8} {'img/s':>9} {'epoch s':>8} {'+test s':>8} "
+              f"{'limit s':>8} {'of peak':>8} {'loader s':>9} {'speed-up':>8} {'warm-up s':>9} {'peak MB':>8}")
+    print(header)
+    for name in models:
+        r = bench_model(name, data, args, device, amp, rate)
+        loader = f"{r['loader_s']:9.2f} {r['loader_s'] / r['epoch_s']:7.1f}x" if args.loader else f"{'-':>9} {'-':>8}"
+        print(f"{name:5} {r['flops'] / 1e6:9.1f} {r['step_ms']:8.2f} {r['img_s']:9,.0f} {r['epoch_s']:8.2f} "
+              f"{r['total_s']:8.2f} {r['limit_s']:8.3f} {r['util']:8.1%} {loader} {r['warmup_s']:9.1f} "
+              f"{r['mem_mb']:8.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

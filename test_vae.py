@@ -1,0 +1,404 @@
+"""Tests for vae.py: the maths against torch.distributions, shapes, gradients,
+training behaviour, the command line and one run end to end on small MNIST-format
+data that the tests write themselves. CPU only; run with `python -m pytest -q`."""
+
+import csv
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributions import Bernoulli, Normal, kl_divergence as torch_kl
+
+import vae
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ----------------------------------------------------------------------------
+# Small MNIST in the original IDX format
+
+
+def write_idx(path, tensor):
+    """Write a uint8 tensor as an IDX file (magic 0x0000 08 <ndim>, big-endian sizes)."""
+    with open(path, "wb") as f:
+        f.write(struct.pack(">I", 0x0800 | tensor.dim()))
+        f.write(struct.pack(f">{tensor.dim()}I", *tensor.shape))
+        f.write(tensor.contiguous().numpy().tobytes())
+
+
+def fake_digits(n, seed):
+    """n 28x28 uint8 images of 10 classes: each class is a fixed random stroke pattern plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    templates = (torch.rand(10, 7, 7, generator=torch.Generator().manual_seed(123)) > 0.6).float()
+    templates = F.interpolate(templates[:, None], size=(20, 20), mode="bilinear")[:, 0]
+    labels = torch.arange(n) % 10
+    images = torch.zeros(n, 28, 28)
+    images[:, 4:24, 4:24] = templates[labels]
+    images = (images + 0.1 * torch.rand(n, 28, 28, generator=g)).clamp(0, 1)
+    return (images * 255).to(torch.uint8), labels.to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mnist")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n, seed in (("train", 320, 0), ("t10k", 120, 1)):
+        images, labels = fake_digits(n, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return str(root)
+
+
+# ----------------------------------------------------------------------------
+# Models: shapes and ranges
+
+
+@pytest.mark.parametrize("cls", [vae.ConvVAE, vae.MLPVAE])
+@pytest.mark.parametrize("size", [28, 32, 64])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_shapes_and_ranges(cls, size, channels):
+    torch.manual_seed(0)
+    model = cls(image_size=size, channels=channels, latent_dim=8)
+    x = torch.rand(3, channels, size, size)
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (3, 8)
+    z = model.reparameterize(mu, logvar)
+    assert z.shape == (3, 8)
+    x_hat = model.decode(z)
+    assert x_hat.shape == x.shape
+    assert x_hat.min() >= 0 and x_hat.max() <= 1
+    out, mu2, logvar2 = model(x)
+    assert out.shape == x.shape and mu2.shape == logvar2.shape == (3, 8)
+    assert out.min() >= 0 and out.max() <= 1
+    logits = model(x, return_logits=True)[0]
+    assert logits.shape == x.shape
+    samples = model.sample(5)
+    assert samples.shape == (5, channels, size, size)
+    assert samples.min() >= 0 and samples.max() <= 1 and not samples.requires_grad
+
+
+def test_forward_logits_are_the_images_before_sigmoid():
+    torch.manual_seed(0)
+    model = vae.MLPVAE(latent_dim=4).eval()
+    x = torch.rand(2, 1, 28, 28)
+    torch.manual_seed(1)
+    x_hat, _, _ = model(x)
+    torch.manual_seed(1)
+    logits, _, _ = model(x, return_logits=True)
+    torch.testing.assert_close(torch.sigmoid(logits), x_hat)
+
+
+def test_conv_depth_follows_image_size():
+    assert vae.ConvVAE(image_size=28).feature_shape == (64, 7, 7)
+    assert vae.ConvVAE(image_size=32).feature_shape == (128, 4, 4)
+    assert vae.ConvVAE(image_size=64).feature_shape == (256, 4, 4)
+
+
+@pytest.mark.parametrize("size", [30, 12])
+def test_conv_rejects_unsupported_size(size):
+    with pytest.raises(ValueError, match="multiple of 4 and at least 16"):
+        vae.ConvVAE(image_size=size)
+
+
+# ----------------------------------------------------------------------------
+# The maths, checked against torch.distributions
+
+
+def test_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(16, 10) * 2, torch.randn(16, 10)
+    expected = torch_kl(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(-1)
+    torch.testing.assert_close(vae.kl_divergence(mu, logvar), expected, rtol=1e-5, atol=1e-5)
+    assert vae.kl_divergence(mu, logvar).shape == (16,)
+
+
+def test_kl_is_zero_at_the_prior_and_positive_elsewhere():
+    zeros = torch.zeros(4, 6)
+    assert torch.equal(vae.kl_divergence(zeros, zeros), torch.zeros(4))
+    assert (vae.kl_divergence(zeros + 0.5, zeros) > 0).all()
+    assert (vae.kl_divergence(zeros, zeros - 1) > 0).all()
+
+
+def test_bce_reconstruction_is_the_bernoulli_log_likelihood():
+    torch.manual_seed(0)
+    logits, x = torch.randn(4, 1, 28, 28) * 3, torch.rand(4, 1, 28, 28)
+    # Bernoulli.log_prob is -BCE for x in [0, 1] too; validation would insist on x in {0, 1}
+    expected = -Bernoulli(logits=logits, validate_args=False).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(vae.reconstruction_loss(logits, x, "bce"), expected, rtol=1e-5, atol=1e-3)
+
+
+def test_bce_from_logits_is_finite_where_the_sigmoid_saturates():
+    logits = torch.full((1, 1, 2, 2), 40.0)  # sigmoid rounds to exactly 1.0 in float32
+    x = torch.zeros(1, 1, 2, 2)
+    rec = vae.reconstruction_loss(logits, x, "bce")
+    torch.testing.assert_close(rec, torch.tensor([160.0]))  # 4 pixels x 40 nats, unclipped
+
+
+def test_mse_reconstruction_is_the_unit_variance_gaussian_up_to_a_constant():
+    torch.manual_seed(0)
+    logits, x = torch.randn(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    nll = -Normal(torch.sigmoid(logits), 1.0).log_prob(x).flatten(1).sum(1)
+    constant = 0.5 * math.log(2 * math.pi) * x[0].numel()
+    torch.testing.assert_close(vae.reconstruction_loss(logits, x, "mse"), nll - constant)
+
+
+def test_unknown_recon_is_rejected():
+    with pytest.raises(ValueError, match="'bce' or 'mse'"):
+        vae.reconstruction_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), "l1")
+
+
+def test_loss_parts_add_up_and_beta_scales_only_the_kl():
+    torch.manual_seed(0)
+    logits, x = torch.randn(8, 1, 28, 28), torch.rand(8, 1, 28, 28)
+    mu, logvar = torch.randn(8, 5), torch.randn(8, 5)
+    _, rec1, kl1 = vae.vae_loss(logits, x, mu, logvar, beta=1.0)
+    assert kl1 > 0 and rec1 > 0
+    for beta in (0.0, 0.5, 1.0, 4.0):
+        loss, rec, kl = vae.vae_loss(logits, x, mu, logvar, beta=beta)
+        torch.testing.assert_close(loss, rec + beta * kl)
+        assert torch.equal(rec, rec1) and torch.equal(kl, kl1)
+    # each part is a batch mean of the per-image values, in nats per image
+    torch.testing.assert_close(rec1, vae.reconstruction_loss(logits, x).mean())
+    torch.testing.assert_close(kl1, vae.kl_divergence(mu, logvar).mean())
+
+
+# ----------------------------------------------------------------------------
+# Gradients and optimisation
+
+
+def test_reparameterize_passes_gradients_to_mu_and_logvar():
+    torch.manual_seed(0)
+    mu = torch.randn(4, 3, requires_grad=True)
+    logvar = torch.randn(4, 3, requires_grad=True)
+    model = vae.MLPVAE(latent_dim=3)
+    torch.manual_seed(7)
+    z = model.reparameterize(mu, logvar)
+    z.sum().backward()
+    torch.manual_seed(7)
+    eps = torch.randn(4, 3)
+    torch.testing.assert_close(mu.grad, torch.ones(4, 3))  # dz/dmu = 1
+    torch.testing.assert_close(logvar.grad, 0.5 * torch.exp(0.5 * logvar.detach()) * eps)  # dz/dlogvar
+
+
+@pytest.mark.parametrize("cls", [vae.ConvVAE, vae.MLPVAE])
+def test_every_parameter_gets_a_finite_nonzero_gradient(cls):
+    torch.manual_seed(0)
+    model = cls(latent_dim=8)
+    x = torch.rand(16, 1, 28, 28)
+    logits, mu, logvar = model(x, return_logits=True)
+    vae.vae_loss(logits, x, mu, logvar)[0].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("cls", [vae.ConvVAE, vae.MLPVAE])
+def test_optimizer_steps_on_one_batch_lower_the_loss(cls):
+    torch.manual_seed(0)
+    model = cls(latent_dim=8)
+    x = to_float_batch(fake_digits(32, seed=3)[0])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(40):
+        logits, mu, logvar = model(x, return_logits=True)
+        loss = vae.vae_loss(logits, x, mu, logvar)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses[::10]
+
+
+def to_float_batch(images_uint8):
+    return vae.to_float(images_uint8[:, None])  # (N, 28, 28) -> (N, 1, 28, 28)
+
+
+def test_evaluate_samples_z_and_restores_training_mode():
+    torch.manual_seed(0)
+    model = vae.MLPVAE(latent_dim=4).train()
+    images = fake_digits(50, seed=4)[0][:, None]
+    torch.manual_seed(1)
+    a = vae.evaluate(model, images, batch_size=16)
+    torch.manual_seed(2)
+    b = vae.evaluate(model, images, batch_size=16)
+    assert model.training
+    assert a["loss"] != b["loss"]  # z is drawn from q(z|x), not set to mu
+    assert a["kl"] == pytest.approx(b["kl"])  # the KL is in closed form, no sampling
+    assert a["loss"] == pytest.approx(a["recon"] + a["kl"])
+    assert set(a) == {"loss", "recon", "kl", "mu_mean", "logvar_mean"}
+
+
+# ----------------------------------------------------------------------------
+# Data
+
+
+def test_load_mnist_reads_idx_files_and_resizes_once(mnist_dir):
+    data = vae.load_mnist(mnist_dir)
+    assert data["train_x"].shape == (320, 1, 28, 28) and data["train_x"].dtype == torch.uint8
+    assert data["test_x"].shape == (120, 1, 28, 28)
+    assert data["train_y"].tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert torch.equal(data["train_x"][:, 0], fake_digits(320, seed=0)[0])
+    big = vae.load_mnist(mnist_dir, image_size=32)
+    assert big["train_x"].shape == (320, 1, 32, 32) and big["train_x"].dtype == torch.uint8
+    # resizing keeps the brightness: mean intensity within 2%
+    assert big["train_x"].float().mean().item() == pytest.approx(data["train_x"].float().mean().item(), rel=0.02)
+
+
+# ----------------------------------------------------------------------------
+# End to end, and the command line
+
+
+def test_one_run_end_to_end(mnist_dir, tmp_path):
+    out = tmp_path / "run"
+    args = vae.parse_args(["--data_dir", mnist_dir, "--epochs", "2", "--batch_size", "64",
+                           "--latent_dim", "8", "--out_dir", str(out), "--device", "cpu"])
+    model, history = vae.train(args)
+    written = sorted(os.listdir(out))
+    assert written == ["checkpoint.pt", "config.json", "interpolation.png", "loss_curves.png", "metrics.csv",
+                       "reconstructions_epoch001.png", "reconstructions_epoch002.png", "samples.png"]
+
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for key in ("train_loss", "train_recon", "train_kl", "test_loss", "test_recon", "test_kl",
+                "test_mu_mean", "test_logvar_mean", "seconds", "images_per_sec", "beta"):
+        assert all(math.isfinite(float(r[key])) for r in rows), key
+    for r in rows:
+        assert float(r["test_loss"]) == pytest.approx(float(r["test_recon"]) + float(r["test_kl"]), rel=1e-5)
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert history[-1]["test_loss"] == pytest.approx(float(rows[-1]["test_loss"]))
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["latent_dim"] == 8 and config["model"] == "conv" and config["channels"] == 1
+
+    loaded, loaded_config = vae.load_checkpoint(out / "checkpoint.pt")
+    assert loaded_config == config and not loaded.training
+    x = vae.to_float(vae.load_mnist(mnist_dir)["test_x"][:8])
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        mu2, logvar2 = loaded.encode(x)
+        torch.testing.assert_close(mu2, mu)
+        torch.testing.assert_close(logvar2, logvar)
+        torch.testing.assert_close(loaded.decode(mu2), model.decode(mu))
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and set(state) >= {"model", "optimizer", "epoch", "config"}
+
+
+def test_main_trains_the_mlp_at_another_size(mnist_dir, tmp_path):
+    history = vae.main(["--data_dir", mnist_dir, "--epochs", "1", "--model", "mlp", "--image_size", "32",
+                        "--out_dir", str(tmp_path), "--device", "cpu", "--beta", "0.5"])
+    assert len(history) == 1 and history[0]["beta"] == 0.5
+    _, config = vae.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert config["image_size"] == 32 and config["model"] == "mlp"
+
+
+def test_default_out_dir_follows_the_model():
+    assert vae.parse_args(["--model", "mlp"]).out_dir == os.path.join("outputs", "mlp")
+    assert vae.parse_args([]).out_dir == os.path.join("outputs", "conv")
+
+
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--epochs", "0", "a positive integer"),
+    ("--epochs", "ten", "a positive integer"),
+    ("--batch_size", "-1", "a positive integer"),
+    ("--lr", "0", "a positive number"),
+    ("--lr", "nan", "a positive number"),
+    ("--latent_dim", "0", "a positive integer"),
+    ("--beta", "-0.5", "a number >= 0"),
+    ("--image_size", "30", "one of 28, 32, 64, 128"),
+])
+def test_parser_rejects_bad_values_with_a_sentence(flag, value, allowed, capsys):
+    with pytest.raises(SystemExit) as e:
+        vae.parse_args([flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected {allowed}" in err and "Traceback" not in err
+
+
+def test_help_lists_every_flag_with_its_default():
+    text = vae.build_parser().format_help()
+    for flag, default in (("--data_dir", "./mnist"), ("--epochs", "30"), ("--batch_size", "128"),
+                          ("--image_size", "28"), ("--latent_dim", "32"), ("--lr", "0.001"),
+                          ("--beta", "1.0"), ("--model", "conv"), ("--recon", "bce"), ("--seed", "0"),
+                          ("--device", "auto"), ("--out_dir", "outputs/{model}")):
+        assert flag in text
+        assert f"(default: {default})" in text, flag
+
+
+def run_python(code, cwd):
+    env = dict(os.environ, PYTHONPATH=HERE)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_missing_data_offline_exits_2_with_one_sentence(tmp_path):
+    # Point torchvision's mirrors at a closed local port: the download fails at once, as offline.
+    code = ("import torchvision, vae; "
+            "torchvision.datasets.MNIST.mirrors = ['http://127.0.0.1:9/']; "
+            f"vae.main(['--data_dir', {str(tmp_path / 'empty')!r}, '--out_dir', {str(tmp_path / 'out')!r}])")
+    result = run_python(code, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    sentence = lines[0]
+    assert os.path.join(str(tmp_path / "empty"), "MNIST", "raw") in sentence
+    assert "could not be downloaded" in sentence and "Connection refused" in sentence
+    for name in vae.MNIST_FILES:
+        assert name in sentence
+    assert not (tmp_path / "out").exists()  # nothing written for a run that never started
+
+
+def test_importing_vae_has_no_side_effects(tmp_path):
+    result = run_python("import sys, vae; assert 'matplotlib.pyplot' not in sys.modules", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and result.stderr == ""
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------
+# Fast paths: the same numbers as the plain fp32 path
+
+
+def test_bf16_autocast_loss_is_close_to_fp32():
+    torch.manual_seed(0)
+    model = vae.ConvVAE(latent_dim=8).eval()
+    x = to_float_batch(fake_digits(16, seed=5)[0])
+    mu, logvar = model.encode(x)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # one z for both precisions
+    ref = vae.vae_loss(model.decode_logits(z), x, mu, logvar)
+    with torch.autocast("cpu", torch.bfloat16):
+        mu16, logvar16 = model.encode(x)
+        logits16 = model.decode_logits(z)
+    assert logits16.dtype == torch.bfloat16
+    fast = vae.vae_loss(logits16, x, mu16, logvar16)
+    for a, b in zip(fast, ref):  # stated tolerance: 1% of each term
+        assert a.dtype == torch.float32
+        assert a.item() == pytest.approx(b.item(), rel=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_step_leaves_the_model_untouched_and_trains_like_eager():
+    device = torch.device("cuda")
+    images = fake_digits(256, seed=6)[0][:, None].to(device)
+    losses = {}
+    for use_graph in (False, True):
+        torch.manual_seed(0)
+        model, _, optimizer = vae.setup_training("conv", 28, 1, 8, 1e-3, device)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        graph = vae.CUDAGraphStep(model, optimizer, images, 64, 1.0, "bce", True) if use_graph else None
+        for k, v in model.state_dict().items():  # the capture's warm-up steps were undone
+            assert torch.equal(v, start[k]), k
+        history = [vae.train_epoch(model, optimizer, images, 64, 1.0, "bce", True, graph)["loss"]
+                   for _ in range(5)]
+        assert history[-1] < history[0]
+        losses[use_graph] = history[-1]
+    assert losses[True] == pytest.approx(losses[False], rel=0.05)  # only the draws of eps differ
