@@ -69,7 +69,7 @@ def time_steps(step_model, optimizer, train_x, batch_size, amp, graph, device, s
         if graph is not None:
             graph(idx)
         else:
-            vae.train_step(step_model, optimizer, x, 1.0, "bce", amp)
+            vae.train_step(step_model, optimizer, x, 1.0, amp=amp)
     sync(device)
     return (time.perf_counter() - t0) / steps
 
@@ -86,7 +86,7 @@ def time_dataloader_epoch(step_model, optimizer, data_dir, batch_size, amp, devi
     t0 = time.perf_counter()
     for x, _ in loader:
         x = x.to(device, non_blocking=True)
-        vae.train_step(step_model, optimizer, x, 1.0, "bce", amp)
+        vae.train_step(step_model, optimizer, x, 1.0, amp=amp)
     sync(device)
     return time.perf_counter() - t0
 
@@ -100,12 +100,12 @@ def bench_model(name, data, args, device, amp, rate):
     flops = flops_per_image(model, vae.to_float(train_x[:args.batch_size]), amp)
     use_graph = args.cuda_graph == "on" or (args.cuda_graph == "auto" and device.type == "cuda"
                                             and not args.compile)
-    graph = vae.CUDAGraphStep(step_model, optimizer, train_x, args.batch_size, 1.0, "bce", amp) if use_graph else None
+    graph = vae.CUDAGraphStep(step_model, optimizer, train_x, args.batch_size, amp=amp) if use_graph else None
 
     # Warm-up: one full epoch and a test pass, so that compilation, cuDNN's autotuning and
     # the allocator's caches are behind us.
     t0 = time.perf_counter()
-    vae.train_epoch(step_model, optimizer, train_x, args.batch_size, 1.0, "bce", amp, graph)
+    vae.train_epoch(step_model, optimizer, train_x, args.batch_size, 1.0, amp=amp, graph=graph)
     vae.evaluate(step_model, test_x, amp=amp)
     warmup = time.perf_counter() - t0
 
@@ -113,7 +113,7 @@ def bench_model(name, data, args, device, amp, rate):
     epoch_times, total_times = [], []
     for _ in range(args.epochs):
         t0 = time.perf_counter()
-        vae.train_epoch(step_model, optimizer, train_x, args.batch_size, 1.0, "bce", amp, graph)  # syncs
+        vae.train_epoch(step_model, optimizer, train_x, args.batch_size, 1.0, amp=amp, graph=graph)  # syncs
         t1 = time.perf_counter()
         vae.evaluate(step_model, test_x, amp=amp)
         epoch_times.append(t1 - t0)

@@ -233,7 +233,8 @@ def test_evaluate_samples_z_and_restores_training_mode():
     assert a["loss"] != b["loss"]  # z is drawn from q(z|x), not set to mu
     assert a["kl"] == pytest.approx(b["kl"])  # the KL is in closed form, no sampling
     assert a["loss"] == pytest.approx(a["recon"] + a["kl"])
-    assert set(a) == {"loss", "recon", "kl", "mu_mean", "logvar_mean"}
+    assert set(a) == {"loss", "recon", "kl", "mu_mean", "logvar_mean", "active_units", "kl_per_dim"}
+    assert sum(a["kl_per_dim"]) == pytest.approx(a["kl"], rel=1e-5) and len(a["kl_per_dim"]) == 4
 
 
 # ----------------------------------------------------------------------------
@@ -262,14 +263,16 @@ def test_one_run_end_to_end(mnist_dir, tmp_path):
                            "--latent_dim", "8", "--out_dir", str(out), "--device", "cpu"])
     model, history = vae.train(args)
     written = sorted(os.listdir(out))
-    assert written == ["checkpoint.pt", "config.json", "interpolation.png", "loss_curves.png", "metrics.csv",
-                       "reconstructions_epoch001.png", "reconstructions_epoch002.png", "samples.png"]
+    assert written == ["best_worst.png", "checkpoint.pt", "class_means.png", "config.json", "evaluation.json",
+                       "interpolation.png", "latent_distribution.png", "latent_pca.png", "loss_curves.png",
+                       "metrics.csv", "per_class.csv", "recon_error_hist.png", "reconstructions_epoch001.png",
+                       "reconstructions_epoch002.png", "samples.png", "traversals.png"]
 
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     for key in ("train_loss", "train_recon", "train_kl", "test_loss", "test_recon", "test_kl",
-                "test_mu_mean", "test_logvar_mean", "seconds", "images_per_sec", "beta"):
+                "test_mu_mean", "test_logvar_mean", "test_active_units", "seconds", "images_per_sec", "beta"):
         assert all(math.isfinite(float(r[key])) for r in rows), key
     for r in rows:
         assert float(r["test_loss"]) == pytest.approx(float(r["test_recon"]) + float(r["test_kl"]), rel=1e-5)
@@ -306,8 +309,11 @@ def test_default_out_dir_follows_the_model():
 
 
 @pytest.mark.parametrize("flag, value, allowed", [
-    ("--epochs", "0", "a positive integer"),
-    ("--epochs", "ten", "a positive integer"),
+    ("--epochs", "-1", "an integer >= 0"),
+    ("--epochs", "ten", "an integer >= 0"),
+    ("--nll_samples", "-5", "an integer >= 0"),
+    ("--kl_warmup", "-1", "an integer >= 0"),
+    ("--free_bits", "-0.1", "a number >= 0"),
     ("--batch_size", "-1", "a positive integer"),
     ("--lr", "0", "a positive number"),
     ("--lr", "nan", "a positive number"),
@@ -394,11 +400,204 @@ def test_cuda_graph_step_leaves_the_model_untouched_and_trains_like_eager():
         torch.manual_seed(0)
         model, _, optimizer = vae.setup_training("conv", 28, 1, 8, 1e-3, device)
         start = {k: v.clone() for k, v in model.state_dict().items()}
-        graph = vae.CUDAGraphStep(model, optimizer, images, 64, 1.0, "bce", True) if use_graph else None
+        graph = vae.CUDAGraphStep(model, optimizer, images, 64, amp=True) if use_graph else None
         for k, v in model.state_dict().items():  # the capture's warm-up steps were undone
             assert torch.equal(v, start[k]), k
-        history = [vae.train_epoch(model, optimizer, images, 64, 1.0, "bce", True, graph)["loss"]
+        history = [vae.train_epoch(model, optimizer, images, 64, 1.0, amp=True, graph=graph)["loss"]
                    for _ in range(5)]
         assert history[-1] < history[0]
         losses[use_graph] = history[-1]
     assert losses[True] == pytest.approx(losses[False], rel=0.05)  # only the draws of eps differ
+
+
+
+@pytest.mark.parametrize("argv, sentence", [
+    (["--epochs", "0"], "--epochs 0 trains nothing: it only goes with --checkpoint PATH"),
+    (["--checkpoint", "x.pt"], "--checkpoint evaluates a saved model without training it: add --epochs 0"),
+    (["--nll_samples", "10", "--recon", "mse"], "--nll_samples needs --recon bce"),
+])
+def test_parser_rejects_bad_combinations(argv, sentence, capsys):
+    with pytest.raises(SystemExit) as e:
+        vae.parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert sentence in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------
+# The log-likelihood: importance sampling (Burda et al. 2015)
+
+
+def test_log_likelihood_with_one_sample_is_the_elbo_on_average():
+    torch.manual_seed(0)
+    model = vae.MLPVAE(latent_dim=4).eval()
+    x = torch.bernoulli(to_float_batch(fake_digits(8, seed=7)[0]))
+    reps = 400
+    iw = torch.stack([vae.log_likelihood(model, x, k=1) for _ in range(reps)])  # (reps, 8)
+    elbo = []
+    with torch.no_grad():
+        for _ in range(reps):
+            logits, mu, logvar = model(x, return_logits=True)
+            elbo.append(-(vae.reconstruction_loss(logits, x) + vae.kl_divergence(mu, logvar)))
+    elbo = torch.stack(elbo)
+    se = (iw.var(0) / reps + elbo.var(0) / reps).sqrt()
+    assert ((iw.mean(0) - elbo.mean(0)).abs() < 4 * se).all()
+
+
+def test_log_likelihood_rises_with_k():
+    torch.manual_seed(0)
+    model = vae.ConvVAE(latent_dim=4).eval()
+    x = torch.bernoulli(to_float_batch(fake_digits(16, seed=8)[0]))
+    estimates = [vae.log_likelihood(model, x, k=k, max_decodes=16 * 7).mean().item() for k in (1, 10, 100, 400)]
+    assert all(a < b for a, b in zip(estimates, estimates[1:])), estimates
+
+
+class LinearGaussian(torch.nn.Module):
+    """z ~ N(0, I), x | z ~ N(W z + b, s^2 I): log p(x) is Gaussian in closed form."""
+
+    def __init__(self, d_x=6, d_z=2, s=0.5):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.W, self.b, self.s, self.latent_dim = torch.randn(d_x, d_z, generator=g), torch.randn(d_x, generator=g), s, d_z
+        # the exact posterior is N(A (x - b), S): encode returns a deliberately wrong q instead
+        cov = torch.linalg.inv(torch.eye(d_z) + self.W.T @ self.W / s ** 2)
+        self.A, self.cov = cov @ self.W.T / s ** 2, cov
+
+    def encode(self, x):
+        x = x.flatten(1)
+        mu = (x - self.b) @ self.A.T * 0.9  # shrunk mean
+        logvar = torch.log(torch.diagonal(self.cov) * 1.3).expand_as(mu)  # wider, diagonal
+        return mu, logvar
+
+    def decode_logits(self, z):  # here the Gaussian mean, shaped like an image (N, 1, 1, d_x)
+        return (z @ self.W.T + self.b)[:, None, None, :]
+
+    def log_px_given_z(self, mean, x):
+        return Normal(mean, self.s).log_prob(x).flatten(1).sum(1)
+
+    def exact(self, x):
+        cov = self.W @ self.W.T + self.s ** 2 * torch.eye(len(self.b))
+        return torch.distributions.MultivariateNormal(self.b, cov).log_prob(x.flatten(1))
+
+
+def test_log_likelihood_converges_to_the_exact_value_on_a_linear_gaussian_model():
+    torch.manual_seed(0)
+    model = LinearGaussian()
+    x = (torch.randn(5, 2) @ model.W.T + model.b + 0.5 * torch.randn(5, 6))[:, None, None, :]
+    exact = model.exact(x)
+    elbo = torch.stack([vae.log_likelihood(model, x, k=1, log_px_given_z=model.log_px_given_z)
+                        for _ in range(200)]).mean(0)  # the expected single-sample bound
+    many = vae.log_likelihood(model, x, k=20000, max_decodes=4096, log_px_given_z=model.log_px_given_z)
+    assert (exact - many).abs().max() < 0.02
+    assert (exact - elbo > 0.1).all()  # the ELBO is a visibly looser lower bound
+
+
+def test_evaluate_nll_reports_nats_and_bits_per_dim():
+    torch.manual_seed(0)
+    model = vae.MLPVAE(latent_dim=4)
+    images = vae.binarize_once(fake_digits(30, seed=9)[0][:, None])
+    nll, bpd = vae.evaluate_nll(model, images, k=5, batch_size=7)
+    assert nll > 0 and bpd == pytest.approx(nll / (784 * math.log(2)))
+    assert model.training  # restored
+
+
+# ----------------------------------------------------------------------------
+# Binarization, active units, posterior collapse
+
+
+def test_binarization():
+    images = fake_digits(200, seed=10)[0][:, None]
+    once = vae.binarize_once(images)
+    assert torch.equal(once, vae.binarize_once(images))  # the same test set every time
+    assert set(once.unique().tolist()) <= {0, 255}
+    torch.manual_seed(0)
+    idx = torch.arange(200)
+    a, b = vae.get_batch(images, idx, binarize=True), vae.get_batch(images, idx, binarize=True)
+    assert set(a.unique().tolist()) <= {0.0, 1.0} and not torch.equal(a, b)  # fresh each step
+    assert a.mean().item() == pytest.approx(vae.to_float(images).mean().item(), abs=0.01)
+    assert torch.equal(vae.get_batch(images, idx), vae.to_float(images))
+
+
+def test_active_units_count_the_dimensions_that_vary_across_images():
+    torch.manual_seed(0)
+    model = vae.MLPVAE(latent_dim=6)
+    with torch.no_grad():
+        model.fc_mu.weight[2:] = 0  # mu_2..5 = bias for every image: inactive
+        model.fc_mu.weight[:2] *= 50  # mu_0, mu_1 vary strongly across images
+    stats = vae.evaluate(model, fake_digits(100, seed=11)[0][:, None], batch_size=32)
+    assert stats["active_units"] == 2
+
+
+def test_collapse_warning():
+    assert vae.collapse_warning(kl=5.0, active_units=3) is None
+    for kl, au in ((0.05, 3), (5.0, 0)):
+        text = vae.collapse_warning(kl, au)
+        assert text.startswith("warning: posterior collapse") and "--kl_warmup" in text and "--free_bits" in text
+
+
+def test_kl_warmup_schedule():
+    assert [vae.beta_schedule(e, 0.5, kl_warmup=4) for e in range(1, 8)] == [0, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
+    assert [vae.beta_schedule(e, 2.0) for e in (1, 5)] == [2.0, 2.0]
+
+
+def test_free_bits_change_the_gradient_only_under_the_floor():
+    torch.manual_seed(0)
+    logits, x = torch.randn(16, 1, 4, 4), torch.rand(16, 1, 4, 4)
+    mu = torch.cat([torch.randn(16, 2) * 2, torch.randn(16, 2) * 0.05], dim=1)  # dims 2, 3 near the prior
+    logvar = torch.cat([torch.full((16, 2), -2.0), torch.full((16, 2), -0.01)], dim=1)
+    kl_dims = vae.kl_per_dimension(mu, logvar).mean(0)
+    floor = 0.5
+    assert (kl_dims[:2] > floor).all() and (kl_dims[2:] < floor).all()
+    grads = {}
+    for fb in (0.0, floor):
+        m, lv = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+        loss, rec, kl = vae.vae_loss(logits, x, m, lv, free_bits=fb)
+        loss.backward()
+        grads[fb] = (m.grad, lv.grad, loss.item(), kl.item())
+    (gm0, glv0, loss0, kl0), (gm1, glv1, loss1, kl1) = grads[0.0], grads[floor]
+    torch.testing.assert_close(gm1[:, :2], gm0[:, :2])  # above the floor: unchanged
+    torch.testing.assert_close(glv1[:, :2], glv0[:, :2])
+    assert (gm1[:, 2:] == 0).all() and (glv1[:, 2:] == 0).all()  # under it: no pull to the prior
+    assert (gm0[:, 2:] != 0).any()
+    assert kl1 == kl0  # the reported KL is the true one
+    assert loss1 == pytest.approx(loss0 + 2 * floor - kl_dims[2:].sum().item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation from a checkpoint, and the likelihood run end to end
+
+
+def test_checkpoint_mode_reproduces_the_run_without_touching_it(mnist_dir, tmp_path):
+    run = tmp_path / "run"
+    history = vae.main(["--data_dir", mnist_dir, "--epochs", "2", "--model", "mlp", "--latent_dim", "2",
+                        "--binarize", "--nll_samples", "20", "--out_dir", str(run), "--device", "cpu",
+                        "--kl_warmup", "1"])
+    assert [row["beta"] for row in history] == [0.0, 1.0]
+    ckpt = run / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    trained = json.loads((run / "evaluation.json").read_text())
+    assert trained["test_nll"] < trained["test_loss"] + 1.0  # the K=20 bound is tighter than the ELBO
+    assert trained["test_nll_bits_per_dim"] == pytest.approx(trained["test_nll"] / (784 * math.log(2)))
+    assert len(trained["per_class"]) == 10
+
+    again = tmp_path / "again"
+    results = vae.main(["--checkpoint", str(ckpt), "--epochs", "0", "--data_dir", mnist_dir,
+                        "--out_dir", str(again), "--nll_samples", "20", "--device", "cpu"])
+    assert ckpt.read_bytes() == before
+    assert not (again / "checkpoint.pt").exists() and not (again / "metrics.csv").exists()
+    assert (again / "manifold.png").exists() and (again / "traversals.png").exists()  # latent_dim 2
+    assert results["epoch"] == 2
+    # the same binary test set and weights: the ELBO agrees within Monte Carlo error
+    assert results["test_loss"] == pytest.approx(trained["test_loss"], rel=0.01)
+    assert results["test_kl"] == pytest.approx(trained["test_kl"], rel=1e-4)  # closed form: no noise
+    assert results["test_nll"] == pytest.approx(trained["test_nll"], rel=0.01)
+
+
+def test_checkpoint_mode_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint")
+    for path, sentence in ((bad, "is not a checkpoint written by vae.py"), (tmp_path / "none.pt", "does not exist")):
+        with pytest.raises(SystemExit) as e:
+            vae.main(["--checkpoint", str(path), "--epochs", "0", "--out_dir", str(tmp_path / "o")])
+        assert e.value.code == 2
+        assert sentence in capsys.readouterr().err

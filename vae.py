@@ -278,11 +278,17 @@ class MLPVAE(VAE):
 MODELS = {"conv": ConvVAE, "mlp": MLPVAE}
 
 
-def build_model(model, image_size, channels, latent_dim):
-    """Build a ConvVAE ('conv') or MLPVAE ('mlp'); raises ValueError for an unknown name."""
-    if model not in MODELS:
-        raise ValueError(f"unknown model '{model}', expected one of {sorted(MODELS)}")
-    return MODELS[model](image_size=image_size, channels=channels, latent_dim=latent_dim)
+def build_model(model, image_size, channels, latent_dim, width=32):
+    """Build a ConvVAE ('conv') or MLPVAE ('mlp'); raises ValueError for an unknown name.
+
+    width sets the model's size: the ConvVAE's first block has `width` channels,
+    the MLPVAE's hidden layers 16 * width and 8 * width units (512 and 256 at 32).
+    """
+    if model == "conv":
+        return ConvVAE(image_size, channels, latent_dim, base_channels=width)
+    if model == "mlp":
+        return MLPVAE(image_size, channels, latent_dim, hidden=(16 * width, 8 * width))
+    raise ValueError(f"unknown model '{model}', expected one of {sorted(MODELS)}")
 
 
 # ----------------------------------------------------------------------------
@@ -294,24 +300,30 @@ def build_model(model, image_size, channels, latent_dim):
 # which is how VAEs end up with an unexplained tiny KL weight.
 
 
-def kl_divergence(mu, logvar):
-    """KL(N(mu, exp(logvar)) || N(0, I)) in closed form, in nats per image.
+def kl_per_dimension(mu, logvar):
+    """KL(N(mu_j, exp(logvar_j)) || N(0, 1)) for each latent dimension j, in nats.
 
     Kingma & Welling (2013), Appendix B, for a diagonal Gaussian q and p(z) = N(0, I):
-        -KL = 0.5 * sum_j (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)
-    hence the minus sign in front: the KL itself is >= 0, and 0 exactly when
-    mu = 0 and logvar = 0.
+        -KL_j = 0.5 * (1 + log sigma_j^2 - mu_j^2 - sigma_j^2)
+    hence the minus sign in front: each KL_j is >= 0, and 0 exactly when
+    mu_j = 0 and logvar_j = 0.
 
-    mu, logvar: (B, latent_dim) -> (B,).
+    mu, logvar: (B, latent_dim) -> (B, latent_dim).
     """
-    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=-1)
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
+def kl_divergence(mu, logvar):
+    """KL(q(z|x) || p(z)) in closed form, in nats per image: (B, latent_dim) -> (B,)."""
+    return kl_per_dimension(mu, logvar).sum(-1)
 
 
 def reconstruction_loss(recon_logits, x, recon="bce"):
     """-log p(x|z) for one z, in nats per image: (B, C, H, W) logits and x -> (B,).
 
     recon='bce': Bernoulli likelihood with mean sigmoid(logits), for x in [0, 1]
-        (Kingma & Welling 2013, Appendix C.1), from the logits for stability.
+        (Kingma & Welling 2013, Appendix C.1), from the logits for stability. It is
+        a normalised likelihood only for binary x (see --binarize).
     recon='mse': Gaussian with mean sigmoid(logits) and unit variance, dropping the
         constant 0.5 * log(2 pi) per pixel, so 0.5 * squared error.
 
@@ -328,58 +340,143 @@ def reconstruction_loss(recon_logits, x, recon="bce"):
     return per_pixel.flatten(1).sum(1)  # (B, C*H*W) -> (B,)
 
 
-def vae_loss(recon_logits, x, mu, logvar, beta=1.0, recon="bce"):
+def vae_loss(recon_logits, x, mu, logvar, beta=1.0, recon="bce", free_bits=0.0):
     """The negative (beta-)ELBO and its parts, each averaged over the batch.
 
         loss = recon + beta * kl        (Kingma & Welling 2013, eq. 10; Higgins et al. 2017, eq. 4)
+
+    With free_bits = L > 0 the KL term of the loss becomes sum_j max(L, KL_j), KL_j
+    the batch mean of dimension j's KL (Kingma et al. 2016, arXiv:1606.04934, eq. 15):
+    a dimension under L nats gets no gradient pushing it towards the prior, which
+    keeps latent dimensions from collapsing early. The returned kl stays the true KL.
 
     Args:
         recon_logits: (B, C, H, W) decoder logits, `model(x, return_logits=True)[0]`;
             not the [0, 1] images that `model(x)` returns.
         x: (B, C, H, W) targets in [0, 1].
         mu, logvar: (B, latent_dim) from `model.encode`.
-        beta: weight of the KL term, >= 0; 1 gives the plain negative ELBO.
+        beta: weight of the KL term, >= 0 (a float or a 0-dim tensor); 1 gives the
+            plain negative ELBO.
         recon: 'bce' or 'mse', see `reconstruction_loss`.
+        free_bits: L >= 0, nats per latent dimension.
 
     Returns:
-        (loss, recon, kl): scalar tensors in nats per image; loss == recon + beta * kl.
+        (loss, recon, kl): scalar tensors in nats per image; loss == recon + beta * kl
+        when free_bits is 0.
     """
     rec = reconstruction_loss(recon_logits, x, recon).mean()
-    kl = kl_divergence(mu.float(), logvar.float()).mean()
-    return rec + beta * kl, rec, kl
+    kl_dims = kl_per_dimension(mu.float(), logvar.float()).mean(0)  # (latent_dim,) batch means
+    kl = kl_dims.sum()
+    kl_term = kl_dims.clamp(min=free_bits).sum() if free_bits > 0 else kl
+    return rec + beta * kl_term, rec, kl
 
 
 # ----------------------------------------------------------------------------
 # Evaluation
+#
+# Two measures of a trained VAE on the test split. `evaluate` gives the
+# single-sample ELBO, cheap enough for every epoch, and what the latent space
+# uses (active units). `log_likelihood` gives the field's number, an importance-
+# weighted estimate of log p(x) that tightens towards it as K grows.
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2015), Sec. 5.2: Cov_x(E_q[z_u]) > 0.01
 
 
 @torch.no_grad()
 def evaluate(model, images, beta=1.0, recon="bce", batch_size=1000, amp=False):
     """Average loss, recon and KL over a split, in eval mode, with z sampled.
 
-    The test loss is the true single-sample estimate of the negative ELBO (z drawn
-    from q(z|x), not z = mu), so it is comparable with the training loss.
+    The test loss is the true single-sample estimate of the negative (beta-)ELBO
+    (z drawn from q(z|x), not z = mu), so it is comparable with the training loss.
 
     Args:
         images: (N, C, H, W) uint8 on the model's device.
         amp: run the model under bf16 autocast (the loss is summed in fp32).
 
     Returns:
-        dict of floats: loss, recon, kl (nats per image), mu_mean, logvar_mean (the
-        means of mu and logvar over images and latent dimensions).
+        dict: loss, recon, kl (nats per image), mu_mean, logvar_mean (means over
+        images and latent dimensions), active_units (dimensions u whose mean mu_u
+        varies across images with variance > 0.01), and kl_per_dim, a list of
+        latent_dim floats (nats per image).
     """
     was_training = model.training
     model.eval()
+    d = model.latent_dim
     sums = torch.zeros(5, device=images.device)  # summed on the device, read once
+    dims = torch.zeros(3, d, device=images.device)  # per dimension: sum mu, sum mu^2, sum KL
     for start in range(0, len(images), batch_size):
         x = to_float(images[start:start + batch_size])
         with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
             logits, mu, logvar = model(x, return_logits=True)
+        mu, logvar = mu.float(), logvar.float()
         loss, rec, kl = vae_loss(logits, x, mu, logvar, beta, recon)
-        sums += torch.stack([loss, rec, kl, mu.float().mean(), logvar.float().mean()]) * len(x)
+        sums += torch.stack([loss, rec, kl, mu.mean(), logvar.mean()]) * len(x)
+        dims += torch.stack([mu.sum(0), mu.pow(2).sum(0), kl_per_dimension(mu, logvar).sum(0)])
     model.train(was_training)
-    loss, rec, kl, mu_mean, logvar_mean = (sums / len(images)).tolist()
-    return dict(loss=loss, recon=rec, kl=kl, mu_mean=mu_mean, logvar_mean=logvar_mean)
+    n = len(images)
+    loss, rec, kl, mu_mean, logvar_mean = (sums / n).tolist()
+    mu_var = dims[1] / n - (dims[0] / n).pow(2)  # Cov_x(E_q[z_u]) for each u
+    return dict(loss=loss, recon=rec, kl=kl, mu_mean=mu_mean, logvar_mean=logvar_mean,
+                active_units=int((mu_var > ACTIVE_UNIT_THRESHOLD).sum()), kl_per_dim=(dims[2] / n).tolist())
+
+
+@torch.no_grad()
+def log_likelihood(model, x, k, max_decodes=4096, log_px_given_z=None):
+    """Importance-weighted estimate of log p(x), in nats per image (Burda et al. 2015, eq. 8).
+
+        log p(x) ~= log (1/K) sum_k p(x | z_k) p(z_k) / q(z_k | x),   z_k ~ q(z | x)
+
+    computed with logsumexp over k for stability. K = 1 is the single-sample ELBO;
+    the estimate's expectation rises with K towards log p(x) (Burda et al., Thm. 1).
+    The K samples are decoded in chunks of at most `max_decodes` images, so memory
+    stays bounded whatever K.
+
+    Args:
+        model: a VAE (any object with `encode`, `decode_logits`, `latent_dim`).
+        x: (B, C, H, W) in [0, 1]; binary for a true Bernoulli likelihood.
+        k: number of importance samples, >= 1.
+        log_px_given_z: function (logits (N, C, H, W), x (N, C, H, W)) -> (N,) giving
+            log p(x|z); default the Bernoulli log-likelihood, -reconstruction_loss(bce).
+
+    Returns:
+        (B,) estimates of log p(x) in nats (negative numbers; the NLL is minus them).
+    """
+    if log_px_given_z is None:
+        log_px_given_z = lambda logits, target: -reconstruction_loss(logits, target, "bce")  # noqa: E731
+    b = len(x)
+    mu, logvar = model.encode(x)  # (B, D)
+    mu, logvar = mu.float(), logvar.float()
+    std = torch.exp(0.5 * logvar)
+    log_2pi = math.log(2 * math.pi)
+    chunk = max(1, max_decodes // b)
+    log_w = []
+    for start in range(0, k, chunk):
+        n = min(chunk, k - start)
+        eps = torch.randn(n, b, model.latent_dim, device=x.device)
+        z = mu + std * eps  # (n, B, D)
+        logits = model.decode_logits(z.flatten(0, 1))  # (n*B, C, H, W)
+        log_px_z = log_px_given_z(logits, x.repeat(n, 1, 1, 1)).view(n, b)
+        log_pz = -0.5 * (z.pow(2) + log_2pi).sum(-1)  # log N(z; 0, I), (n, B)
+        log_qz = -0.5 * (eps.pow(2) + logvar + log_2pi).sum(-1)  # log N(z; mu, sigma^2), (n, B)
+        log_w.append(log_px_z + log_pz - log_qz)
+    return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)  # (B,)
+
+
+@torch.no_grad()
+def evaluate_nll(model, images, k, batch_size=100):
+    """Mean -log p(x) over a split by `log_likelihood` with K samples: (nats per image, bits per dim).
+
+    images: (N, C, H, W) uint8 on the model's device, binary ({0, 255}) for the
+    standard protocol. Bits per dimension = nats / (C * H * W * ln 2).
+    """
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=images.device)
+    for start in range(0, len(images), batch_size):
+        total += log_likelihood(model, to_float(images[start:start + batch_size]), k).sum()
+    model.train(was_training)
+    nll = -total.item() / len(images)
+    return nll, nll / (images[0].numel() * math.log(2))
 
 
 # ----------------------------------------------------------------------------
@@ -447,6 +544,208 @@ def plot_losses(history, path):
     fig.savefig(path, dpi=100)
 
 
+# The latent-space analysis: what the encoder uses, what each dimension means,
+# and where the model fails. All of it starts from the test set's posteriors.
+
+
+@torch.no_grad()
+def encode_split(model, images, recon="bce", batch_size=1000):
+    """Posteriors and reconstructions of a whole split, in eval mode, on the CPU.
+
+    images: (N, C, H, W) uint8 on the model's device.
+    Returns mu, logvar (N, latent_dim); recon_error (N,), -log p(x | z = mu) in nats
+    per image (deterministic, unlike the sampled test loss); and x_hat (N, C, H, W)
+    uint8, the decoded means.
+    """
+    was_training = model.training
+    model.eval()
+    out = {"mu": [], "logvar": [], "recon_error": [], "x_hat": []}
+    for start in range(0, len(images), batch_size):
+        x = to_float(images[start:start + batch_size])
+        mu, logvar = model.encode(x)
+        logits = model.decode_logits(mu)
+        out["mu"].append(mu.float().cpu())
+        out["logvar"].append(logvar.float().cpu())
+        out["recon_error"].append(reconstruction_loss(logits, x, recon).cpu())
+        out["x_hat"].append((torch.sigmoid(logits.float()) * 255).round().to(torch.uint8).cpu())
+    model.train(was_training)
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _grid_figure(rows, row_labels, title, path, col_labels=None):
+    """Draw rows of images (R, n, C, H, W) in [0, 1] as one grid, each row labelled."""
+    from matplotlib.figure import Figure
+
+    r, n = rows.shape[:2]
+    grid = make_grid(rows.flatten(0, 1).float().cpu(), nrow=n, padding=2, pad_value=1.0)  # (3, h, w)
+    h, w = grid.shape[1:]
+    fig = Figure(figsize=(1.5 + w / 50, 0.6 + h / 50), layout="constrained")
+    ax = fig.subplots()
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    side = (h - 2) / r
+    ax.set_yticks([2 + side * (i + 0.5) for i in range(r)], row_labels)
+    if col_labels is None:
+        ax.set_xticks([])
+    else:
+        step = (w - 2) / n
+        ax.set_xticks([2 + step * (i + 0.5) for i in range(n)], col_labels)
+    ax.tick_params(length=0)
+    ax.set_title(title)
+    fig.savefig(path, dpi=100)
+
+
+def save_latent_distribution(mu, logvar, kl_per_dim, active_units, path):
+    """Histograms of mu and sigma over a split against the prior, and each dimension's KL.
+
+    mu, logvar: (N, latent_dim); kl_per_dim: latent_dim floats, nats per image.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 3.8), layout="constrained")
+    ax_mu, ax_sigma, ax_kl = fig.subplots(1, 3)
+    ax_mu.hist(mu.flatten().numpy(), bins=100, density=True, alpha=0.7, label="mu, all dimensions")
+    t = torch.linspace(-4, 4, 200)
+    ax_mu.plot(t, torch.exp(-0.5 * t ** 2) / math.sqrt(2 * math.pi), "k", label="prior N(0, 1)")
+    ax_mu.set(title="posterior means mu over the test set", xlabel="mu", ylabel="density")
+    ax_mu.legend()
+    ax_sigma.hist(torch.exp(0.5 * logvar).flatten().numpy(), bins=100, range=(0, 1.2), alpha=0.7,
+                  label="sigma, all dimensions")
+    ax_sigma.axvline(1.0, color="k", label="prior sigma = 1")
+    ax_sigma.set(title="posterior standard deviations sigma", xlabel="sigma", ylabel="count")
+    ax_sigma.legend()
+    kl = torch.tensor(kl_per_dim)
+    order = torch.argsort(kl, descending=True)
+    colors = ["C0" if k > 0.01 else "C7" for k in kl[order].tolist()]
+    ax_kl.bar(range(len(kl)), kl[order].numpy(), color=colors)
+    ax_kl.set_xticks(range(len(kl)), [str(i) for i in order.tolist()], fontsize=6)
+    ax_kl.set(title=f"KL per dimension, sorted: {active_units} of {len(kl)} units active",
+              xlabel="latent dimension", ylabel="nats per image")
+    fig.savefig(path, dpi=100)
+
+
+@torch.no_grad()
+def save_traversals(model, x, kl_per_dim, path, n_dims=8, steps=11, span=3.0):
+    """Decode mu(x) with one dimension swept over [-span, span], for the n_dims of highest KL.
+
+    x: (C, H, W) in [0, 1], one image.
+    """
+    model.eval()
+    mu = model.encode(x[None])[0][0]  # (D,)
+    dims = torch.argsort(torch.tensor(kl_per_dim), descending=True)[:n_dims].tolist()
+    values = torch.linspace(-span, span, steps, device=mu.device)
+    z = mu.repeat(len(dims), steps, 1)  # (n_dims, steps, D)
+    for row, d in enumerate(dims):
+        z[row, :, d] = values
+    images = model.decode(z.flatten(0, 1)).view(len(dims), steps, *x.shape)
+    labels = [f"z{d} ({kl_per_dim[d]:.1f} nats)" for d in dims]
+    _grid_figure(images, labels, "traversals of the most informative dimensions, from mu of one test image",
+                 path, col_labels=[f"{round(v, 1) + 0.0:+.1f}" for v in values.tolist()])
+
+
+@torch.no_grad()
+def save_class_means(model, mu, labels, path, per_class=8, noise=0.1, seed=0):
+    """Decode, for each class, the mean of its test images' mu plus noise * N(0, I).
+
+    mu: (N, latent_dim) on the CPU; labels: (N,) int.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    classes = sorted(set(labels.tolist()))
+    z = torch.stack([mu[labels == c].mean(0) + noise * torch.randn(per_class, mu.shape[1], generator=g)
+                     for c in classes])  # (classes, per_class, D)
+    images = model.decode(z.flatten(0, 1).to(device))  # (classes * per_class, C, H, W)
+    images = images.view(len(classes), per_class, *images.shape[1:])
+    _grid_figure(images, [f"digit {c}" for c in classes],
+                 f"class means of mu + {noise} * N(0, I), decoded", path)
+
+
+def save_latent_pca(mu, labels, path):
+    """Scatter the test means projected on their first two principal components, coloured by class."""
+    from matplotlib.figure import Figure
+
+    centered = mu - mu.mean(0)
+    _, s, v = torch.linalg.svd(centered, full_matrices=False)
+    proj = centered @ v[:2].T  # (N, 2)
+    explained = (s[:2] ** 2 / (s ** 2).sum()).tolist()
+    fig = Figure(figsize=(6.5, 5.5), layout="constrained")
+    ax = fig.subplots()
+    for c in sorted(set(labels.tolist())):
+        pts = proj[labels == c]
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, color=f"C{c % 10}", label=str(c))
+    ax.legend(markerscale=6, title="digit", loc="best", fontsize=8)
+    ax.set(title="test-set means mu, first two principal components",
+           xlabel=f"PC 1 ({explained[0]:.0%} of variance)", ylabel=f"PC 2 ({explained[1]:.0%} of variance)")
+    fig.savefig(path, dpi=100)
+
+
+@torch.no_grad()
+def save_manifold(model, path, n=20, span=3.0):
+    """For latent_dim == 2: decode an n x n grid over [-span, span]^2 (z1 rising rightwards, z2 upwards)."""
+    model.eval()
+    device = next(model.parameters()).device
+    values = torch.linspace(-span, span, n, device=device)
+    z2, z1 = torch.meshgrid(values.flip(0), values, indexing="ij")  # row 0 is the top: largest z2
+    images = model.decode(torch.stack([z1.flatten(), z2.flatten()], dim=1))
+    save_image(images, path, nrow=n, padding=1, pad_value=0.5)
+
+
+def save_error_analysis(images, x_hat, recon_error, kl, labels, out_dir, n=16):
+    """Per-class error table (returned and written to per_class.csv), error histogram, best and worst.
+
+    images, x_hat: (N, C, H, W) uint8 on the CPU; recon_error, kl: (N,) nats per image.
+    """
+    from matplotlib.figure import Figure
+
+    rows = []
+    for c in sorted(set(labels.tolist())):
+        m = labels == c
+        rows.append(dict(label=c, count=int(m.sum()), recon_error=recon_error[m].mean().item(),
+                         kl=kl[m].mean().item()))
+    save_csv(rows, os.path.join(out_dir, "per_class.csv"))
+
+    fig = Figure(figsize=(6.5, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.hist(recon_error.numpy(), bins=100)
+    ax.set(title="reconstruction error per test image", xlabel="-log p(x | z = mu), nats", ylabel="images")
+    fig.savefig(os.path.join(out_dir, "recon_error_hist.png"), dpi=100)
+
+    order = torch.argsort(recon_error)
+    best, worst = order[:n], order.flip(0)[:n]
+    grid = torch.stack([images[best], x_hat[best], images[worst], x_hat[worst]]).float() / 255
+    _grid_figure(grid, ["best", "recon", "worst", "recon"],
+                 f"best and worst reconstructed test images ({recon_error[best[0]]:.0f} to "
+                 f"{recon_error[worst[0]]:.0f} nats)", os.path.join(out_dir, "best_worst.png"))
+    return rows
+
+
+def write_analysis(model, test_x, test_y, stats, out_dir, recon="bce", interpolate=(4, 9), seed=0):
+    """Write every latent-space figure of a trained model into out_dir; returns the per-class rows.
+
+    test_x: (N, C, H, W) uint8 on the model's device; test_y: (N,) labels on the CPU;
+    stats: the dict of `evaluate` on test_x (kl_per_dim, active_units).
+    """
+    model.eval()
+    enc = encode_split(model, test_x, recon)
+    save_samples(model, os.path.join(out_dir, "samples.png"), seed=seed)
+    a, b = interpolate
+    has = [torch.nonzero(test_y == c) for c in (a, b)]
+    if all(len(h) for h in has):
+        save_interpolation(model, to_float(test_x[has[0][0, 0]]), to_float(test_x[has[1][0, 0]]),
+                           os.path.join(out_dir, "interpolation.png"))
+    else:
+        print(f"note: no test image of class {a} or {b}; interpolation.png not written")
+    save_latent_distribution(enc["mu"], enc["logvar"], stats["kl_per_dim"], stats["active_units"],
+                             os.path.join(out_dir, "latent_distribution.png"))
+    save_traversals(model, to_float(test_x[0]), stats["kl_per_dim"], os.path.join(out_dir, "traversals.png"))
+    save_class_means(model, enc["mu"], test_y, os.path.join(out_dir, "class_means.png"), seed=seed)
+    save_latent_pca(enc["mu"], test_y, os.path.join(out_dir, "latent_pca.png"))
+    if model.latent_dim == 2:
+        save_manifold(model, os.path.join(out_dir, "manifold.png"))
+    kl = kl_divergence(enc["mu"], enc["logvar"])
+    return save_error_analysis(test_x.cpu(), enc["x_hat"], enc["recon_error"], kl, test_y, out_dir)
+
+
 # ----------------------------------------------------------------------------
 # Saving and loading
 #
@@ -504,7 +803,8 @@ def load_checkpoint(path, device="cpu"):
     """
     state = torch.load(path, map_location=device, weights_only=True)
     config = state["config"]
-    model = build_model(config["model"], config["image_size"], config["channels"], config["latent_dim"])
+    model = build_model(config["model"], config["image_size"], config["channels"], config["latent_dim"],
+                        config.get("width", 32))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), config
 
@@ -529,19 +829,27 @@ def select_device(name):
     return torch.device(name)
 
 
-def train_step(model, optimizer, x, beta, recon, amp=False):
-    """One Adam step on a batch x (B, C, H, W) in [0, 1].
+def get_batch(images, idx, binarize=False):
+    """images[idx] as floats (B, C, H, W) in [0, 1]; with binarize, each pixel drawn as
+    Bernoulli(intensity) afresh on every call (the dynamic binarization of Burda et al. 2015)."""
+    x = to_float(images[idx])
+    return torch.bernoulli(x) if binarize else x
 
-    Returns the detached tensor [loss, recon, kl] (nats per image, batch means),
-    left on the device so that the caller decides when to wait for it.
+
+def train_step(model, optimizer, x, beta, recon="bce", amp=False, free_bits=0.0):
+    """One Adam step on a batch x (B, C, H, W) in [0, 1]; see `vae_loss` for the rest.
+
+    Returns the detached tensor [recon + beta * kl, recon, kl] (nats per image, batch
+    means; the free-bits floor is in the gradient only), left on the device so that
+    the caller decides when to wait for it.
     """
     with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
         logits, mu, logvar = model(x, return_logits=True)
-    loss, rec, kl = vae_loss(logits, x, mu, logvar, beta, recon)  # in fp32
+    loss, rec, kl = vae_loss(logits, x, mu, logvar, beta, recon, free_bits)  # in fp32
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return torch.stack([loss, rec, kl]).detach()
+    return torch.stack([rec + beta * kl, rec, kl]).detach()
 
 
 class CUDAGraphStep:
@@ -551,23 +859,27 @@ class CUDAGraphStep:
     launching its ~100 kernels one at a time, not by the arithmetic. A CUDA graph
     records the kernels of one whole step (batch gather, forward, backward, Adam)
     once, and each call replays them with a single launch ("whole network capture"
-    in PyTorch's CUDA Graphs notes). Only the batch's indices change between
-    replays: they are copied into a buffer that the graph reads.
+    in PyTorch's CUDA Graphs notes). Only the batch's indices and beta change
+    between replays: they live in buffers that the graph reads.
 
     Capture needs a few warm-up steps; they would train the model, so its state
     and the optimizer's are put back afterwards. Adam must be `capturable`.
 
     Args:
-        model, optimizer, beta, recon, amp: as for `train_step`.
+        model, optimizer, recon, amp, free_bits: as for `train_step`.
         images: (N, C, H, W) uint8 on the GPU.
         batch_size: B; a call takes exactly B indices.
+        binarize: as for `get_batch`.
     """
 
-    def __init__(self, model, optimizer, images, batch_size, beta, recon, amp):
+    def __init__(self, model, optimizer, images, batch_size, recon="bce", amp=False, free_bits=0.0,
+                 binarize=False):
         self.idx = torch.zeros(batch_size, dtype=torch.long, device=images.device)
+        self.beta = torch.ones((), device=images.device)  # set with .fill_() before replaying
 
         def step():
-            return train_step(model, optimizer, to_float(images[self.idx]), beta, recon, amp)
+            x = get_batch(images, self.idx, binarize)
+            return train_step(model, optimizer, x, self.beta, recon, amp, free_bits)
 
         before = {k: v.clone() for k, v in model.state_dict().items()}
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -595,18 +907,22 @@ class CUDAGraphStep:
         return self.out
 
 
-def train_epoch(model, optimizer, images, batch_size, beta, recon, amp=False, graph=None, desc=""):
+def train_epoch(model, optimizer, images, batch_size, beta, recon="bce", amp=False, free_bits=0.0,
+                binarize=False, graph=None, desc=""):
     """One pass over `images` (N, C, H, W) uint8 in a random order.
 
-    amp runs the forward pass under bf16 autocast; `graph`, a CUDAGraphStep for
-    this model, replaces the eager step for every full batch. Returns the mean
-    loss, recon and KL over the epoch (nats per image). They are summed on the
-    device and read once at the end, so the loop never waits for the GPU.
+    beta, recon, amp, free_bits: as for `train_step`; binarize: as for `get_batch`.
+    `graph`, a CUDAGraphStep for this model and these settings, replaces the eager
+    step for every full batch. Returns the mean loss (recon + beta * kl), recon and
+    KL over the epoch (nats per image). They are summed on the device and read once
+    at the end, so the loop never waits for the GPU.
     """
     model.train()
     n = len(images)
     perm = torch.randperm(n, device=images.device)
     sums = torch.zeros(3, device=images.device)
+    if graph is not None:
+        graph.beta.fill_(beta)
     bar = tqdm(range(0, n, batch_size), desc=desc, leave=False, unit="batch",
                disable=not sys.stderr.isatty())
     for start in bar:
@@ -614,20 +930,28 @@ def train_epoch(model, optimizer, images, batch_size, beta, recon, amp=False, gr
         if graph is not None and len(idx) == batch_size:
             sums += graph(idx) * batch_size
         else:  # eager, also for the last, smaller batch
-            x = to_float(images[idx])  # (B, C, H, W) in [0, 1]
-            sums += train_step(model, optimizer, x, beta, recon, amp) * len(idx)
+            x = get_batch(images, idx, binarize)  # (B, C, H, W) in [0, 1]
+            sums += train_step(model, optimizer, x, beta, recon, amp, free_bits) * len(idx)
     loss, rec, kl = (sums / n).tolist()
     return dict(loss=loss, recon=rec, kl=kl)
 
 
-def setup_training(model_name, image_size, channels, latent_dim, lr, device, compile=False):
+def beta_schedule(epoch, beta, kl_warmup=0):
+    """The KL weight of a 1-based epoch: rising linearly from 0 at epoch 1 to `beta` at
+    epoch kl_warmup + 1 and constant after (KL annealing, Bowman et al. 2016, Sec. 3.1)."""
+    if kl_warmup <= 0:
+        return beta
+    return beta * min(1.0, (epoch - 1) / kl_warmup)
+
+
+def setup_training(model_name, image_size, channels, latent_dim, lr, device, compile=False, width=32):
     """Build the model on `device` with its fast settings, and its Adam optimizer.
 
     Returns (model, step_model, optimizer): `step_model` is `torch.compile(model)`
     when compile is true, else `model` itself. They share parameters; save and plot
     with `model`, so that the checkpoint loads without torch.compile.
     """
-    model = build_model(model_name, image_size, channels, latent_dim).to(device)
+    model = build_model(model_name, image_size, channels, latent_dim, width).to(device)
     if model_name == "conv":
         # NHWC weights run the convolutions about 25% faster on CPU (oneDNN) and on
         # tensor-core GPUs; the state dict and the results are the same.
@@ -638,6 +962,75 @@ def setup_training(model_name, image_size, channels, latent_dim, lr, device, com
                                  capturable=device.type == "cuda")
     step_model = torch.compile(model) if compile else model
     return model, step_model, optimizer
+
+
+def collapse_warning(kl, active_units):
+    """A warning sentence when the posterior has collapsed onto the prior, else None.
+
+    Collapse: no active unit, or a KL under 0.1 nats per image. The decoder then
+    models the data without looking at z (Bowman et al. 2016, Sec. 3.1).
+    """
+    if active_units > 0 and kl >= 0.1:
+        return None
+    return (f"warning: posterior collapse: the test KL is {kl:.3f} nats and {active_units} latent units "
+            f"are active, so q(z|x) is the prior and the decoder ignores z; try --kl_warmup 10, "
+            f"--free_bits 0.5 or a smaller --beta.")
+
+
+TEST_BINARIZE_SEED = 0  # one fixed binary test set for every run and every evaluation
+
+
+def binarize_once(images, seed=TEST_BINARIZE_SEED):
+    """Sample each pixel of uint8 images (N, C, H, W) as Bernoulli(intensity) with a fixed
+    seed, on the CPU so that every device gets the same set: uint8 in {0, 255}, same shape."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(to_float(images.cpu()), generator=g).to(torch.uint8) * 255
+
+
+def prepare_output_dir(out_dir):
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out_dir '{out_dir}' ({e.strerror}); choose another folder.") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"--out_dir '{out_dir}' is not writable; choose another folder.")
+
+
+def load_test_split(data_dir, image_size, binarize, device):
+    """The test images (on `device`, binarized once if asked) and labels (on the CPU)."""
+    data = load_mnist(data_dir, image_size)
+    test_x = binarize_once(data["test_x"]) if binarize else data["test_x"]
+    return data, test_x.to(device), data["test_y"]
+
+
+def report(model, test_x, test_y, config, out_dir, nll_samples=0, extra=None):
+    """Final evaluation of a trained model: the test ELBO, the NLL when asked, every
+    latent-space figure, the per-class table on stdout; all of it in evaluation.json.
+
+    Returns the dict written to evaluation.json.
+    """
+    te = evaluate(model, test_x, config["beta"], config["recon"])
+    results = dict(extra or {}, test_loss=te["loss"], test_recon=te["recon"], test_kl=te["kl"],
+                   active_units=te["active_units"], kl_per_dim=te["kl_per_dim"])
+    print(f"test loss {te['loss']:.3f} recon {te['recon']:.3f} kl {te['kl']:.3f} nats/image "
+          f"(single-sample ELBO, beta {config['beta']:g}), {te['active_units']} of {model.latent_dim} "
+          f"latent units active", flush=True)
+    if nll_samples > 0:
+        t0 = time.perf_counter()
+        nll, bpd = evaluate_nll(model, test_x, nll_samples)
+        note = "" if config.get("binarize") else (" (continuous pixels under a Bernoulli likelihood: "
+                                                  "not comparable with binarized-MNIST results; see --binarize)")
+        print(f"test NLL (K={nll_samples}): {nll:.2f} nats/image, {bpd:.4f} bits/dim "
+              f"[{time.perf_counter() - t0:.0f} s]{note}", flush=True)
+        results.update(nll_samples=nll_samples, test_nll=nll, test_nll_bits_per_dim=bpd)
+    rows = write_analysis(model, test_x, test_y, te, out_dir, config["recon"],
+                          config.get("interpolate", (4, 9)), config.get("seed", 0))
+    print("per class: digit  images  recon error  KL  (nats/image, z = mu)")
+    for r in rows:
+        print(f"           {r['label']:5d}  {r['count']:6d}  {r['recon_error']:11.2f}  {r['kl']:5.2f}")
+    results["per_class"] = rows
+    save_json(results, os.path.join(out_dir, "evaluation.json"))
+    return results
 
 
 def train(args):
@@ -654,66 +1047,86 @@ def train(args):
     if use_graph and device.type != "cuda":
         raise UserError(f"--cuda_graph on needs a CUDA device, and this run uses {device}.")
     torch.manual_seed(args.seed)
-    data = load_mnist(args.data_dir, args.image_size)
+    data, test_x, test_y = load_test_split(args.data_dir, args.image_size, args.binarize, device)
+    train_x = data["train_x"].to(device)
     out_dir = args.out_dir
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out_dir '{out_dir}' ({e.strerror}); choose another folder.") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UserError(f"--out_dir '{out_dir}' is not writable; choose another folder.")
-    train_x, test_x = data["train_x"].to(device), data["test_x"].to(device)
-    test_y = data["test_y"]
+    prepare_output_dir(out_dir)
     channels = train_x.shape[1]
 
     model, step_model, optimizer = setup_training(args.model, args.image_size, channels, args.latent_dim,
-                                                  args.lr, device, args.compile)
-    graph = (CUDAGraphStep(step_model, optimizer, train_x, args.batch_size, args.beta, args.recon, amp)
-             if use_graph else None)
+                                                  args.lr, device, args.compile, args.width)
+    graph = (CUDAGraphStep(step_model, optimizer, train_x, args.batch_size, args.recon, amp, args.free_bits,
+                           args.binarize) if use_graph else None)
     config = dict(vars(args), channels=channels)
     save_json(config, os.path.join(out_dir, "config.json"))
 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.model} VAE, {n_params:,} parameters, latent_dim {args.latent_dim}, "
           f"{len(train_x):,} train / {len(test_x):,} test images of {channels}x{args.image_size}x"
-          f"{args.image_size}, device {device}{', bf16 autocast' if amp else ''}"
-          f"{', compiled' if args.compile else ''}{', CUDA graph' if use_graph else ''}, "
-          f"writing to {out_dir}", flush=True)
+          f"{args.image_size}{' (binarized)' if args.binarize else ''}, device {device}"
+          f"{', bf16 autocast' if amp else ''}{', compiled' if args.compile else ''}"
+          f"{', CUDA graph' if use_graph else ''}, writing to {out_dir}", flush=True)
 
     fixed = to_float(test_x[:16])  # the same test images in every reconstruction figure
     recon_epochs = {1, 5, 15, args.epochs}
     history = []
     for epoch in range(1, args.epochs + 1):
+        beta = beta_schedule(epoch, args.beta, args.kl_warmup)
         t0 = time.perf_counter()
-        tr = train_epoch(step_model, optimizer, train_x, args.batch_size, args.beta, args.recon, amp, graph,
-                         desc=f"epoch {epoch}/{args.epochs}")
+        tr = train_epoch(step_model, optimizer, train_x, args.batch_size, beta, args.recon, amp,
+                         args.free_bits, args.binarize, graph, desc=f"epoch {epoch}/{args.epochs}")
         train_seconds = time.perf_counter() - t0  # .tolist() in train_epoch waited for the device
-        te = evaluate(step_model, test_x, args.beta, args.recon, amp=amp)
+        te = evaluate(step_model, test_x, beta, args.recon, amp=amp)
         seconds = time.perf_counter() - t0
-        row = dict(epoch=epoch, beta=args.beta,
-                   **{f"train_{k}": v for k, v in tr.items()}, **{f"test_{k}": v for k, v in te.items()},
+        row = dict(epoch=epoch, beta=beta, **{f"train_{k}": v for k, v in tr.items()},
+                   **{f"test_{k}": v for k, v in te.items() if k != "kl_per_dim"},
                    seconds=seconds, images_per_sec=len(train_x) / train_seconds)
         history.append(row)
-        print(f"epoch {epoch:3d}/{args.epochs} | train loss {tr['loss']:8.3f} recon {tr['recon']:8.3f} "
-              f"kl {tr['kl']:7.3f} | test loss {te['loss']:8.3f} recon {te['recon']:8.3f} "
-              f"kl {te['kl']:7.3f} | mu {te['mu_mean']:+.3f} logvar {te['logvar_mean']:+.3f} | "
-              f"{seconds:6.2f} s {row['images_per_sec']:7.0f} img/s", flush=True)
+        print(f"epoch {epoch:3d}/{args.epochs} | beta {beta:.3f} | train loss {tr['loss']:8.3f} recon "
+              f"{tr['recon']:8.3f} kl {tr['kl']:7.3f} | test loss {te['loss']:8.3f} recon {te['recon']:8.3f} "
+              f"kl {te['kl']:7.3f} | mu {te['mu_mean']:+.3f} logvar {te['logvar_mean']:+.3f} "
+              f"AU {te['active_units']:3d} | {seconds:6.2f} s {row['images_per_sec']:7.0f} img/s", flush=True)
+        warning = collapse_warning(te["kl"], te["active_units"])
+        if warning:
+            print(warning, flush=True)
 
         if epoch in recon_epochs:
             save_reconstructions(model, fixed, os.path.join(out_dir, f"reconstructions_epoch{epoch:03d}.png"))
         save_csv(history, os.path.join(out_dir, "metrics.csv"))
         save_checkpoint(os.path.join(out_dir, "checkpoint.pt"), model, optimizer, epoch, config, history)
 
-    save_samples(model, os.path.join(out_dir, "samples.png"), seed=args.seed)
-    a, b = args.interpolate
-    has = [torch.nonzero(test_y == c) for c in (a, b)]
-    if all(len(h) for h in has):
-        save_interpolation(model, to_float(test_x[has[0][0, 0]]), to_float(test_x[has[1][0, 0]]),
-                           os.path.join(out_dir, "interpolation.png"))
-    else:
-        print(f"note: no test image of class {a} or {b}; interpolation.png not written")
     plot_losses(history, os.path.join(out_dir, "loss_curves.png"))
+    report(model, test_x, test_y, config, out_dir, args.nll_samples, extra=dict(epoch=args.epochs))
     return model.eval(), history
+
+
+def evaluate_checkpoint(args):
+    """`--checkpoint PATH --epochs 0`: evaluate a saved model and write every figure.
+
+    The model's configuration comes from the checkpoint; the data from --data_dir.
+    Nothing is trained and the checkpoint is never written. Returns the results dict.
+    """
+    device = select_device(args.device)
+    torch.manual_seed(args.seed)
+    try:
+        model, config = load_checkpoint(args.checkpoint, device)
+    except FileNotFoundError:
+        raise UserError(f"--checkpoint '{args.checkpoint}' does not exist.") from None
+    except Exception as e:
+        raise UserError(f"--checkpoint '{args.checkpoint}' is not a checkpoint written by vae.py "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from None
+    if args.nll_samples > 0 and config["recon"] != "bce":
+        raise UserError("--nll_samples needs a model trained with --recon bce, the Bernoulli likelihood; "
+                        f"this checkpoint used --recon {config['recon']}.")
+    out_dir = args.out_dir.replace("{model}", config["model"])
+    _, test_x, test_y = load_test_split(args.data_dir, config["image_size"], config.get("binarize", False),
+                                        device)
+    prepare_output_dir(out_dir)
+    epoch = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["epoch"]
+    print(f"{config['model']} VAE from {args.checkpoint} (epoch {epoch}), device {device}, "
+          f"writing to {out_dir}", flush=True)
+    return report(model, test_x, test_y, config, out_dir, args.nll_samples,
+                  extra=dict(checkpoint=args.checkpoint, epoch=epoch))
 
 
 # ----------------------------------------------------------------------------
@@ -738,6 +1151,7 @@ def _number(kind, test, allowed):
 
 
 positive_int = _number(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 nonnegative_float = _number(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
 image_size = _number(int, lambda v: v in IMAGE_SIZES,
@@ -749,61 +1163,95 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="vae.py", description="Train a variational autoencoder on MNIST and write its figures.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data_dir", default="./mnist",
+    g = p.add_argument_group("data")
+    g.add_argument("--data_dir", default="./mnist",
                    help="folder holding MNIST/raw/ (torchvision's layout); downloaded there if missing")
-    p.add_argument("--epochs", type=positive_int, default=30, help="passes over the 60,000 training images")
-    p.add_argument("--batch_size", type=positive_int, default=128, help="images per optimizer step")
-    p.add_argument("--image_size", type=image_size, default=28,
+    g.add_argument("--image_size", type=image_size, default=28,
                    help=f"side in pixels, one of {IMAGE_SIZES}; not 28 resizes MNIST once at load time")
-    p.add_argument("--latent_dim", type=positive_int, default=32,
+    g.add_argument("--binarize", action="store_true",
+                   help="the likelihood protocol of Burda et al. 2015: training pixels drawn as "
+                        "Bernoulli(intensity) afresh each step, the test set binarized once with a fixed seed")
+
+    g = p.add_argument_group("model and objective")
+    g.add_argument("--model", choices=sorted(MODELS), default="conv", help="ConvVAE or MLPVAE")
+    g.add_argument("--latent_dim", type=positive_int, default=32,
                    help="size of z; MNIST uses about 10-20 dimensions, and the unused rest collapse "
                         "harmlessly to the prior, so 32 leaves headroom without slowing anything")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--beta", type=nonnegative_float, default=1.0,
-                   help="KL weight: 1 is the plain ELBO, >1 a beta-VAE (Higgins et al. 2017), "
-                        "<1 sharper reconstructions and a less regular latent space")
-    p.add_argument("--model", choices=sorted(MODELS), default="conv", help="ConvVAE or MLPVAE")
-    p.add_argument("--recon", choices=("bce", "mse"), default="bce",
+    g.add_argument("--width", type=positive_int, default=32,
+                   help="model size: channels of the conv model's first block (doubled per block, "
+                        "up to 256), or 16x / 8x this many hidden units in the MLP")
+    g.add_argument("--recon", choices=("bce", "mse"), default="bce",
                    help="likelihood p(x|z): bce = Bernoulli, mse = Gaussian with unit variance "
                         "(0.5 * squared error, up to a constant)")
-    p.add_argument("--amp", action="store_true",
+    g.add_argument("--beta", type=nonnegative_float, default=1.0,
+                   help="KL weight: 1 is the plain ELBO, >1 a beta-VAE (Higgins et al. 2017), "
+                        "<1 sharper reconstructions and a less regular latent space")
+    g.add_argument("--kl_warmup", type=nonnegative_int, default=0,
+                   help="epochs over which beta rises linearly from 0 to --beta (Bowman et al. 2016); "
+                        "against posterior collapse")
+    g.add_argument("--free_bits", type=nonnegative_float, default=0.0,
+                   help="nats: each latent dimension's batch-mean KL counts as at least this much in "
+                        "the loss (Kingma et al. 2016); against posterior collapse")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=nonnegative_int, default=30,
+                   help="passes over the 60,000 training images; 0 only with --checkpoint")
+    g.add_argument("--batch_size", type=positive_int, default=128, help="images per optimizer step")
+    g.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    g.add_argument("--seed", type=int, default=0, help="random seed for initialisation, batches and z")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="auto takes cuda, then mps, then cpu")
+    g.add_argument("--amp", action="store_true",
                    help="bf16 autocast for the model (the loss stays fp32). Off by default: at MNIST "
                         "size a GPU step is bound by kernel launches, and bf16 measured slower than "
                         "TF32 on an H100; on a CPU without native bf16 it is emulated and 10x slower. "
                         "Worth trying for larger images or models")
-    p.add_argument("--compile", action="store_true",
+    g.add_argument("--compile", action="store_true",
                    help="torch.compile the model (a one-off cost of 10-30 s); at MNIST size it "
                         "measured no faster than eager on an H100, where --cuda_graph is what helps")
-    p.add_argument("--cuda_graph", choices=("auto", "on", "off"), default="auto",
+    g.add_argument("--cuda_graph", choices=("auto", "on", "off"), default="auto",
                    help="replay each training step as one CUDA graph: auto = on for CUDA without "
                         "--compile, where it makes an MNIST epoch several times faster")
-    p.add_argument("--seed", type=int, default=0, help="random seed for initialisation, batches and z")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                   help="auto takes cuda, then mps, then cpu")
-    p.add_argument("--out_dir", default="outputs/{model}",
-                   help="folder for figures, metrics.csv, config.json and checkpoint.pt; "
-                        "{model} is replaced by --model")
-    p.add_argument("--interpolate", type=int, nargs=2, default=[4, 9], metavar=("A", "B"),
+
+    g = p.add_argument_group("evaluation and outputs")
+    g.add_argument("--nll_samples", type=nonnegative_int, default=0,
+                   help="K importance samples for the test NLL at the end (Burda et al. 2015); 0 = off. "
+                        "K=1000 takes seconds on a GPU and minutes on a CPU; --recon bce only")
+    g.add_argument("--checkpoint", metavar="PATH",
+                   help="with --epochs 0: evaluate this saved model and write every figure, no training")
+    g.add_argument("--out_dir", default="outputs/{model}",
+                   help="folder for figures, metrics.csv, config.json, evaluation.json and "
+                        "checkpoint.pt; {model} is replaced by the model's name")
+    g.add_argument("--interpolate", type=int, nargs=2, default=[4, 9], metavar=("A", "B"),
                    help="interpolate between the first test images of digits A and B")
     return p
 
 
 def parse_args(argv=None):
-    args = build_parser().parse_args(argv)
-    args.out_dir = args.out_dir.replace("{model}", args.model)
+    """Parse and cross-check the command line; a bad combination exits with code 2 and one sentence."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.checkpoint is None and args.epochs == 0:
+        parser.error("--epochs 0 trains nothing: it only goes with --checkpoint PATH, to evaluate a saved model")
+    if args.checkpoint is not None and args.epochs != 0:
+        parser.error("--checkpoint evaluates a saved model without training it: add --epochs 0")
+    if args.nll_samples > 0 and args.recon != "bce" and args.checkpoint is None:
+        parser.error("--nll_samples needs --recon bce: the NLL is defined for the Bernoulli likelihood only")
+    if args.checkpoint is None:
+        args.out_dir = args.out_dir.replace("{model}", args.model)
     return args
 
 
 def main(argv=None):
     """Run the command line with `argv` (default: sys.argv[1:]).
 
-    Returns the metrics history (one dict per epoch). A bad argument or input
-    prints one sentence to stderr and raises SystemExit with a non-zero code
-    (2 for input errors).
+    Returns the metrics history (one dict per epoch), or with --checkpoint the
+    evaluation results. A bad argument or input prints one sentence to stderr
+    and raises SystemExit with a non-zero code (2 for input errors).
     """
     args = parse_args(argv)
     try:
-        return train(args)[1]
+        return evaluate_checkpoint(args) if args.checkpoint else train(args)[1]
     except UserError as e:
         print(f"vae.py: error: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
