@@ -6,9 +6,12 @@ import csv
 import json
 import math
 import os
+import random
+import signal
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -596,8 +599,248 @@ def test_checkpoint_mode_reproduces_the_run_without_touching_it(mnist_dir, tmp_p
 def test_checkpoint_mode_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")
-    for path, sentence in ((bad, "is not a checkpoint written by vae.py"), (tmp_path / "none.pt", "does not exist")):
+    for path, sentence in ((bad, "is not a checkpoint written by vae.py"), (tmp_path / "none.pt", "there is no checkpoint at")):
         with pytest.raises(SystemExit) as e:
             vae.main(["--checkpoint", str(path), "--epochs", "0", "--out_dir", str(tmp_path / "o")])
         assert e.value.code == 2
         assert sentence in capsys.readouterr().err
+
+
+
+# ----------------------------------------------------------------------------
+# Never lose a run: resume, safe writes, signals, the numerical guard
+
+
+def cli(args, cwd=None, timeout=300):
+    """Run `python vae.py ARGS` in a subprocess: (exit code, stdout, stderr)."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "vae.py"), *map(str, args)], cwd=cwd,
+                       capture_output=True, text=True, timeout=timeout)
+    return r.returncode, r.stdout, r.stderr
+
+
+def quick_run(mnist_dir, out, *extra):
+    return [str(a) for a in ("--data_dir", mnist_dir, "--out_dir", out, "--model", "mlp", "--latent_dim", "4",
+                             "--width", "4", "--batch_size", "64", "--device", "cpu", *extra)]
+
+
+TIMING = ("seconds", "images_per_sec")
+
+
+def metrics_without_timing(path):
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+def test_resume_continues_bit_for_bit_and_seeded_runs_repeat(mnist_dir, tmp_path):
+    extra = ("--binarize", "--kl_warmup", "2")  # both use the random generators and the epoch
+    vae.main(quick_run(mnist_dir, tmp_path / "a", "--epochs", "3", *extra))
+    vae.main(quick_run(mnist_dir, tmp_path / "b", "--epochs", "3", *extra))
+    vae.main(quick_run(mnist_dir, tmp_path / "c", "--epochs", "1", *extra))
+    vae.main(quick_run(mnist_dir, tmp_path / "c", "--epochs", "3", "--resume"))
+    a = metrics_without_timing(tmp_path / "a" / "metrics.csv")
+    assert len(a) == 3 and [float(r["beta"]) for r in a] == [0.0, 0.5, 1.0]
+    assert metrics_without_timing(tmp_path / "b" / "metrics.csv") == a  # same seed, same numbers
+    assert metrics_without_timing(tmp_path / "c" / "metrics.csv") == a  # stopped after 1, resumed to 3
+    weights = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in "ac"]
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
+
+
+def test_a_new_run_never_replaces_another_silently(mnist_dir, tmp_path, capsys):
+    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    for argv, sentence in ((["--resume", "--epochs", "1"], "has finished epoch 1 of 1"),
+                           (["--resume", "--out_dir", str(tmp_path / "none")], "found no checkpoint.pt")):
+        with pytest.raises(SystemExit):
+            vae.main(quick_run(mnist_dir, tmp_path) + argv)
+        assert sentence in capsys.readouterr().err
+    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1", "--overwrite", "--seed", "1"))
+    assert (tmp_path / "checkpoint.pt").read_bytes() != before
+
+
+def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(mnist_dir, tmp_path):
+    rng = random.Random(0)
+    ckpt = tmp_path / "checkpoint.pt"
+    for _ in range(4):
+        argv = quick_run(mnist_dir, tmp_path, "--epochs", "100000", *(["--resume"] if ckpt.exists() else []))
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vae.py"), *argv],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.5, 4.5))  # start-up, then somewhere among the per-epoch saves
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if ckpt.exists():
+            model, config = vae.load_checkpoint(ckpt)  # whole, whenever the kill came
+    saved = torch.load(ckpt, weights_only=True)["epoch"]
+    assert saved >= 2  # the kills did interrupt a run that was making progress
+    rc, out, err = cli(quick_run(mnist_dir, tmp_path, "--epochs", saved + 2, "--resume"))
+    assert rc == 0, err
+    assert [int(r["epoch"]) for r in metrics_without_timing(tmp_path / "metrics.csv")] == list(range(1, saved + 3))
+
+
+@pytest.mark.parametrize("sig, code, name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_signal_stops_training_with_the_last_epoch_saved(mnist_dir, tmp_path, sig, code, name):
+    argv = quick_run(mnist_dir, tmp_path, "--epochs", "500")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vae.py"), *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert f"stopped by {name}" in err and "--resume" in err and "Traceback" not in err
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] >= 1 and len(state["history"]) == state["epoch"]
+
+
+def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(mnist_dir, tmp_path):
+    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    rc, out, err = cli(quick_run(mnist_dir, tmp_path, "--epochs", "3", "--resume", "--lr", "1e30"))
+    assert rc == 3, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "became non-finite at epoch 2, step " in err
+    assert "--lr" in err and "--grad_clip" in err and "checkpoint of epoch 1" in err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_logvar_is_clamped_before_exp():
+    model = vae.MLPVAE(latent_dim=3)
+    with torch.no_grad():
+        model.fc_logvar.bias.fill_(1000.0)  # exp(1000) is inf in float32
+    x = torch.rand(2, 1, 28, 28)
+    mu, logvar = model.encode(x)
+    assert logvar.max().item() == vae.LOGVAR_RANGE[1]
+    logits, mu, logvar = model(x, return_logits=True)
+    loss = vae.vae_loss(logits, x, mu, logvar)[0]
+    assert torch.isfinite(loss)
+
+
+def test_grad_clip_bounds_the_update_and_reports_the_norm():
+    torch.manual_seed(0)
+    model = vae.MLPVAE(latent_dim=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.rand(8, 1, 28, 28)
+    stats = vae.train_step(model, optimizer, x, beta=1.0, grad_clip=1e-3)
+    clipped = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]) if hasattr(
+        torch.nn.utils, "get_total_norm") else torch.norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert stats[3].item() > 1e-3  # the norm before clipping
+    assert clipped.item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_deterministic_flag_turns_on_deterministic_algorithms():
+    try:
+        vae.select_device("cpu", deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+# Every bad input: one sentence on stderr, a non-zero exit, no traceback, earlier results untouched.
+
+
+def write_small_mnist(root):
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n, seed in (("train", 64, 0), ("t10k", 32, 1)):
+        images, labels = fake_digits(n, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return raw
+
+
+def damage_truncate(raw):
+    path = raw / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def damage_magic(raw):
+    path = raw / "t10k-labels-idx1-ubyte"
+    data = bytearray(path.read_bytes())
+    data[:4] = b"\x00\x00\x09\x99"
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [damage_truncate, damage_magic])
+def test_a_damaged_idx_file_is_named_in_one_sentence(tmp_path, damage):
+    raw = write_small_mnist(tmp_path / "data")
+    damage(raw)
+    rc, out, err = cli(["--data_dir", tmp_path / "data", "--out_dir", tmp_path / "out", "--epochs", "1"])
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"cannot read the MNIST files in '{raw}'" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(mnist_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("good")
+    vae.main(quick_run(mnist_dir, out, "--epochs", "1"))
+    return out / "checkpoint.pt"
+
+
+def make_bad_checkpoint(kind, tmp_path, good):
+    path = tmp_path / "bad.pt"
+    if kind == "random bytes":
+        path.write_bytes(random.Random(0).randbytes(5000))
+    elif kind == "text":
+        path.write_text("this is a text file, not a checkpoint\n")
+    elif kind == "pickle with code":
+        torch.save({"model": {}, "config": {}, "epoch": 1, "payload": os.getcwd}, path)
+    elif kind == "tensors only":
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif kind == "incompatible model":
+        state = torch.load(good, weights_only=True)
+        state["config"]["latent_dim"] = 7
+        torch.save(state, path)
+    elif kind == "truncated":
+        path.write_bytes(good.read_bytes()[:2000])
+    return path
+
+
+@pytest.mark.parametrize("kind, sentence", [
+    ("random bytes", "is not a checkpoint written by vae.py"),
+    ("text", "is not a checkpoint written by vae.py"),
+    ("truncated", "is not a checkpoint written by vae.py"),
+    ("pickle with code", "was refused: it holds Python objects beyond tensors and plain data"),
+    ("tensors only", "is a PyTorch file but not a checkpoint written by vae.py"),
+    ("incompatible model", "comes from an incompatible model"),
+])
+def test_a_bad_checkpoint_gets_one_sentence(tmp_path, good_checkpoint, mnist_dir, kind, sentence):
+    path = make_bad_checkpoint(kind, tmp_path, good_checkpoint)
+    rc, out, err = cli(["--checkpoint", path, "--epochs", "0", "--data_dir", mnist_dir, "--out_dir", tmp_path / "o"])
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert sentence in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_out_dir_that_cannot_be_made_gets_one_sentence(tmp_path, mnist_dir):
+    (tmp_path / "file").write_text("a file where a folder should be")
+    rc, out, err = cli(quick_run(mnist_dir, tmp_path / "file" / "run", "--epochs", "1"))
+    assert rc == 2 and "Traceback" not in err
+    assert "cannot create --out_dir" in err and "choose another folder" in err
+
+
+def test_a_full_disk_gets_one_sentence_and_keeps_the_previous_files(tmp_path, mnist_dir):
+    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    code = ("import errno, os, sys, vae\n"
+            "def full(fd): raise OSError(errno.ENOSPC, 'No space left on device')\n"
+            "os.fsync = full\n"
+            f"vae.main({[str(a) for a in quick_run(mnist_dir, tmp_path, '--epochs', '2', '--resume')]!r})\n")
+    result = run_python(code, tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "No space left on device" in result.stderr and "previous version, if any, is intact" in result.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file left behind either
+
+
+def test_a_bad_flag_from_the_shell_gets_one_sentence(tmp_path):
+    rc, out, err = cli(["--image_size", "30"], cwd=tmp_path)
+    assert rc == 2 and "Traceback" not in err
+    assert "argument --image_size: expected one of 28, 32, 64, 128" in err

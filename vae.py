@@ -30,8 +30,11 @@ import io
 import json
 import math
 import os
+import pickle
+import signal
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -45,7 +48,10 @@ from tqdm import tqdm
 class UserError(Exception):
     """A problem with the user's input or environment, reported as one sentence.
 
-    `main` prints the message without a traceback and exits with `exit_code`.
+    `main` prints the message without a traceback and exits with `exit_code`:
+    2 for bad input (the argparse convention), 3 when training diverged
+    (a non-finite loss or gradient), 128 + the signal's number when stopped by
+    SIGINT (130) or SIGTERM (143).
     """
 
     def __init__(self, message, exit_code=2):
@@ -140,6 +146,13 @@ def to_float(x_uint8):
 # clipped and its gradient lost. `decode` applies the sigmoid for the user.
 
 
+# exp(logvar) overflows float32 and bfloat16 above logvar = 88, and one diverging
+# step can get there; sigma = exp(logvar / 2) then spans 3e-7 to 2e4, far beyond any
+# posterior a sane run reaches (MNIST's sit between 0.05 and 1), so the clamp only
+# acts on a run that is already going wrong, and turns an overflow into a gradient of 0.
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
 class VAE(nn.Module):
     """Shared VAE logic; a subclass builds `encoder`, `fc_mu`, `fc_logvar`, `decoder`.
 
@@ -154,9 +167,9 @@ class VAE(nn.Module):
         self.image_size, self.channels, self.latent_dim = image_size, channels, latent_dim
 
     def encode(self, x):
-        """x: (B, C, H, W) in [0, 1] -> mu, logvar: (B, latent_dim), real-valued."""
+        """x: (B, C, H, W) in [0, 1] -> mu: (B, latent_dim) real; logvar: (B, latent_dim) in LOGVAR_RANGE."""
         h = self.encoder(x)
-        return self.fc_mu(h), self.fc_logvar(h)
+        return self.fc_mu(h), self.fc_logvar(h).clamp(*LOGVAR_RANGE)
 
     def reparameterize(self, mu, logvar):
         """Draw z ~ N(mu, exp(logvar)) as z = mu + sigma * eps, eps ~ N(0, I).
@@ -754,15 +767,27 @@ def write_analysis(model, test_x, test_y, stats, out_dir, recon="bce", interpola
 
 
 def _atomic_write(path, write):
+    """Write a file through `write(f)` to a temporary file, then move it over `path`.
+
+    Raises UserError when the disk is full or the folder unwritable; `path` then
+    still holds its previous content.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write '{path}' ({e.strerror or e}); its previous version, if any, is "
+                            f"intact: free some space or choose another --out_dir.") from None
         raise
 
 
@@ -781,40 +806,87 @@ def save_csv(rows, path):
 
 
 def save_checkpoint(path, model, optimizer, epoch, config, history):
-    """Save a plain dict: model and optimizer state, epoch, config and metrics (plain types)."""
+    """Save a plain dict, atomically: model and optimizer state, epoch, config, the
+    metrics history and the random number generators' states (CPU, and each CUDA
+    device), everything `--resume` needs to continue exactly where the run was."""
+    rng = dict(cpu=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch,
-                 config=config, history=history)
+                 config=config, history=history, rng=rng)
     _atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path, device="cpu"):
-    """Rebuild the model saved by a training run, in eval mode.
+def read_checkpoint(path, device="cpu"):
+    """Load a checkpoint and rebuild its model: (model on `device`, the checkpoint dict).
 
     Loads with `torch.load(..., weights_only=True)`, which refuses pickles that
-    carry arbitrary Python objects.
+    carry arbitrary Python objects (they could run code when loaded).
+
+    Raises:
+        UserError: one sentence for each way it can fail: no file, not a PyTorch
+            file, a pickle with objects beyond tensors and plain data, a dict that
+            is not this script's checkpoint, a model the weights do not fit.
+    """
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"there is no checkpoint at '{path}'.") from None
+    except IsADirectoryError:
+        raise UserError(f"'{path}' is a folder; give the checkpoint file, e.g. '{path}/checkpoint.pt'.") from None
+    except Exception as e:  # the unpickler fails in many ways on a file that is not a checkpoint
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):  # it names code to import and run
+            raise UserError(f"'{path}' was refused: it holds Python objects beyond tensors and plain data, "
+                            f"which could run code when loaded, and vae.py loads only with "
+                            f"weights_only=True.") from None
+        raise UserError(f"'{path}' is not a checkpoint written by vae.py (not a PyTorch file, "
+                        f"or a truncated one).") from None
+    if not isinstance(state, dict) or not {"model", "config", "epoch"} <= set(state):
+        raise UserError(f"'{path}' is a PyTorch file but not a checkpoint written by vae.py "
+                        f"(it has no model, config and epoch).")
+    config = state["config"]
+    try:
+        model = build_model(config["model"], config["image_size"], config["channels"], config["latent_dim"],
+                            config.get("width", 32))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"'{path}' has a config that describes no model vae.py can build ({e}).") from None
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError):
+        raise UserError(f"'{path}' comes from an incompatible model: its weights do not fit the "
+                        f"{config['model']} model (image_size {config['image_size']}, latent_dim "
+                        f"{config['latent_dim']}, width {config.get('width', 32)}) that its config "
+                        f"describes.") from None
+    return model.to(device), state
+
+
+def load_checkpoint(path, device="cpu"):
+    """Rebuild the model saved by a training run, in eval mode, for use in other code.
 
     Returns:
         (model, config): the VAE on `device`, and the run's configuration dict.
 
     Raises:
-        FileNotFoundError: no file at path.
-        pickle.UnpicklingError / RuntimeError: the file is not a checkpoint of this script.
-        KeyError: the dict lacks 'model' or 'config'.
+        UserError: the file is missing, unsafe or not a checkpoint of this script
+            (see `read_checkpoint`).
     """
-    state = torch.load(path, map_location=device, weights_only=True)
-    config = state["config"]
-    model = build_model(config["model"], config["image_size"], config["channels"], config["latent_dim"],
-                        config.get("width", 32))
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), config
+    model, state = read_checkpoint(path, device)
+    return model.eval(), state["config"]
 
 
 # ----------------------------------------------------------------------------
 # Training
 
 
-def select_device(name):
-    """'auto' -> cuda, then mps, then cpu; a named device must be available (UserError)."""
+def select_device(name, deterministic=False):
+    """'auto' -> cuda, then mps, then cpu; a named device must be available (UserError).
+
+    deterministic turns on PyTorch's deterministic algorithms (and off cuDNN's
+    autotuner), so that two CUDA runs with the same seed give the same numbers,
+    at some cost in speed. On the CPU the run is deterministic without it.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        torch.use_deterministic_algorithms(True)
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available()}
     if name == "auto":
@@ -823,7 +895,7 @@ def select_device(name):
         raise UserError(f"--device {name} was asked for but is not available here; "
                         f"use --device auto or cpu.")
     if name == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+        torch.backends.cudnn.benchmark = not deterministic  # fixed shapes: let cuDNN pick its fastest kernels
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (10-bit mantissa)
         torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
@@ -836,20 +908,23 @@ def get_batch(images, idx, binarize=False):
     return torch.bernoulli(x) if binarize else x
 
 
-def train_step(model, optimizer, x, beta, recon="bce", amp=False, free_bits=0.0):
+def train_step(model, optimizer, x, beta, recon="bce", amp=False, free_bits=0.0, grad_clip=0.0):
     """One Adam step on a batch x (B, C, H, W) in [0, 1]; see `vae_loss` for the rest.
 
-    Returns the detached tensor [recon + beta * kl, recon, kl] (nats per image, batch
-    means; the free-bits floor is in the gradient only), left on the device so that
-    the caller decides when to wait for it.
+    grad_clip > 0 rescales the gradient to at most that global L2 norm first.
+    Returns the detached tensor [recon + beta * kl, recon, kl, gradient norm] (nats
+    per image, batch means; the free-bits floor is in the gradient only), left on
+    the device so that the caller decides when to wait for it.
     """
     with torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
         logits, mu, logvar = model(x, return_logits=True)
     loss, rec, kl = vae_loss(logits, x, mu, logvar, beta, recon, free_bits)  # in fp32
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    # With max_norm = inf this only measures the norm, which the non-finite check reads.
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     optimizer.step()
-    return torch.stack([rec + beta * kl, rec, kl]).detach()
+    return torch.stack([rec + beta * kl, rec, kl, grad_norm]).detach()
 
 
 class CUDAGraphStep:
@@ -866,20 +941,20 @@ class CUDAGraphStep:
     and the optimizer's are put back afterwards. Adam must be `capturable`.
 
     Args:
-        model, optimizer, recon, amp, free_bits: as for `train_step`.
+        model, optimizer, recon, amp, free_bits, grad_clip: as for `train_step`.
         images: (N, C, H, W) uint8 on the GPU.
         batch_size: B; a call takes exactly B indices.
         binarize: as for `get_batch`.
     """
 
     def __init__(self, model, optimizer, images, batch_size, recon="bce", amp=False, free_bits=0.0,
-                 binarize=False):
+                 binarize=False, grad_clip=0.0):
         self.idx = torch.zeros(batch_size, dtype=torch.long, device=images.device)
         self.beta = torch.ones((), device=images.device)  # set with .fill_() before replaying
 
         def step():
             x = get_batch(images, self.idx, binarize)
-            return train_step(model, optimizer, x, self.beta, recon, amp, free_bits)
+            return train_step(model, optimizer, x, self.beta, recon, amp, free_bits, grad_clip)
 
         before = {k: v.clone() for k, v in model.state_dict().items()}
         params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -892,7 +967,7 @@ class CUDAGraphStep:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = step()  # (3,) loss, recon, kl: rewritten by every replay
+            self.out = step()  # (4,) loss, recon, kl, gradient norm: rewritten by every replay
         with torch.no_grad():
             for k, v in model.state_dict().items():
                 v.copy_(before[k])
@@ -901,21 +976,76 @@ class CUDAGraphStep:
                     v.copy_(opt_before[p][k]) if p in opt_before else v.zero_()  # zero = a fresh Adam
 
     def __call__(self, idx):
-        """idx: (B,) int64 on the GPU -> (3,) [loss, recon, kl], valid until the next call."""
+        """idx: (B,) int64 on the GPU -> (4,) [loss, recon, kl, grad norm], valid until the next call."""
         self.idx.copy_(idx)
         self.graph.replay()
         return self.out
 
 
+class StopTraining(Exception):
+    """Raised inside an epoch to stop it: a signal arrived, or a value went non-finite."""
+
+    def __init__(self, step, term=None, values=None, signum=0):
+        super().__init__(step, term, values, signum)
+        self.step, self.term, self.values, self.signum = step, term, values, signum
+
+
+class SignalFlag:
+    """While active, SIGINT (Ctrl-C) and SIGTERM set `signum` instead of killing the
+    process, so that training stops between two steps with the last checkpoint whole.
+    A second signal stops at once. Signals can only be caught in the main thread;
+    elsewhere this does nothing."""
+
+    def __init__(self):
+        self.signum, self._previous = 0, {}
+
+    def _handle(self, signum, frame):
+        if self.signum:  # asked twice: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+STAT_NAMES = ("loss", "reconstruction term", "KL term", "gradient")
+
+
+def _check_finite(step, stats):
+    """Raise StopTraining naming the first non-finite entry of a step's (4,) stats."""
+    if not torch.isfinite(stats).all():  # waits for that step only
+        bad = [name for name, v in zip(STAT_NAMES, stats.tolist()) if not math.isfinite(v)]
+        raise StopTraining(step, bad[1] if len(bad) > 1 else bad[0], stats.tolist())
+
+
 def train_epoch(model, optimizer, images, batch_size, beta, recon="bce", amp=False, free_bits=0.0,
-                binarize=False, graph=None, desc=""):
+                binarize=False, grad_clip=0.0, graph=None, stop=None, desc=""):
     """One pass over `images` (N, C, H, W) uint8 in a random order.
 
-    beta, recon, amp, free_bits: as for `train_step`; binarize: as for `get_batch`.
-    `graph`, a CUDAGraphStep for this model and these settings, replaces the eager
-    step for every full batch. Returns the mean loss (recon + beta * kl), recon and
-    KL over the epoch (nats per image). They are summed on the device and read once
-    at the end, so the loop never waits for the GPU.
+    beta, recon, amp, free_bits, grad_clip: as for `train_step`; binarize: as for
+    `get_batch`. `graph`, a CUDAGraphStep for this model and these settings, replaces
+    the eager step for every full batch. `stop`, a SignalFlag, is looked at after
+    every step.
+
+    Each step's loss, recon, KL and gradient norm are checked for a non-finite value,
+    and the epoch stops at the first one. The check reads a number from the device,
+    which makes the CPU wait for it; it looks at the previous step's numbers once
+    the current step is queued, so that a GPU never runs dry (the stop comes one
+    step late, and names the step that went wrong). On a CPU it costs nothing.
+
+    Returns the mean loss (recon + beta * kl), recon and KL over the epoch (nats per
+    image), summed on the device and read once at the end.
+
+    Raises:
+        StopTraining: with `.step` (1-based) and `.term`, the name of the non-finite
+            value, or `.signum`, the signal that arrived.
     """
     model.train()
     n = len(images)
@@ -925,13 +1055,21 @@ def train_epoch(model, optimizer, images, batch_size, beta, recon="bce", amp=Fal
         graph.beta.fill_(beta)
     bar = tqdm(range(0, n, batch_size), desc=desc, leave=False, unit="batch",
                disable=not sys.stderr.isatty())
-    for start in bar:
+    pending = None  # (step, stats) of the previous step, checked while this one runs
+    for step, start in enumerate(bar, 1):
         idx = perm[start:start + batch_size]
         if graph is not None and len(idx) == batch_size:
-            sums += graph(idx) * batch_size
+            stats = graph(idx).clone()  # the graph's output buffer is rewritten by the next replay
         else:  # eager, also for the last, smaller batch
             x = get_batch(images, idx, binarize)  # (B, C, H, W) in [0, 1]
-            sums += train_step(model, optimizer, x, beta, recon, amp, free_bits) * len(idx)
+            stats = train_step(model, optimizer, x, beta, recon, amp, free_bits, grad_clip)
+        sums += stats[:3] * len(idx)
+        if pending is not None:
+            _check_finite(*pending)
+        pending = (step, stats)
+        if stop is not None and stop.signum:
+            raise StopTraining(step, None, None, stop.signum)
+    _check_finite(*pending)
     loss, rec, kl = (sums / n).tolist()
     return dict(loss=loss, recon=rec, kl=kl)
 
@@ -1033,14 +1171,49 @@ def report(model, test_x, test_y, config, out_dir, nll_samples=0, extra=None):
     return results
 
 
-def train(args):
+# The settings a resumed run may change; everything else comes from its checkpoint.
+RESUMABLE = ("epochs", "lr", "grad_clip", "device", "amp", "compile", "cuda_graph", "nll_samples",
+             "deterministic")
+
+
+def resume_config(args, explicit):
+    """The configuration of a resumed run and its checkpoint: the saved config, with the
+    flags in RESUMABLE that the user gave on this command line (`explicit`)."""
+    path = os.path.join(args.out_dir, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise UserError(f"--resume found no checkpoint.pt in '{args.out_dir}'; start the run without --resume, "
+                        f"or point --out_dir at the run's folder.")
+    _, state = read_checkpoint(path)
+    config = dict(state["config"], resume=True, overwrite=False, out_dir=args.out_dir)
+    config.update({k: getattr(args, k) for k in RESUMABLE if k in explicit})
+    config.setdefault("grad_clip", 0.0)
+    config.setdefault("deterministic", False)
+    if state["epoch"] >= config["epochs"]:
+        raise UserError(f"the run in '{args.out_dir}' has finished epoch {state['epoch']} of {config['epochs']}; "
+                        f"give --resume a larger --epochs to train further.")
+    return argparse.Namespace(**config), state
+
+
+def train(args, explicit=()):
     """Train, evaluate every epoch and write every output to args.out_dir.
 
-    args: the namespace of `parse_args`. Returns (model, history): the trained
-    VAE in eval mode and one dict of metrics per epoch (the rows of metrics.csv).
-    Raises UserError for bad input (missing data, unwritable folder).
+    args: the namespace of `parse_args`; explicit: the flags given on the command
+    line (a resumed run takes only those, from RESUMABLE, over its saved config).
+    Returns (model, history): the trained VAE in eval mode and one dict of metrics
+    per epoch (the rows of metrics.csv).
+
+    Raises:
+        UserError: bad input (missing data, unwritable folder, another run in the
+            folder); a non-finite value (exit code 3); SIGINT or SIGTERM (130, 143).
     """
-    device = select_device(args.device)
+    ckpt_path = os.path.join(args.out_dir, "checkpoint.pt")
+    state = None
+    if args.resume:
+        args, state = resume_config(args, explicit)
+    elif os.path.exists(ckpt_path) and not args.overwrite:
+        raise UserError(f"'{args.out_dir}' already holds a run (checkpoint.pt); continue it with --resume, "
+                        f"replace it with --overwrite, or choose another --out_dir.")
+    device = select_device(args.device, args.deterministic)
     amp = args.amp
     use_graph = args.cuda_graph == "on" or (args.cuda_graph == "auto" and device.type == "cuda"
                                             and not args.compile)
@@ -1055,8 +1228,15 @@ def train(args):
 
     model, step_model, optimizer = setup_training(args.model, args.image_size, channels, args.latent_dim,
                                                   args.lr, device, args.compile, args.width)
+    history, first_epoch = [], 1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr  # --lr may change on resume
+        history, first_epoch = state["history"], state["epoch"] + 1
     graph = (CUDAGraphStep(step_model, optimizer, train_x, args.batch_size, args.recon, amp, args.free_bits,
-                           args.binarize) if use_graph else None)
+                           args.binarize, args.grad_clip) if use_graph else None)
     config = dict(vars(args), channels=channels)
     save_json(config, os.path.join(out_dir, "config.json"))
 
@@ -1066,37 +1246,62 @@ def train(args):
           f"{args.image_size}{' (binarized)' if args.binarize else ''}, device {device}"
           f"{', bf16 autocast' if amp else ''}{', compiled' if args.compile else ''}"
           f"{', CUDA graph' if use_graph else ''}, writing to {out_dir}", flush=True)
+    if state is not None:
+        print(f"resuming at epoch {first_epoch} of {args.epochs} from {ckpt_path}; the run's other settings "
+              f"come from its checkpoint", flush=True)
+        # The generators continue where the saved epoch left them, so on a CPU the
+        # resumed run is the uninterrupted one, bit for bit.
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type == "cuda" and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     fixed = to_float(test_x[:16])  # the same test images in every reconstruction figure
     recon_epochs = {1, 5, 15, args.epochs}
-    history = []
-    for epoch in range(1, args.epochs + 1):
-        beta = beta_schedule(epoch, args.beta, args.kl_warmup)
-        t0 = time.perf_counter()
-        tr = train_epoch(step_model, optimizer, train_x, args.batch_size, beta, args.recon, amp,
-                         args.free_bits, args.binarize, graph, desc=f"epoch {epoch}/{args.epochs}")
-        train_seconds = time.perf_counter() - t0  # .tolist() in train_epoch waited for the device
-        te = evaluate(step_model, test_x, beta, args.recon, amp=amp)
-        seconds = time.perf_counter() - t0
-        row = dict(epoch=epoch, beta=beta, **{f"train_{k}": v for k, v in tr.items()},
-                   **{f"test_{k}": v for k, v in te.items() if k != "kl_per_dim"},
-                   seconds=seconds, images_per_sec=len(train_x) / train_seconds)
-        history.append(row)
-        print(f"epoch {epoch:3d}/{args.epochs} | beta {beta:.3f} | train loss {tr['loss']:8.3f} recon "
-              f"{tr['recon']:8.3f} kl {tr['kl']:7.3f} | test loss {te['loss']:8.3f} recon {te['recon']:8.3f} "
-              f"kl {te['kl']:7.3f} | mu {te['mu_mean']:+.3f} logvar {te['logvar_mean']:+.3f} "
-              f"AU {te['active_units']:3d} | {seconds:6.2f} s {row['images_per_sec']:7.0f} img/s", flush=True)
-        warning = collapse_warning(te["kl"], te["active_units"])
-        if warning:
-            print(warning, flush=True)
+    resume_hint = f"continue with: python vae.py --resume --out_dir {out_dir}"
+    with SignalFlag() as stop:
+        for epoch in range(first_epoch, args.epochs + 1):
+            beta = beta_schedule(epoch, args.beta, args.kl_warmup)
+            t0 = time.perf_counter()
+            try:
+                tr = train_epoch(step_model, optimizer, train_x, args.batch_size, beta, args.recon, amp,
+                                 args.free_bits, args.binarize, args.grad_clip, graph, stop,
+                                 desc=f"epoch {epoch}/{args.epochs}")
+            except StopTraining as e:
+                saved = (f"the checkpoint of epoch {epoch - 1} in '{ckpt_path}' is untouched" if epoch > 1
+                         else "no epoch had finished, so no checkpoint was written")
+                if e.signum:
+                    raise UserError(f"stopped by {signal.Signals(e.signum).name} during epoch {epoch} "
+                                    f"(step {e.step}); {saved}; {resume_hint}", 128 + e.signum) from None
+                raise UserError(f"the {e.term} became non-finite at epoch {epoch}, step {e.step} (loss, recon, "
+                                f"kl, gradient norm = {', '.join(f'{v:.4g}' for v in e.values)}), so training "
+                                f"stopped; {saved}; try a lower --lr (now {args.lr:g}) or --grad_clip 10, "
+                                f"and --resume.", 3) from None
+            train_seconds = time.perf_counter() - t0  # .tolist() in train_epoch waited for the device
+            te = evaluate(step_model, test_x, beta, args.recon, amp=amp)
+            seconds = time.perf_counter() - t0
+            row = dict(epoch=epoch, beta=beta, **{f"train_{k}": v for k, v in tr.items()},
+                       **{f"test_{k}": v for k, v in te.items() if k != "kl_per_dim"},
+                       seconds=seconds, images_per_sec=len(train_x) / train_seconds)
+            history.append(row)
+            print(f"epoch {epoch:3d}/{args.epochs} | beta {beta:.3f} | train loss {tr['loss']:8.3f} recon "
+                  f"{tr['recon']:8.3f} kl {tr['kl']:7.3f} | test loss {te['loss']:8.3f} recon "
+                  f"{te['recon']:8.3f} kl {te['kl']:7.3f} | mu {te['mu_mean']:+.3f} logvar "
+                  f"{te['logvar_mean']:+.3f} AU {te['active_units']:3d} | {seconds:6.2f} s "
+                  f"{row['images_per_sec']:7.0f} img/s", flush=True)
+            warning = collapse_warning(te["kl"], te["active_units"])
+            if warning:
+                print(warning, flush=True)
 
-        if epoch in recon_epochs:
-            save_reconstructions(model, fixed, os.path.join(out_dir, f"reconstructions_epoch{epoch:03d}.png"))
-        save_csv(history, os.path.join(out_dir, "metrics.csv"))
-        save_checkpoint(os.path.join(out_dir, "checkpoint.pt"), model, optimizer, epoch, config, history)
+            if epoch in recon_epochs:
+                save_reconstructions(model, fixed, os.path.join(out_dir, f"reconstructions_epoch{epoch:03d}.png"))
+            save_csv(history, os.path.join(out_dir, "metrics.csv"))
+            save_checkpoint(ckpt_path, model, optimizer, epoch, config, history)
+            if stop.signum:  # arrived during the evaluation or the saving: the epoch is complete
+                raise UserError(f"stopped by {signal.Signals(stop.signum).name} after epoch {epoch}, "
+                                f"which is saved in '{ckpt_path}'; {resume_hint}", 128 + stop.signum)
 
     plot_losses(history, os.path.join(out_dir, "loss_curves.png"))
-    report(model, test_x, test_y, config, out_dir, args.nll_samples, extra=dict(epoch=args.epochs))
+    report(model, test_x, test_y, config, out_dir, args.nll_samples, extra=dict(epoch=history[-1]["epoch"]))
     return model.eval(), history
 
 
@@ -1106,15 +1311,11 @@ def evaluate_checkpoint(args):
     The model's configuration comes from the checkpoint; the data from --data_dir.
     Nothing is trained and the checkpoint is never written. Returns the results dict.
     """
-    device = select_device(args.device)
+    device = select_device(args.device, args.deterministic)
     torch.manual_seed(args.seed)
-    try:
-        model, config = load_checkpoint(args.checkpoint, device)
-    except FileNotFoundError:
-        raise UserError(f"--checkpoint '{args.checkpoint}' does not exist.") from None
-    except Exception as e:
-        raise UserError(f"--checkpoint '{args.checkpoint}' is not a checkpoint written by vae.py "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from None
+    model, state = read_checkpoint(args.checkpoint, device)
+    model.eval()
+    config, epoch = state["config"], state["epoch"]
     if args.nll_samples > 0 and config["recon"] != "bce":
         raise UserError("--nll_samples needs a model trained with --recon bce, the Bernoulli likelihood; "
                         f"this checkpoint used --recon {config['recon']}.")
@@ -1122,7 +1323,6 @@ def evaluate_checkpoint(args):
     _, test_x, test_y = load_test_split(args.data_dir, config["image_size"], config.get("binarize", False),
                                         device)
     prepare_output_dir(out_dir)
-    epoch = torch.load(args.checkpoint, map_location="cpu", weights_only=True)["epoch"]
     print(f"{config['model']} VAE from {args.checkpoint} (epoch {epoch}), device {device}, "
           f"writing to {out_dir}", flush=True)
     return report(model, test_x, test_y, config, out_dir, args.nll_samples,
@@ -1209,6 +1409,18 @@ def build_parser():
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model (a one-off cost of 10-30 s); at MNIST size it "
                         "measured no faster than eager on an H100, where --cuda_graph is what helps")
+    g.add_argument("--grad_clip", type=nonnegative_float, default=0.0,
+                   help="clip the gradient to this global L2 norm; 0 = off, because Adam already scales "
+                        "each step and a healthy MNIST run never needs it; try 10 after a non-finite stop")
+    g.add_argument("--deterministic", action="store_true",
+                   help="PyTorch's deterministic algorithms, for identical CUDA runs (slower); CPU runs "
+                        "with the same --seed are identical without it")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out_dir from its checkpoint (weights, optimizer, epoch, "
+                        "random state, metrics); only --epochs, --lr, --grad_clip and the device and speed "
+                        "flags may change")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out_dir that already holds one, replacing it")
     g.add_argument("--cuda_graph", choices=("auto", "on", "off"), default="auto",
                    help="replay each training step as one CUDA graph: auto = on for CUDA without "
                         "--compile, where it makes an MNIST epoch several times faster")
@@ -1227,10 +1439,18 @@ def build_parser():
     return p
 
 
+def given_flags(parser, argv):
+    """The destinations of the flags written out in argv, e.g. {'lr', 'epochs'}."""
+    words = {w.split("=")[0] for w in argv if w.startswith("--")}
+    return {a.dest for a in parser._actions if words & set(a.option_strings)}
+
+
 def parse_args(argv=None):
     """Parse and cross-check the command line; a bad combination exits with code 2 and one sentence."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.resume and (args.overwrite or args.checkpoint):
+        parser.error("--resume continues the run in --out_dir: it goes with neither --overwrite nor --checkpoint")
     if args.checkpoint is None and args.epochs == 0:
         parser.error("--epochs 0 trains nothing: it only goes with --checkpoint PATH, to evaluate a saved model")
     if args.checkpoint is not None and args.epochs != 0:
@@ -1249,12 +1469,19 @@ def main(argv=None):
     evaluation results. A bad argument or input prints one sentence to stderr
     and raises SystemExit with a non-zero code (2 for input errors).
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
-        return evaluate_checkpoint(args) if args.checkpoint else train(args)[1]
+        return evaluate_checkpoint(args) if args.checkpoint else train(args, given_flags(build_parser(), argv))[1]
     except UserError as e:
         print(f"vae.py: error: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+        print("vae.py: interrupted; the last saved checkpoint is intact.", file=sys.stderr)
+        raise SystemExit(130) from None
+    except OSError as e:  # e.g. a full disk while writing a figure
+        print(f"vae.py: error: {e.strerror or e} ({e.filename or 'no file name'}).", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
