@@ -677,10 +677,12 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(mnist_dir, t
         if ckpt.exists():
             model, config = vae.load_checkpoint(ckpt)  # whole, whenever the kill came
     saved = torch.load(ckpt, weights_only=True)["epoch"]
+    (tmp_path / ".tmp-abcdcheckpoint.pt").write_bytes(b"half")  # as a kill during a save leaves it
     assert saved >= 2  # the kills did interrupt a run that was making progress
     rc, out, err = cli(quick_run(mnist_dir, tmp_path, "--epochs", saved + 2, "--resume"))
     assert rc == 0, err
     assert [int(r["epoch"]) for r in metrics_without_timing(tmp_path / "metrics.csv")] == list(range(1, saved + 3))
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]  # cleaned up by the next run
 
 
 @pytest.mark.parametrize("sig, code, name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])

@@ -1132,6 +1132,10 @@ def prepare_output_dir(out_dir):
         raise UserError(f"cannot create --out_dir '{out_dir}' ({e.strerror}); choose another folder.") from None
     if not os.access(out_dir, os.W_OK):
         raise UserError(f"--out_dir '{out_dir}' is not writable; choose another folder.")
+    for name in os.listdir(out_dir):  # half-written files of a run that was killed (SIGKILL, power loss)
+        if name.startswith(".tmp-"):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out_dir, name))
 
 
 def load_test_split(data_dir, image_size, binarize, device):
