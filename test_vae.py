@@ -846,3 +846,9 @@ def test_a_bad_flag_from_the_shell_gets_one_sentence(tmp_path):
     rc, out, err = cli(["--image_size", "30"], cwd=tmp_path)
     assert rc == 2 and "Traceback" not in err
     assert "argument --image_size: expected one of 28, 32, 64, 128" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_a_missing_gpu_gets_one_sentence():
+    with pytest.raises(vae.UserError, match="--device cuda was asked for but is not available here"):
+        vae.select_device("cuda")
