@@ -15,12 +15,18 @@ We minimise loss = recon + beta * kl, with recon = -E_q[log p(x|z)] estimated fr
 sample of z, and kl in closed form. beta = 1 is the plain ELBO; beta != 1 is the
 beta-VAE of Higgins et al. (2017). Every number is in nats per image.
 
-Measured results are in README.md (command, machine, seconds per epoch, test loss).
+Measured (details and commands in README.md):
+    python vae.py --epochs 30 --beta 0.5      test loss 84.17 nats/image
+        2-core AMD EPYC CPU, torch 2.14.1: 9 min 5 s (17.8 s per epoch)
+        NVIDIA H100, torch 2.11: 10.3 s of epochs (0.31-0.33 s each, one CUDA graph per step)
+    python vae.py --epochs 30 --binarize --nll_samples 1000
+        test NLL 89.32 nats/image (0.164 bits/dim), H100, 8 s of epochs + 2 s for the NLL
 
 References
     Kingma & Welling, "Auto-Encoding Variational Bayes", 2013, arXiv:1312.6114
     Higgins et al., "beta-VAE: Learning Basic Visual Concepts with a Constrained
         Variational Framework", ICLR 2017
+    Burda, Grosse & Salakhutdinov, "Importance Weighted Autoencoders", 2015, arXiv:1509.00519
 """
 
 import argparse
@@ -130,6 +136,23 @@ def resize_images(x, image_size):
 def to_float(x_uint8):
     """uint8 images in [0, 255] -> float32 in [0, 1], same shape."""
     return x_uint8.float().div_(255)
+
+
+TEST_BINARIZE_SEED = 0  # one fixed binary test set for every run and every evaluation
+
+
+def binarize_once(images, seed=TEST_BINARIZE_SEED):
+    """Sample each pixel of uint8 images (N, C, H, W) as Bernoulli(intensity) with a fixed
+    seed, on the CPU so that every device gets the same set: uint8 in {0, 255}, same shape."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(to_float(images.cpu()), generator=g).to(torch.uint8) * 255
+
+
+def load_test_split(data_dir, image_size, binarize, device):
+    """The test images (on `device`, binarized once if asked) and labels (on the CPU)."""
+    data = load_mnist(data_dir, image_size)
+    test_x = binarize_once(data["test_x"]) if binarize else data["test_x"]
+    return data, test_x.to(device), data["test_y"]
 
 
 # ----------------------------------------------------------------------------
@@ -1118,16 +1141,6 @@ def collapse_warning(kl, active_units):
             f"--free_bits 0.5 or a smaller --beta.")
 
 
-TEST_BINARIZE_SEED = 0  # one fixed binary test set for every run and every evaluation
-
-
-def binarize_once(images, seed=TEST_BINARIZE_SEED):
-    """Sample each pixel of uint8 images (N, C, H, W) as Bernoulli(intensity) with a fixed
-    seed, on the CPU so that every device gets the same set: uint8 in {0, 255}, same shape."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.bernoulli(to_float(images.cpu()), generator=g).to(torch.uint8) * 255
-
-
 def prepare_output_dir(out_dir):
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -1139,13 +1152,6 @@ def prepare_output_dir(out_dir):
         if name.startswith(".tmp-"):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(out_dir, name))
-
-
-def load_test_split(data_dir, image_size, binarize, device):
-    """The test images (on `device`, binarized once if asked) and labels (on the CPU)."""
-    data = load_mnist(data_dir, image_size)
-    test_x = binarize_once(data["test_x"]) if binarize else data["test_x"]
-    return data, test_x.to(device), data["test_y"]
 
 
 def report(model, test_x, test_y, config, out_dir, nll_samples=0, extra=None):
