@@ -3,6 +3,7 @@ bench.py: how fast vae.py trains on this machine, and how close that is to its l
 
     python bench.py --data_dir ./mnist                      # both models, default device
     python bench.py --model conv --amp --cuda_graph off     # one model, other settings
+    python bench.py --model mlp --profile --no_loader       # where the step's time goes
 
 For each model it times, after a warm-up, (1) single training steps, (2) whole
 epochs of vae.py's own loop (data held on the device as one tensor) with the test
@@ -91,15 +92,28 @@ def time_dataloader_epoch(step_model, optimizer, data_dir, batch_size, amp, devi
     return time.perf_counter() - t0
 
 
+def profile_steps(step_model, optimizer, train_x, batch_size, amp, graph, device, steps=20, rows=12):
+    """Print torch.profiler's table of the operators that take the time in `steps` training steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        time_steps(step_model, optimizer, train_x, batch_size, amp, graph, device, steps)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=40))
+
+
 def bench_model(name, data, args, device, amp, rate):
     torch.manual_seed(0)
     train_x, test_x = data["train_x"].to(device), data["test_x"].to(device)
-    model, step_model, optimizer = vae.setup_training(name, 28, 1, args.latent_dim, 1e-3, device, args.compile)
+    model, step_model, optimizer = vae.setup_training(name, 28, 1, args.latent_dim, 1e-3, device, False)
+    if args.compile_mode:
+        step_model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     flops = flops_per_image(model, vae.to_float(train_x[:args.batch_size]), amp)
     use_graph = args.cuda_graph == "on" or (args.cuda_graph == "auto" and device.type == "cuda"
-                                            and not args.compile)
+                                            and not args.compile_mode)
     graph = vae.CUDAGraphStep(step_model, optimizer, train_x, args.batch_size, amp=amp) if use_graph else None
 
     # Warm-up: one full epoch and a test pass, so that compilation, cuDNN's autotuning and
@@ -123,6 +137,9 @@ def bench_model(name, data, args, device, amp, rate):
                total_s=total, limit_s=flops * len(train_x) / rate, warmup_s=warmup,
                mem_mb=peak_memory_mb(device))
     row["util"] = flops * args.batch_size / step / rate
+    if args.profile:
+        print(f"--- where the time of a {name} training step goes (torch.profiler, 20 steps)")
+        profile_steps(step_model, optimizer, train_x, args.batch_size, amp, graph, device)
     if args.loader:
         row["loader_s"] = time_dataloader_epoch(step_model, optimizer, args.data_dir, args.batch_size, amp,
                                                 device, args.workers)
@@ -137,7 +154,11 @@ def main(argv=None):
     p.add_argument("--latent_dim", type=int, default=20, help="20 as in pytorch/examples, for comparison")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--amp", action="store_true", help="bf16 autocast, as in vae.py")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model, as vae.py --compile")
+    p.add_argument("--compile", dest="compile_mode", action="store_const", const="default",
+                   help="torch.compile the model, as vae.py --compile")
+    p.add_argument("--compile_mode", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile with this mode (reduce-overhead uses CUDA graphs)")
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler's operator table")
     p.add_argument("--cuda_graph", choices=("auto", "on", "off"), default="auto", help="as in vae.py")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up; the best is kept")
@@ -156,7 +177,8 @@ def main(argv=None):
     rate = matmul_rate(device, torch.bfloat16 if amp else torch.float32)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device {device} ({name}), torch {torch.__version__}, batch {args.batch_size}, "
-          f"{'bf16 autocast' if amp else 'fp32'}, compile {args.compile}, cuda_graph {args.cuda_graph}, "
+          f"{'bf16 autocast' if amp else 'fp32'}, compile {args.compile_mode or 'off'}, "
+          f"cuda_graph {args.cuda_graph}, "
           f"{'bf16' if amp else 'fp32'} matmul rate {rate / 1e9:,.0f} GFLOP/s")
 
     models = ("conv", "mlp") if args.model == "both" else (args.model,)
