@@ -47,15 +47,21 @@ def fake_digits(n, seed):
     return (images * 255).to(torch.uint8), labels.to(torch.uint8)
 
 
-@pytest.fixture(scope="module")
-def mnist_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mnist")
+def write_small_mnist(root, n_train=64, n_test=32):
+    """Write the four IDX files of a small fake MNIST under root/MNIST/raw; returns that folder."""
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for prefix, n, seed in (("train", 320, 0), ("t10k", 120, 1)):
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
         images, labels = fake_digits(n, seed)
         write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mnist")
+    write_small_mnist(root, n_train=320, n_test=120)
     return str(root)
 
 
@@ -746,16 +752,6 @@ def test_deterministic_flag_turns_on_deterministic_algorithms():
 
 
 # Every bad input: one sentence on stderr, a non-zero exit, no traceback, earlier results untouched.
-
-
-def write_small_mnist(root):
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for prefix, n, seed in (("train", 64, 0), ("t10k", 32, 1)):
-        images, labels = fake_digits(n, seed)
-        write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
-    return raw
 
 
 def damage_truncate(raw):
