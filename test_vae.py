@@ -874,3 +874,17 @@ def test_torch_compile_on_cpu_gives_the_same_loss_and_gradients():
     assert fast == pytest.approx(plain, rel=1e-5)
     for a, b in zip(fast_grads, plain_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_accepts_a_checkpoint_older_than_some_flags_and_a_moved_data_folder(mnist_dir, tmp_path):
+    vae.main(quick_run(mnist_dir, tmp_path / "run", "--epochs", "1"))
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    for key in ("kl_warmup", "free_bits", "binarize", "grad_clip", "nll_samples"):  # as an older vae.py wrote
+        del state["config"][key]
+    state["config"]["data_dir"] = str(tmp_path / "moved-away")
+    torch.save(state, ckpt)
+    history = vae.main(["--resume", "--out_dir", str(tmp_path / "run"), "--epochs", "2", "--data_dir", mnist_dir])
+    assert [row["epoch"] for row in history] == [1, 2]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data_dir"] == mnist_dir and config["free_bits"] == 0.0 and config["epochs"] == 2

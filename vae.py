@@ -1185,8 +1185,8 @@ def report(model, test_x, test_y, config, out_dir, nll_samples=0, extra=None):
 
 
 # The settings a resumed run may change; everything else comes from its checkpoint.
-RESUMABLE = ("epochs", "lr", "grad_clip", "device", "amp", "compile", "cuda_graph", "nll_samples",
-             "deterministic")
+RESUMABLE = ("epochs", "lr", "grad_clip", "data_dir", "device", "amp", "compile", "cuda_graph",
+             "nll_samples", "deterministic")
 
 
 def resume_config(args, explicit):
@@ -1197,10 +1197,9 @@ def resume_config(args, explicit):
         raise UserError(f"--resume found no checkpoint.pt in '{args.out_dir}'; start the run without --resume, "
                         f"or point --out_dir at the run's folder.")
     _, state = read_checkpoint(path)
-    config = dict(state["config"], resume=True, overwrite=False, out_dir=args.out_dir)
+    defaults = vars(build_parser().parse_args([]))  # for flags newer than the checkpoint
+    config = {**defaults, **state["config"], "resume": True, "overwrite": False, "out_dir": args.out_dir}
     config.update({k: getattr(args, k) for k in RESUMABLE if k in explicit})
-    config.setdefault("grad_clip", 0.0)
-    config.setdefault("deterministic", False)
     if state["epoch"] >= config["epochs"]:
         raise UserError(f"the run in '{args.out_dir}' has finished epoch {state['epoch']} of {config['epochs']}; "
                         f"give --resume a larger --epochs to train further.")
@@ -1430,8 +1429,8 @@ def build_parser():
                         "with the same --seed are identical without it")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out_dir from its checkpoint (weights, optimizer, epoch, "
-                        "random state, metrics); only --epochs, --lr, --grad_clip and the device and speed "
-                        "flags may change")
+                        "random state, metrics); only --epochs, --lr, --grad_clip, --data_dir, "
+                        "--nll_samples and the device and speed flags may change")
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out_dir that already holds one, replacing it")
     g.add_argument("--cuda_graph", choices=("auto", "on", "off"), default="auto",
