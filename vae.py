@@ -818,10 +818,12 @@ def _atomic_write(path, write):
 
 
 def save_json(obj, path):
+    """Write a JSON-serialisable object to path, atomically (UserError if it cannot)."""
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
 
 
 def save_csv(rows, path):
+    """Write a list of dicts with the same keys as a CSV with a header, atomically."""
     def write(f):
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(rows[0]))
@@ -1142,6 +1144,7 @@ def collapse_warning(kl, active_units):
 
 
 def prepare_output_dir(out_dir):
+    """Create out_dir if needed and clear a killed run's temporary files; UserError if it is unusable."""
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -1372,6 +1375,7 @@ image_size = _number(int, lambda v: v in IMAGE_SIZES,
 
 
 def build_parser():
+    """The command line: every flag, its default and its help, in one place."""
     p = argparse.ArgumentParser(
         prog="vae.py", description="Train a variational autoencoder on MNIST and write its figures.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
