@@ -32,6 +32,7 @@ References
 import argparse
 import contextlib
 import csv
+import functools
 import io
 import json
 import math
@@ -415,10 +416,26 @@ def vae_loss(recon_logits, x, mu, logvar, beta=1.0, recon="bce", free_bits=0.0):
 # uses (active units). `log_likelihood` gives the field's number, an importance-
 # weighted estimate of log p(x) that tightens towards it as K grows.
 
+def in_eval_mode(fn):
+    """Decorator for a function whose first argument is a model: it runs in eval mode
+    (BatchNorm on its running statistics) without gradients, and the model gets its
+    train/eval mode back afterwards, whatever happens."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return fn(model, *args, **kwargs)
+        finally:
+            model.train(was_training)
+    return wrapper
+
+
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2015), Sec. 5.2: Cov_x(E_q[z_u]) > 0.01
 
 
-@torch.no_grad()
+@in_eval_mode
 def evaluate(model, images, beta=1.0, recon="bce", batch_size=1000, amp=False):
     """Average loss, recon and KL over a split, in eval mode, with z sampled.
 
@@ -435,8 +452,6 @@ def evaluate(model, images, beta=1.0, recon="bce", batch_size=1000, amp=False):
         varies across images with variance > 0.01), and kl_per_dim, a list of
         latent_dim floats (nats per image).
     """
-    was_training = model.training
-    model.eval()
     d = model.latent_dim
     sums = torch.zeros(5, device=images.device)  # summed on the device, read once
     dims = torch.zeros(3, d, device=images.device)  # per dimension: sum mu, sum mu^2, sum KL
@@ -448,7 +463,6 @@ def evaluate(model, images, beta=1.0, recon="bce", batch_size=1000, amp=False):
         loss, rec, kl = vae_loss(logits, x, mu, logvar, beta, recon)
         sums += torch.stack([loss, rec, kl, mu.mean(), logvar.mean()]) * len(x)
         dims += torch.stack([mu.sum(0), mu.pow(2).sum(0), kl_per_dimension(mu, logvar).sum(0)])
-    model.train(was_training)
     n = len(images)
     loss, rec, kl, mu_mean, logvar_mean = (sums / n).tolist()
     mu_var = dims[1] / n - (dims[0] / n).pow(2)  # Cov_x(E_q[z_u]) for each u
@@ -498,19 +512,16 @@ def log_likelihood(model, x, k, max_decodes=4096, log_px_given_z=None):
     return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)  # (B,)
 
 
-@torch.no_grad()
+@in_eval_mode
 def evaluate_nll(model, images, k, batch_size=100):
     """Mean -log p(x) over a split by `log_likelihood` with K samples: (nats per image, bits per dim).
 
     images: (N, C, H, W) uint8 on the model's device, binary ({0, 255}) for the
     standard protocol. Bits per dimension = nats / (C * H * W * ln 2).
     """
-    was_training = model.training
-    model.eval()
     total = torch.zeros((), device=images.device)
     for start in range(0, len(images), batch_size):
         total += log_likelihood(model, to_float(images[start:start + batch_size]), k).sum()
-    model.train(was_training)
     nll = -total.item() / len(images)
     return nll, nll / (images[0].numel() * math.log(2))
 
@@ -523,44 +534,35 @@ def evaluate_nll(model, images, k, batch_size=100):
 # matplotlib backend.
 
 
-@torch.no_grad()
+@in_eval_mode
 def save_reconstructions(model, x, path):
     """Save originals (top row) above their reconstructions (bottom row).
 
     x: (n, C, H, W) in [0, 1]. The reconstruction decodes the posterior mean mu,
     the model's best single guess, rather than a random z.
     """
-    was_training = model.training
-    model.eval()
     x_hat = model.decode(model.encode(x)[0])
-    model.train(was_training)
     save_image(torch.cat([x, x_hat]), path, nrow=len(x), padding=2, pad_value=0.5)
 
 
-@torch.no_grad()
+@in_eval_mode
 def save_samples(model, path, n=64, seed=0):
     """Save an sqrt(n) x sqrt(n) grid of images decoded from z ~ N(0, I) (fixed seed)."""
-    was_training = model.training
-    model.eval()
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     images = model.sample(n, generator=g)
-    model.train(was_training)
     save_image(images, path, nrow=int(math.sqrt(n)), padding=2, pad_value=0.5)
 
 
-@torch.no_grad()
+@in_eval_mode
 def save_interpolation(model, x_a, x_b, path, steps=12):
     """Decode the line from mu(x_a) to mu(x_b) in `steps` points, between x_a and x_b.
 
     x_a, x_b: (C, H, W) in [0, 1]. The saved row is x_a, the decoded points, x_b.
     """
-    was_training = model.training
-    model.eval()
     mu = model.encode(torch.stack([x_a, x_b]))[0]  # (2, latent_dim)
     t = torch.linspace(0, 1, steps, device=mu.device).unsqueeze(1)  # (steps, 1)
     z = (1 - t) * mu[0] + t * mu[1]  # (steps, latent_dim)
     images = torch.cat([x_a[None], model.decode(z), x_b[None]])
-    model.train(was_training)
     save_image(images, path, nrow=len(images), padding=2, pad_value=0.5)
 
 
@@ -584,7 +586,7 @@ def plot_losses(history, path):
 # and where the model fails. All of it starts from the test set's posteriors.
 
 
-@torch.no_grad()
+@in_eval_mode
 def encode_split(model, images, recon="bce", batch_size=1000):
     """Posteriors and reconstructions of a whole split, in eval mode, on the CPU.
 
@@ -593,8 +595,6 @@ def encode_split(model, images, recon="bce", batch_size=1000):
     per image (deterministic, unlike the sampled test loss); and x_hat (N, C, H, W)
     uint8, the decoded means.
     """
-    was_training = model.training
-    model.eval()
     out = {"mu": [], "logvar": [], "recon_error": [], "x_hat": []}
     for start in range(0, len(images), batch_size):
         x = to_float(images[start:start + batch_size])
@@ -604,7 +604,6 @@ def encode_split(model, images, recon="bce", batch_size=1000):
         out["logvar"].append(logvar.float().cpu())
         out["recon_error"].append(reconstruction_loss(logits, x, recon).cpu())
         out["x_hat"].append((torch.sigmoid(logits.float()) * 255).round().to(torch.uint8).cpu())
-    model.train(was_training)
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -659,13 +658,12 @@ def save_latent_distribution(mu, logvar, kl_per_dim, active_units, path):
     fig.savefig(path, dpi=100)
 
 
-@torch.no_grad()
+@in_eval_mode
 def save_traversals(model, x, kl_per_dim, path, n_dims=8, steps=11, span=3.0):
     """Decode mu(x) with one dimension swept over [-span, span], for the n_dims of highest KL.
 
     x: (C, H, W) in [0, 1], one image.
     """
-    model.eval()
     mu = model.encode(x[None])[0][0]  # (D,)
     dims = torch.argsort(torch.tensor(kl_per_dim), descending=True)[:n_dims].tolist()
     values = torch.linspace(-span, span, steps, device=mu.device)
@@ -678,13 +676,12 @@ def save_traversals(model, x, kl_per_dim, path, n_dims=8, steps=11, span=3.0):
                  path, col_labels=[f"{round(v, 1) + 0.0:+.1f}" for v in values.tolist()])
 
 
-@torch.no_grad()
+@in_eval_mode
 def save_class_means(model, mu, labels, path, per_class=8, noise=0.1, seed=0):
     """Decode, for each class, the mean of its test images' mu plus noise * N(0, I).
 
     mu: (N, latent_dim) on the CPU; labels: (N,) int.
     """
-    model.eval()
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     classes = sorted(set(labels.tolist()))
@@ -715,10 +712,9 @@ def save_latent_pca(mu, labels, path):
     fig.savefig(path, dpi=100)
 
 
-@torch.no_grad()
+@in_eval_mode
 def save_manifold(model, path, n=20, span=3.0):
     """For latent_dim == 2: decode an n x n grid over [-span, span]^2 (z1 rising rightwards, z2 upwards)."""
-    model.eval()
     device = next(model.parameters()).device
     values = torch.linspace(-span, span, n, device=device)
     z2, z1 = torch.meshgrid(values.flip(0), values, indexing="ij")  # row 0 is the top: largest z2
@@ -761,7 +757,6 @@ def write_analysis(model, test_x, test_y, stats, out_dir, recon="bce", interpola
     test_x: (N, C, H, W) uint8 on the model's device; test_y: (N,) labels on the CPU;
     stats: the dict of `evaluate` on test_x (kl_per_dim, active_units).
     """
-    model.eval()
     enc = encode_split(model, test_x, recon)
     save_samples(model, os.path.join(out_dir, "samples.png"), seed=seed)
     a, b = interpolate
