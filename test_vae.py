@@ -1,11 +1,13 @@
 """Tests for vae.py: the maths against torch.distributions, shapes, gradients,
-training behaviour, the command line and one run end to end on small MNIST-format
-data that the tests write themselves. CPU only; run with `python -m pytest -q`."""
+training behaviour, the command line, runs end to end on small MNIST-format data and
+image folders that the tests write themselves, the conditional VAE, and 2 processes
+under torchrun (gloo). CPU only; run with `python -m pytest -q -n 2`."""
 
 import csv
 import json
 import math
 import os
+import pickle
 import random
 import signal
 import struct
@@ -15,6 +17,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 import torch.nn.functional as F
 from torch.distributions import Bernoulli, Normal, kl_divergence as torch_kl
 
@@ -70,7 +73,7 @@ def mnist_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("cls", [vae.ConvVAE, vae.MLPVAE])
-@pytest.mark.parametrize("size", [28, 32, 64])
+@pytest.mark.parametrize("size", vae.IMAGE_SIZES)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_shapes_and_ranges(cls, size, channels):
     torch.manual_seed(0)
@@ -339,9 +342,10 @@ def test_parser_rejects_bad_values_with_a_sentence(flag, value, allowed, capsys)
 
 
 def test_help_lists_every_flag_with_its_default():
-    text = vae.build_parser().format_help()
+    text = " ".join(vae.build_parser().format_help().split())  # argparse wraps lines anywhere
+    assert "default: the dataset's own (28 for the MNIST family, 32 for cifar10) and 64 for a folder" in text
     for flag, default in (("--data_dir", "./mnist"), ("--epochs", "30"), ("--batch_size", "128"),
-                          ("--image_size", "28"), ("--latent_dim", "32"), ("--lr", "0.001"),
+                          ("--dataset", "mnist"), ("--latent_dim", "32"), ("--lr", "0.001"),
                           ("--beta", "1.0"), ("--model", "conv"), ("--recon", "bce"), ("--seed", "0"),
                           ("--device", "auto"), ("--out_dir", "outputs/{model}")):
         assert flag in text
@@ -889,3 +893,267 @@ def test_resume_accepts_a_checkpoint_older_than_some_flags_and_a_moved_data_fold
     assert [row["epoch"] for row in history] == [1, 2]
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["data_dir"] == mnist_dir and config["free_bits"] == 0.0 and config["epochs"] == 2
+
+
+# ----------------------------------------------------------------------------
+# Beyond MNIST: other datasets, image folders, the conditional VAE, several processes
+
+
+def write_image_folder(root, classes=("circle", "square", "stripes"), per_class=12, seed=0, ext=".png"):
+    """Write per_class RGB images per class, of varied sizes and aspect ratios, each class
+    a different colour and pattern; with classes None, a flat folder of 3 * per_class."""
+    g = torch.Generator().manual_seed(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for c, name in enumerate(classes or ("flat",) * 3):
+        folder = root if classes is None else root / name
+        folder.mkdir(exist_ok=True)
+        for i in range(per_class):
+            h, w = (int(v) for v in torch.randint(40, 90, (2,), generator=g))
+            img = torch.rand(h, w, 3, generator=g) * 60
+            img[..., c] += 150  # the class shows in its colour channel
+            if c == 2:
+                img[::6] = 255
+            Image.fromarray(img.clamp(0, 255).to(torch.uint8).numpy()).save(folder / f"{name}{c}_{i:02d}{ext}")
+    return root
+
+
+def test_load_image_resizes_the_shorter_side_and_centre_crops(tmp_path):
+    img = torch.zeros(96, 32, 3, dtype=torch.uint8)  # tall: red above, green in the middle, blue below
+    img[:32, :, 0], img[32:64, :, 1], img[64:, :, 2] = 255, 255, 255
+    Image.fromarray(img.numpy()).save(tmp_path / "tall.png")
+    rgb = vae.load_image(tmp_path / "tall.png", 32, 3)
+    assert rgb.shape == (3, 32, 32) and rgb.dtype == torch.uint8
+    assert rgb[1].min() == 255 and rgb[0].max() == 0 and rgb[2].max() == 0  # only the green middle is kept
+    gray = vae.load_image(tmp_path / "tall.png", 16, 1)
+    assert gray.shape == (1, 16, 16)
+    assert gray[0, 4:12].float().mean().item() == pytest.approx(0.587 * 255, abs=1)  # luma of green, away from the edges
+
+
+def test_convert_channels_repeats_gray_and_takes_the_luma_of_rgb():
+    gray = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    rgb = vae.convert_channels(gray, 3)
+    assert rgb.shape == (4, 3, 8, 8) and all(torch.equal(rgb[:, i], gray[:, 0]) for i in range(3))
+    color = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
+    luma = vae.convert_channels(color, 1)
+    pil = torch.tensor([list(Image.fromarray(im.permute(1, 2, 0).numpy()).convert("L").tobytes())
+                        for im in color]).view(2, 1, 5, 5)
+    assert luma.shape == (2, 1, 5, 5) and (luma.int() - pil.int()).abs().max() <= 1
+
+
+def test_folder_splits_labels_and_sizes(tmp_path):
+    write_image_folder(tmp_path / "split" / "train", per_class=6)
+    write_image_folder(tmp_path / "split" / "val", classes=("square", "stripes"), per_class=2, seed=1)
+    data = vae.load_folder(str(tmp_path / "split"), 32, 3)
+    assert data["classes"] == ["circle", "square", "stripes"]
+    assert data["train_x"].shape == (18, 3, 32, 32) and data["test_x"].shape == (4, 3, 32, 32)
+    assert data["train_y"].tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    assert data["test_y"].tolist() == [1, 1, 2, 2]  # named by the training split's class indices
+    assert data["train_x"][:6, 0].float().mean() > data["train_x"][:6, 1].float().mean() + 50  # circles are red
+
+    write_image_folder(tmp_path / "flat", classes=None, per_class=10)
+    first = vae.load_folder(str(tmp_path / "flat"), 64, 1)
+    assert first["classes"] is None and first["train_y"] is None and "fixed random 10%" in first["note"]
+    assert first["train_x"].shape == (27, 1, 64, 64) and first["test_x"].shape == (3, 1, 64, 64)
+    again = vae.load_folder(str(tmp_path / "flat"), 64, 1)
+    assert torch.equal(again["test_x"], first["test_x"])  # the same split every time
+    train_set = {bytes(x.flatten().tolist()) for x in first["train_x"]}
+    assert not any(bytes(x.flatten().tolist()) in train_set for x in first["test_x"])
+
+
+@pytest.mark.parametrize("layout, size, channels, model", [
+    ("classes", 32, 3, "conv"), ("classes", 64, 1, "mlp"), ("flat", 64, 3, "conv"), ("flat", 32, 1, "conv")])
+def test_a_folder_of_images_trains_one_epoch_end_to_end(tmp_path, layout, size, channels, model):
+    data = write_image_folder(tmp_path / "images", classes=None if layout == "flat" else ("a", "b", "c"),
+                              ext=".jpg" if channels == 3 else ".png")
+    out = tmp_path / "out"
+    history = vae.main(["--dataset", "folder", "--data_dir", str(data), "--image_size", str(size),
+                        "--channels", str(channels), "--model", model, "--epochs", "1", "--batch_size", "16",
+                        "--latent_dim", "4", "--width", "8", "--out_dir", str(out), "--device", "cpu"])
+    assert len(history) == 1 and math.isfinite(history[0]["test_loss"])
+    model_, config = vae.load_checkpoint(out / "checkpoint.pt")
+    assert (config["dataset"], config["image_size"], config["channels"]) == ("folder", size, channels)
+    assert model_.sample(2).shape == (2, channels, size, size)
+    written = set(os.listdir(out))
+    assert {"samples.png", "interpolation.png", "latent_pca.png", "best_worst.png"} <= written
+    labelled = layout == "classes"
+    assert ("class_means.png" in written) == labelled and ("per_class.csv" in written) == labelled
+    assert config["classes"] == (["a", "b", "c"] if labelled else None)
+
+
+def test_an_unreadable_image_is_named_and_nothing_is_written(tmp_path):
+    data = write_image_folder(tmp_path / "images", per_class=4)
+    bad = data / "square" / "broken.jpg"
+    bad.write_bytes(b"not a JPEG at all")
+    rc, out, err = cli(["--dataset", "folder", "--data_dir", data, "--out_dir", tmp_path / "out", "--epochs", "1",
+                        "--device", "cpu"])
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"cannot read the image '{bad}'" in err and "remove or replace that file" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_too_big_for_memory_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    data = write_image_folder(tmp_path / "images", per_class=4)
+    monkeypatch.setattr(vae, "available_memory", lambda: 100_000)  # bytes: less than 12 images of 3x64x64
+    monkeypatch.setattr(vae, "load_image", lambda *a: pytest.fail("an image was read"))
+    with pytest.raises(SystemExit) as e:
+        vae.main(["--dataset", "folder", "--data_dir", str(data), "--out_dir", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "12 images of 3x64x64 need 0.0 GB of memory as bytes, and 0.0 GB is available" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("problem, sentence", [
+    ("missing", "is not a folder"), ("empty", "holds 0 images"), ("mismatch", "do not match")])
+def test_a_bad_folder_gets_one_sentence(tmp_path, problem, sentence):
+    data = tmp_path / "images"
+    if problem == "empty":
+        data.mkdir()
+    if problem == "mismatch":
+        write_image_folder(data / "train", classes=("a", "b"), per_class=2)
+        write_image_folder(data / "test", classes=("a", "z"), per_class=2)
+    with pytest.raises(vae.UserError, match=sentence):
+        vae.load_folder(str(data))
+
+
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "kmnist", "cifar10"])
+def test_other_datasets_offline_name_their_files_and_folder(tmp_path, dataset):
+    # A closed local port as the proxy: every download fails at once, as offline.
+    env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "vae.py"), "--dataset", dataset, "--data_dir",
+                        str(tmp_path / "empty"), "--out_dir", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    folder, files = vae.dataset_files(dataset, str(tmp_path / "empty"))
+    assert f"is not in '{folder}' and could not be downloaded" in r.stderr
+    assert all(f in r.stderr for f in files) and not (tmp_path / "out").exists()
+
+
+def test_fashion_mnist_reads_its_own_folder_and_class_names(tmp_path):
+    raw = write_small_mnist(tmp_path)
+    os.rename(raw.parent, tmp_path / "FashionMNIST")
+    data = vae.load_dataset("fashion-mnist", str(tmp_path), channels=3)
+    assert data["train_x"].shape == (64, 3, 28, 28) and data["classes"][0] == "T-shirt/top"
+    assert torch.equal(data["train_x"][:, 1], fake_digits(64, seed=0)[0])
+
+
+@pytest.mark.parametrize("cls", [vae.ConvVAE, vae.MLPVAE])
+def test_conditional_shapes_and_the_label_changes_the_image(cls):
+    torch.manual_seed(0)
+    model = cls(image_size=32, channels=3, latent_dim=6, num_classes=4).eval()
+    x, y = torch.rand(5, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0])
+    x_hat, mu, logvar = model(x, y)
+    assert x_hat.shape == x.shape and mu.shape == logvar.shape == (5, 6)
+    assert model.fc_mu.in_features == model.fc_logvar.in_features == model.encoder(x).shape[1] + 4
+    assert model.sample(4, torch.arange(4)).shape == (4, 3, 32, 32)
+    with pytest.raises(ValueError, match="needs the class labels y"):
+        model.encode(x)
+    z = torch.randn(1, 6).repeat(4, 1)
+    images = model.decode(z, torch.arange(4))  # one z, four labels
+    assert all((images[i] - images[0]).abs().mean() > 1e-3 for i in range(1, 4))
+    one_hot = F.one_hot(torch.arange(4), 4).float()  # float labels are used as given
+    torch.testing.assert_close(model.decode(z, one_hot), images)
+    mu_a = model.encode(x, y)[0]
+    assert (model.encode(x, (y + 1) % 4)[0] - mu_a).abs().max() > 1e-4  # the encoder sees y too
+
+
+def test_conditional_decoder_learns_what_the_label_means():
+    # Class 0 is dark and class 1 bright; the images carry nothing else. After training,
+    # decoding the same z from the prior must give dark images for y = 0, bright for y = 1.
+    torch.manual_seed(0)
+    model = vae.MLPVAE(image_size=8, channels=1, latent_dim=2, hidden=(32, 16), num_classes=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        y = torch.randint(0, 2, (64,))
+        x = (0.1 + 0.8 * y.float()).view(-1, 1, 1, 1) + 0.05 * torch.rand(64, 1, 8, 8)
+        logits, mu, logvar = model(x, y, return_logits=True)
+        loss = vae.vae_loss(logits, x, mu, logvar)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    z = torch.randn(16, 2)
+    with torch.no_grad():
+        dark, bright = model.decode(z, torch.zeros(16, dtype=torch.long)), model.decode(z, torch.ones(16, dtype=torch.long))
+    assert dark.mean() < 0.25 and bright.mean() > 0.75
+
+
+def test_conditional_run_writes_a_grid_per_class_and_its_checkpoint_evaluates(mnist_dir, tmp_path):
+    out = tmp_path / "cvae"
+    vae.main(quick_run(mnist_dir, out, "--epochs", "1", "--conditional", "--nll_samples", "4"))
+    written = set(os.listdir(out))
+    assert "samples_per_class.png" in written and "samples.png" not in written
+    model, config = vae.load_checkpoint(out / "checkpoint.pt")
+    assert model.num_classes == 10 and config["num_classes"] == 10 and len(config["classes"]) == 10
+    results = vae.main(["--checkpoint", str(out / "checkpoint.pt"), "--epochs", "0", "--data_dir", mnist_dir,
+                        "--out_dir", str(tmp_path / "eval"), "--nll_samples", "4"])
+    assert math.isfinite(results["test_nll"]) and (tmp_path / "eval" / "samples_per_class.png").exists()
+
+
+def test_conditional_needs_labels(tmp_path, capsys):
+    data = write_image_folder(tmp_path / "flat", classes=None, per_class=4)
+    with pytest.raises(SystemExit) as e:
+        vae.main(["--dataset", "folder", "--data_dir", str(data), "--conditional", "--out_dir", str(tmp_path / "o")])
+    assert e.value.code == 2 and "--conditional needs class labels" in capsys.readouterr().err
+
+
+def torchrun(nproc, args, cwd):
+    """Run `torchrun --standalone --nproc_per_node=N vae.py ARGS`: (exit code, stdout, stderr)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # N processes on a small machine
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        os.path.join(HERE, "vae.py"), *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=300)
+    return r.returncode, r.stdout, r.stderr
+
+
+def test_two_processes_train_together_and_write_one_set_of_outputs(mnist_dir, tmp_path):
+    rc, out, err = torchrun(2, quick_run(mnist_dir, tmp_path / "run", "--epochs", "3"), cwd=tmp_path)
+    assert rc == 0, err
+    assert "device cpu x 2 processes" in out
+    assert [line.split("|")[0].split()[1] for line in out.splitlines() if line.startswith("epoch")] == \
+        ["1/3", "2/3", "3/3"]  # rank 0 prints, once
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+    rows = metrics_without_timing(tmp_path / "run" / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[2] < losses[1] < losses[0]
+    assert not [f for f in os.listdir(tmp_path / "run") if f.startswith(".tmp-")]
+    model, config = vae.load_checkpoint(tmp_path / "run" / "checkpoint.pt")  # the single-process format
+    assert config["epochs"] == 3 and model.latent_dim == 4
+
+
+def test_one_process_under_torchrun_is_the_plain_run(mnist_dir, tmp_path):
+    rc, _, err = torchrun(1, quick_run(mnist_dir, tmp_path / "ddp", "--epochs", "2"), cwd=tmp_path)
+    assert rc == 0, err
+    vae.main(quick_run(mnist_dir, tmp_path / "plain", "--epochs", "2"))
+    assert metrics_without_timing(tmp_path / "ddp" / "metrics.csv") == \
+        metrics_without_timing(tmp_path / "plain" / "metrics.csv")
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in ("ddp", "plain"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_needs_a_batch_that_the_processes_can_share(mnist_dir, tmp_path):
+    rc, out, err = torchrun(2, quick_run(mnist_dir, tmp_path / "run", "--epochs", "1", "--batch_size", "63"),
+                            cwd=tmp_path)
+    assert rc != 0 and "--batch_size 63 is the batch of all 2 processes together" in err
+    assert err.count("vae.py: error:") == 1  # said by rank 0 only
+    assert not (tmp_path / "run").exists()
+
+
+def test_cifar10_layout_is_read_channels_first(tmp_path, monkeypatch):
+    # torchvision checks each CIFAR-10 file's md5, so files written here pass only with that check off.
+    monkeypatch.setattr(sys.modules["torchvision.datasets.cifar"], "check_integrity", lambda *args: True)
+    folder, files = vae.dataset_files("cifar10", str(tmp_path))
+    os.makedirs(folder)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)  # (N, C, H, W)
+    for name in files[:-1]:
+        batch = {"data": images.flatten(1).numpy(), "labels": [0, 1, 2, 3, 4, 5]}  # the file's (N, 3072) rows
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f)
+    with open(os.path.join(folder, files[-1]), "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    data = vae.load_dataset("cifar10", str(tmp_path))
+    assert data["train_x"].shape == (30, 3, 32, 32) and data["test_x"].shape == (6, 3, 32, 32)
+    assert torch.equal(data["test_x"], images) and data["classes"][3] == "class3"
+    gray = vae.load_dataset("cifar10", str(tmp_path), image_size=64, channels=1)
+    assert gray["test_x"].shape == (6, 1, 64, 64)
