@@ -344,7 +344,8 @@ def test_parser_rejects_bad_values_with_a_sentence(flag, value, allowed, capsys)
 def test_help_lists_every_flag_with_its_default():
     text = " ".join(vae.build_parser().format_help().split())  # argparse wraps lines anywhere
     assert "default: the dataset's own (28 for the MNIST family, 32 for cifar10) and 64 for a folder" in text
-    for flag, default in (("--data_dir", "./mnist"), ("--epochs", "30"), ("--batch_size", "128"),
+    assert "default ./mnist for mnist, ./data for the other torchvision datasets" in text
+    for flag, default in (("--epochs", "30"), ("--batch_size", "128"),
                           ("--dataset", "mnist"), ("--latent_dim", "32"), ("--lr", "0.001"),
                           ("--beta", "1.0"), ("--model", "conv"), ("--recon", "bce"), ("--seed", "0"),
                           ("--device", "auto"), ("--out_dir", "outputs/{model}")):
@@ -1084,7 +1085,7 @@ def test_conditional_run_writes_a_grid_per_class_and_its_checkpoint_evaluates(mn
     assert "samples_per_class.png" in written and "samples.png" not in written
     model, config = vae.load_checkpoint(out / "checkpoint.pt")
     assert model.num_classes == 10 and config["num_classes"] == 10 and len(config["classes"]) == 10
-    results = vae.main(["--checkpoint", str(out / "checkpoint.pt"), "--epochs", "0", "--data_dir", mnist_dir,
+    results = vae.main(["--checkpoint", str(out / "checkpoint.pt"), "--epochs", "0",  # data: the run's own
                         "--out_dir", str(tmp_path / "eval"), "--nll_samples", "4"])
     assert math.isfinite(results["test_nll"]) and (tmp_path / "eval" / "samples_per_class.png").exists()
 
@@ -1157,3 +1158,12 @@ def test_cifar10_layout_is_read_channels_first(tmp_path, monkeypatch):
     assert torch.equal(data["test_x"], images) and data["classes"][3] == "class3"
     gray = vae.load_dataset("cifar10", str(tmp_path), image_size=64, channels=1)
     assert gray["test_x"].shape == (6, 1, 64, 64)
+
+
+def test_data_dir_defaults_follow_the_dataset(capsys):
+    assert vae.parse_args([]).data_dir == "./mnist"
+    assert vae.parse_args(["--dataset", "kmnist"]).data_dir == "./data"
+    assert vae.parse_args(["--dataset", "cifar10", "--data_dir", "x"]).data_dir == "x"
+    with pytest.raises(SystemExit) as e:
+        vae.parse_args(["--dataset", "folder"])
+    assert e.value.code == 2 and "--dataset folder needs --data_dir" in capsys.readouterr().err

@@ -79,7 +79,7 @@ class UserError(Exception):
 # Data
 #
 # A split is small enough to hold whole (MNIST is 60,000 + 10,000 images of 28x28
-# bytes, 55 MB; the Flowers photos at 64x64 RGB 36 MB), so each split is held once
+# bytes, 55 MB; the 3,670 Flowers photos at 64x64 RGB 45 MB), so each split is held once
 # as a uint8 tensor on the training device and batched by indexing it with a
 # shuffled index. That removes the per-image Python work of a DataLoader, which
 # dominates a VAE's epoch time on a GPU. Bytes become floats in [0, 1] one batch
@@ -1759,7 +1759,8 @@ def ckpt_path(out_dir):
 def evaluate_checkpoint(args):
     """`--checkpoint PATH --epochs 0`: evaluate a saved model and write every figure.
 
-    The model's configuration comes from the checkpoint; the data from --data_dir.
+    The model's configuration comes from the checkpoint; the data from --data_dir
+    (default: the folder the run was trained from).
     Nothing is trained and the checkpoint is never written. Returns the results dict.
     """
     device = select_device(args.device, args.deterministic)
@@ -1771,7 +1772,7 @@ def evaluate_checkpoint(args):
         raise UserError("--nll_samples needs a model trained with --recon bce, the Bernoulli likelihood; "
                         f"this checkpoint used --recon {config['recon']}.")
     out_dir = args.out_dir.replace("{model}", config["model"])
-    data = load_data(config, args.data_dir)
+    data = load_data(config, args.data_dir or config["data_dir"])
     prepare_output_dir(out_dir)
     print(f"{config['model']} VAE from {args.checkpoint} (epoch {epoch}), device {device}, "
           f"writing to {out_dir}", flush=True)
@@ -1821,9 +1822,10 @@ def build_parser():
                    help="a torchvision dataset, downloaded to --data_dir if missing, or 'folder': your own "
                         "images in --data_dir (class subfolders or flat; train/ and val/ or test/ subfolders "
                         "are the splits, else a fixed 10%% is the test split)")
-    g.add_argument("--data_dir", default="./mnist",
-                   help="folder holding the dataset in torchvision's layout (e.g. MNIST/raw/), "
-                        "or the image folder")
+    g.add_argument("--data_dir", default=None,
+                   help="folder holding the dataset in torchvision's layout (e.g. MNIST/raw/), or the "
+                        "image folder; default ./mnist for mnist, ./data for the other torchvision "
+                        "datasets (a folder must be named); with --checkpoint, the run's own")
     g.add_argument("--image_size", type=image_size, default=None,
                    help=f"side in pixels, one of {IMAGE_SIZES}; default: the dataset's own (28 for the "
                         f"MNIST family, 32 for cifar10) and 64 for a folder. Images are resized (a folder's "
@@ -1927,6 +1929,10 @@ def parse_args(argv=None):
         parser.error("--nll_samples needs --recon bce: the NLL is defined for the Bernoulli likelihood only")
     if args.checkpoint is None:
         args.out_dir = args.out_dir.replace("{model}", args.model)
+        if args.data_dir is None and args.dataset == "folder" and not args.resume:
+            parser.error("--dataset folder needs --data_dir, the folder of images")
+        if args.data_dir is None and not args.resume:
+            args.data_dir = "./mnist" if args.dataset == "mnist" else "./data"
     return args
 
 
