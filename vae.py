@@ -24,6 +24,8 @@ Measured (details and commands in README.md):
         NVIDIA H100, torch 2.11: 10.3 s of epochs (0.31-0.33 s each, one CUDA graph per step)
     python vae.py --epochs 30 --binarize --nll_samples 1000
         test NLL 89.32 nats/image (0.164 bits/dim), H100, 8 s of epochs + 2 s for the NLL
+    python vae.py --dataset folder --data_dir flowers --latent_dim 128 --epochs 100
+        3,670 flower photos at 3x64x64: test loss 6721.5 nats/image, 2-core CPU, 9.5 s per epoch
 
 References
     Kingma & Welling, "Auto-Encoding Variational Bayes", 2013, arXiv:1312.6114
@@ -1629,11 +1631,12 @@ def _train(args, state, device, rank, world):
     if args.batch_size % world:
         raise UserError(f"--batch_size {args.batch_size} is the batch of all {world} processes together, "
                         f"so it must be a multiple of {world}.")
+    distributed = dist.is_initialized()  # started by torchrun, even with one process
     use_graph = args.cuda_graph == "on" or (args.cuda_graph == "auto" and device.type == "cuda"
-                                            and not args.compile and world == 1)
+                                            and not args.compile and not distributed)
     if use_graph and device.type != "cuda":
         raise UserError(f"--cuda_graph on needs a CUDA device, and this run uses {device}.")
-    if use_graph and world > 1:
+    if use_graph and distributed:
         raise UserError("--cuda_graph on does not go with torchrun: DistributedDataParallel's gradient "
                         "exchange is not captured in the graph; leave --cuda_graph at auto.")
     # Rank 0 draws what a single process would; DDP gives every process rank 0's weights.
@@ -1660,8 +1663,8 @@ def _train(args, state, device, rank, world):
 
     model, step_model, optimizer = setup_training(args.model, args.image_size, args.channels, args.latent_dim,
                                                   args.lr, device, args.compile, args.width, num_classes,
-                                                  distributed=world > 1)
-    eval_model = model if world > 1 else step_model  # each process evaluates its share, without DDP
+                                                  distributed)
+    eval_model = model if distributed else step_model  # each process evaluates its share, without DDP
     history, first_epoch = [], 1
     if state is not None:
         model.load_state_dict(state["model"])
