@@ -1813,13 +1813,21 @@ image_size = _number(int, lambda v: v in IMAGE_SIZES,
                      "down to 7 or 4 pixels)")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds '(default: X)' to each flag's help, except where the default is None: there
+    the help says what the default depends on."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser():
     """The command line: every flag, its default and its help, in one place."""
     p = argparse.ArgumentParser(
         prog="vae.py", description="Train a variational autoencoder on MNIST (or another dataset, or your "
                                    "own folder of images) and write its figures. Under torchrun, trains on "
                                    "several processes with DistributedDataParallel.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="mnist",
                    help="a torchvision dataset, downloaded to --data_dir if missing, or 'folder': your own "
