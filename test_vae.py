@@ -944,6 +944,7 @@ def test_convert_channels_repeats_gray_and_takes_the_luma_of_rgb():
 def test_folder_splits_labels_and_sizes(tmp_path):
     write_image_folder(tmp_path / "split" / "train", per_class=6)
     write_image_folder(tmp_path / "split" / "val", classes=("square", "stripes"), per_class=2, seed=1)
+    write_image_folder(tmp_path / "split" / "train" / ".ipynb_checkpoints", classes=None, per_class=1)  # not a class
     data = vae.load_folder(str(tmp_path / "split"), 32, 3)
     assert data["classes"] == ["circle", "square", "stripes"]
     assert data["train_x"].shape == (18, 3, 32, 32) and data["test_x"].shape == (4, 3, 32, 32)

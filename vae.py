@@ -223,16 +223,25 @@ FOLDER_SPLIT_SEED = 0  # one fixed test split of a folder for every run, whateve
 FOLDER_TEST_FRACTION = 0.1
 
 
+class _ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder, except that hidden folders (.ipynb_checkpoints, .git) are not classes."""
+
+    def find_classes(self, directory):
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        return classes, {c: i for i, c in enumerate(classes)}
+
+
 def list_images(root):
     """The images under `root`: (paths, labels or None, class names or None).
 
     With subfolders, each is a class, in torchvision's ImageFolder layout
-    (`root/<class>/**/<image>`, classes sorted by name, files outside them ignored);
-    without, the images directly in `root` are one unlabelled set.
+    (`root/<class>/**/<image>`, classes sorted by name, files outside them and
+    hidden folders ignored); without, the images directly in `root` are one
+    unlabelled set.
     """
     if any(entry.is_dir() and not entry.name.startswith(".") for entry in os.scandir(root)):
         try:
-            ds = datasets.ImageFolder(root, allow_empty=True)
+            ds = _ImageFolder(root, allow_empty=True)
         except (FileNotFoundError, OSError) as e:
             raise UserError(f"cannot list the images in '{root}' ({e}).") from None
         return [p for p, _ in ds.samples], [c for _, c in ds.samples], ds.classes
@@ -320,9 +329,13 @@ def load_folder(data_dir, image_size=None, channels=None):
         load = functools.partial(load_image, image_size=image_size, channels=channels)
         # PIL decodes outside the GIL, so threads decode several files at once.
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            for i, image in enumerate(tqdm(pool.map(load, paths), total=len(paths), leave=False, unit="image",
-                                           desc=f"reading {split}", disable=not sys.stderr.isatty())):
-                x[i] = image
+            try:
+                for i, image in enumerate(tqdm(pool.map(load, paths), total=len(paths), leave=False, unit="image",
+                                               desc=f"reading {split}", disable=not sys.stderr.isatty())):
+                    x[i] = image
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # a bad file stops the reading now, not after the rest
+                raise
         out[f"{split}_x"] = x
         out[f"{split}_y"] = None if labels is None else torch.tensor(labels, dtype=torch.long)
     return out
