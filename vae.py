@@ -91,12 +91,12 @@ class UserError(Exception):
 # Two sources: the datasets torchvision knows (their files, their layout), and
 # any folder of images, read with torchvision's ImageFolder listing and PIL.
 
-# name -> (torchvision class, channels, side) of the datasets torchvision downloads
+# name -> (torchvision class, its channels) of the datasets torchvision downloads
 TORCHVISION_DATASETS = {
-    "mnist": (datasets.MNIST, 1, 28),
-    "fashion-mnist": (datasets.FashionMNIST, 1, 28),
-    "kmnist": (datasets.KMNIST, 1, 28),
-    "cifar10": (datasets.CIFAR10, 3, 32),
+    "mnist": (datasets.MNIST, 1),
+    "fashion-mnist": (datasets.FashionMNIST, 1),
+    "kmnist": (datasets.KMNIST, 1),
+    "cifar10": (datasets.CIFAR10, 3),
 }
 DATASETS = (*TORCHVISION_DATASETS, "folder")
 FOLDER_DEFAULTS = (3, 64)  # channels and side of --dataset folder unless --channels / --image_size say otherwise
@@ -130,7 +130,7 @@ def load_torchvision(name, data_dir, image_size=None, channels=None):
     Raises:
         UserError: the files are missing and cannot be downloaded, or cannot be read.
     """
-    cls, native_channels, _ = TORCHVISION_DATASETS[name]
+    cls, native_channels = TORCHVISION_DATASETS[name]
     folder, files = dataset_files(name, data_dir)
     if not all(os.path.isfile(os.path.join(folder, f)) for f in files):
         _download(name, data_dir, folder, files)
@@ -242,7 +242,7 @@ def list_images(root):
     if any(entry.is_dir() and not entry.name.startswith(".") for entry in os.scandir(root)):
         try:
             ds = _ImageFolder(root, allow_empty=True)
-        except (FileNotFoundError, OSError) as e:
+        except OSError as e:
             raise UserError(f"cannot list the images in '{root}' ({e}).") from None
         return [p for p, _ in ds.samples], [c for _, c in ds.samples], ds.classes
     paths = sorted(entry.path for entry in os.scandir(root)
@@ -820,14 +820,10 @@ def save_samples_per_class(model, classes, path, per_class=10, seed=0):
     z = torch.randn(per_class, model.latent_dim, device=device, generator=g)  # shared by every row
     k = model.num_classes
     y = torch.arange(k, device=device).repeat_interleave(per_class)  # (K * per_class,)
-    images = model.decode(z.repeat(k, 1), y).view(k, per_class, *model_image_shape(model))
+    images = model.decode(z.repeat(k, 1), y)  # (K * per_class, C, H, W)
+    images = images.view(k, per_class, *images.shape[1:])
     _grid_figure(images, [str(c) for c in classes], "conditional samples: row = label y, column = one z ~ N(0, I)",
                  path)
-
-
-def model_image_shape(model):
-    """(C, H, W) of the images a model takes."""
-    return model.channels, model.image_size, model.image_size
 
 
 @in_eval_mode
@@ -1536,6 +1532,11 @@ def prepare_output_dir(out_dir):
                 os.remove(os.path.join(out_dir, name))
 
 
+def ckpt_path(out_dir):
+    """The checkpoint's path in a run's folder."""
+    return os.path.join(out_dir, "checkpoint.pt")
+
+
 def load_data(config, data_dir):
     """The dataset a run's config names (dataset, image_size, channels, binarize), from
     data_dir, as `load_dataset` returns it, with the test set binarized once if asked."""
@@ -1587,7 +1588,7 @@ RESUMABLE = ("epochs", "lr", "grad_clip", "data_dir", "device", "amp", "compile"
 def resume_config(args, explicit):
     """The configuration of a resumed run and its checkpoint: the saved config, with the
     flags in RESUMABLE that the user gave on this command line (`explicit`)."""
-    path = os.path.join(args.out_dir, "checkpoint.pt")
+    path = ckpt_path(args.out_dir)
     if not os.path.exists(path):
         raise UserError(f"--resume found no checkpoint.pt in '{args.out_dir}'; start the run without --resume, "
                         f"or point --out_dir at the run's folder.")
@@ -1599,44 +1600,6 @@ def resume_config(args, explicit):
         raise UserError(f"the run in '{args.out_dir}' has finished epoch {state['epoch']} of {config['epochs']}; "
                         f"give --resume a larger --epochs to train further.")
     return argparse.Namespace(**config), state
-
-
-def train(args, explicit=()):
-    """Train, evaluate every epoch and write every output to args.out_dir.
-
-    args: the namespace of `parse_args`; explicit: the flags given on the command
-    line (a resumed run takes only those, from RESUMABLE, over its saved config).
-    Under torchrun, each process runs this; see `train_epoch` for how they share
-    the work. Only rank 0 prints and writes files, and its checkpoint is the same
-    as a single process's.
-
-    Returns (model, history): the trained VAE in eval mode and one dict of metrics
-    per epoch (the rows of metrics.csv).
-
-    Raises:
-        UserError: bad input (missing data, unwritable folder, another run in the
-            folder); a non-finite value (exit code 3); SIGINT or SIGTERM (130, 143).
-    """
-    state = None
-    if args.resume:
-        args, state = resume_config(args, explicit)
-    elif os.path.exists(ckpt_path(args.out_dir)) and not args.overwrite:
-        raise UserError(f"'{args.out_dir}' already holds a run (checkpoint.pt); continue it with --resume, "
-                        f"replace it with --overwrite, or choose another --out_dir.")
-    device = select_device(args.device, args.deterministic)
-    rank, world, device = init_distributed(device)
-    try:
-        # The other processes' prints would repeat rank 0's, line for line.
-        with contextlib.redirect_stdout(sys.stdout if rank == 0 else io.StringIO()):
-            model, history, data, test_x = _train(args, state, device, rank, world)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if rank == 0:  # the final evaluation on the whole test set, by one process
-        plot_losses(history, os.path.join(args.out_dir, "loss_curves.png"))
-        report(model, test_x, data["test_y"], vars(args), args.out_dir, args.nll_samples,
-               extra=dict(epoch=history[-1]["epoch"]), classes=data["classes"])
-    return model.eval(), history
 
 
 def _train(args, state, device, rank, world):
@@ -1692,7 +1655,8 @@ def _train(args, state, device, rank, world):
         save_json(config, os.path.join(out_dir, "config.json"))
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.model} VAE{' (conditional on {} classes)'.format(num_classes) if num_classes else ''}, "
+    conditioned = f" (conditional on {num_classes} classes)" if num_classes else ""
+    print(f"{args.model} VAE{conditioned}, "
           f"{n_params:,} parameters, latent_dim {args.latent_dim}, {len(train_x):,} train / {len(test_x):,} test "
           f"{args.dataset} images of {args.channels}x{args.image_size}x{args.image_size}"
           f"{' (binarized)' if args.binarize else ''}, device {device}"
@@ -1767,9 +1731,42 @@ def _train(args, state, device, rank, world):
     return model, history, data, test_x
 
 
-def ckpt_path(out_dir):
-    """The checkpoint's path in a run's folder."""
-    return os.path.join(out_dir, "checkpoint.pt")
+def train(args, explicit=()):
+    """Train, evaluate every epoch and write every output to args.out_dir.
+
+    args: the namespace of `parse_args`; explicit: the flags given on the command
+    line (a resumed run takes only those, from RESUMABLE, over its saved config).
+    Under torchrun, each process runs this; see `train_epoch` for how they share
+    the work. Only rank 0 prints and writes files, and its checkpoint is the same
+    as a single process's.
+
+    Returns (model, history): the trained VAE in eval mode and one dict of metrics
+    per epoch (the rows of metrics.csv).
+
+    Raises:
+        UserError: bad input (missing data, unwritable folder, another run in the
+            folder); a non-finite value (exit code 3); SIGINT or SIGTERM (130, 143).
+    """
+    state = None
+    if args.resume:
+        args, state = resume_config(args, explicit)
+    elif os.path.exists(ckpt_path(args.out_dir)) and not args.overwrite:
+        raise UserError(f"'{args.out_dir}' already holds a run (checkpoint.pt); continue it with --resume, "
+                        f"replace it with --overwrite, or choose another --out_dir.")
+    device = select_device(args.device, args.deterministic)
+    rank, world, device = init_distributed(device)
+    try:
+        # The other processes' prints would repeat rank 0's, line for line.
+        with contextlib.redirect_stdout(sys.stdout if rank == 0 else io.StringIO()):
+            model, history, data, test_x = _train(args, state, device, rank, world)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:  # the final evaluation on the whole test set, by one process
+        plot_losses(history, os.path.join(args.out_dir, "loss_curves.png"))
+        report(model, test_x, data["test_y"], vars(args), args.out_dir, args.nll_samples,
+               extra=dict(epoch=history[-1]["epoch"]), classes=data["classes"])
+    return model.eval(), history
 
 
 def evaluate_checkpoint(args):
