@@ -1,7 +1,9 @@
-"""Tests for vae.py: the maths against torch.distributions, shapes, gradients,
-training behaviour, the command line, runs end to end on small MNIST-format data and
-image folders that the tests write themselves, the conditional VAE, and 2 processes
-under torchrun (gloo). CPU only; run with `python -m pytest -q -n 2`."""
+"""Tests for vae.py, in two parts like the file. First the specification of the VAE (Part 1):
+shapes, the KL and the likelihoods against torch.distributions, gradients, the loss parts, the
+importance-weighted bound against the ELBO, and Part 1 copied alone. Then the tool (Part 2): data,
+the command line, runs end to end on small data the tests write themselves, checkpoints, faults,
+and 2 processes under torchrun (gloo). CPU only where no GPU is present; run with
+`python -m pytest -q -n 2`."""
 
 import csv
 import json
@@ -9,6 +11,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -27,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # ----------------------------------------------------------------------------
-# Small MNIST in the original IDX format
+# Helpers: small data in MNIST's original format, and the command line in a subprocess
 
 
 def write_idx(path, tensor):
@@ -68,8 +71,12 @@ def mnist_dir(tmp_path_factory):
     return str(root)
 
 
+def to_float_batch(images_uint8):
+    return vae.to_float(images_uint8[:, None])  # (N, 28, 28) -> (N, 1, 28, 28)
+
+
 # ----------------------------------------------------------------------------
-# Models: shapes and ranges
+# The specification (Part 1): the models
 
 
 @pytest.mark.parametrize("cls", [vae.ConvVAE, vae.MLPVAE])
@@ -119,8 +126,40 @@ def test_conv_rejects_unsupported_size(size):
         vae.ConvVAE(image_size=size)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_sample_leaves_the_mode_and_every_buffer_as_it_found_them(training):
+    torch.manual_seed(0)
+    model = vae.ConvVAE(latent_dim=4).train(training)
+    model(torch.rand(8, 1, 28, 28))  # moves BatchNorm's running statistics away from their start
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    samples = model.sample(16)
+    assert model.training == training and samples.shape == (16, 1, 28, 28)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("cls", [vae.ConvVAE, vae.MLPVAE])
+def test_conditional_shapes_and_the_label_changes_the_image(cls):
+    torch.manual_seed(0)
+    model = cls(image_size=32, channels=3, latent_dim=6, num_classes=4).eval()
+    x, y = torch.rand(5, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0])
+    x_hat, mu, logvar = model(x, y)
+    assert x_hat.shape == x.shape and mu.shape == logvar.shape == (5, 6)
+    assert model.fc_mu.in_features == model.fc_logvar.in_features == model.encoder(x).shape[1] + 4
+    assert model.sample(4, torch.arange(4)).shape == (4, 3, 32, 32)
+    with pytest.raises(ValueError, match="needs the class labels y"):
+        model.encode(x)
+    z = torch.randn(1, 6).repeat(4, 1)
+    images = model.decode(z, torch.arange(4))  # one z, four labels
+    assert all((images[i] - images[0]).abs().mean() > 1e-3 for i in range(1, 4))
+    one_hot = F.one_hot(torch.arange(4), 4).float()  # float labels are used as given
+    torch.testing.assert_close(model.decode(z, one_hot), images)
+    mu_a = model.encode(x, y)[0]
+    assert (model.encode(x, (y + 1) % 4)[0] - mu_a).abs().max() > 1e-4  # the encoder sees y too
+
+
 # ----------------------------------------------------------------------------
-# The maths, checked against torch.distributions
+# The specification: the loss, checked against torch.distributions
 
 
 def test_kl_matches_torch_distributions():
@@ -166,6 +205,15 @@ def test_unknown_recon_is_rejected():
         vae.reconstruction_loss(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), "l1")
 
 
+def test_vae_loss_refuses_targets_outside_0_1():
+    logits, mu, logvar = torch.zeros(2, 1, 4, 4), torch.zeros(2, 3), torch.zeros(2, 3)
+    for x in (torch.full((2, 1, 4, 4), 255, dtype=torch.uint8), torch.full((2, 1, 4, 4), 255.0),
+              torch.full((2, 1, 4, 4), -0.5)):
+        with pytest.raises(ValueError, match=r"targets x in \[0, 1\]; divide 0-255 images by 255"):
+            vae.vae_loss(logits, x, mu, logvar)
+    vae.vae_loss(logits, torch.rand(2, 1, 4, 4), mu, logvar)  # in range: no error
+
+
 def test_loss_parts_add_up_and_beta_scales_only_the_kl():
     torch.manual_seed(0)
     logits, x = torch.randn(8, 1, 28, 28), torch.rand(8, 1, 28, 28)
@@ -181,8 +229,43 @@ def test_loss_parts_add_up_and_beta_scales_only_the_kl():
     torch.testing.assert_close(kl1, vae.kl_divergence(mu, logvar).mean())
 
 
+def test_free_bits_change_the_gradient_only_under_the_floor():
+    torch.manual_seed(0)
+    logits, x = torch.randn(16, 1, 4, 4), torch.rand(16, 1, 4, 4)
+    mu = torch.cat([torch.randn(16, 2) * 2, torch.randn(16, 2) * 0.05], dim=1)  # dims 2, 3 near the prior
+    logvar = torch.cat([torch.full((16, 2), -2.0), torch.full((16, 2), -0.01)], dim=1)
+    kl_dims = vae.kl_per_dimension(mu, logvar).mean(0)
+    floor = 0.5
+    assert (kl_dims[:2] > floor).all() and (kl_dims[2:] < floor).all()
+    grads = {}
+    for fb in (0.0, floor):
+        m, lv = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+        loss, rec, kl = vae.vae_loss(logits, x, m, lv, free_bits=fb)
+        loss.backward()
+        grads[fb] = (m.grad, lv.grad, loss.item(), kl.item())
+    (gm0, glv0, loss0, kl0), (gm1, glv1, loss1, kl1) = grads[0.0], grads[floor]
+    torch.testing.assert_close(gm1[:, :2], gm0[:, :2])  # above the floor: unchanged
+    torch.testing.assert_close(glv1[:, :2], glv0[:, :2])
+    assert (gm1[:, 2:] == 0).all() and (glv1[:, 2:] == 0).all()  # under it: no pull to the prior
+    assert (gm0[:, 2:] != 0).any()
+    assert kl1 == kl0  # the reported KL is the true one
+    assert loss1 == pytest.approx(loss0 + 2 * floor - kl_dims[2:].sum().item(), rel=1e-5)
+
+
+def test_logvar_is_clamped_before_exp():
+    model = vae.MLPVAE(latent_dim=3)
+    with torch.no_grad():
+        model.fc_logvar.bias.fill_(1000.0)  # exp(1000) is inf in float32
+    x = torch.rand(2, 1, 28, 28)
+    mu, logvar = model.encode(x)
+    assert logvar.max().item() == vae.LOGVAR_RANGE[1]
+    logits, mu, logvar = model(x, return_logits=True)
+    loss = vae.vae_loss(logits, x, mu, logvar)[0]
+    assert torch.isfinite(loss)
+
+
 # ----------------------------------------------------------------------------
-# Gradients and optimisation
+# The specification: gradients and training
 
 
 def test_reparameterize_passes_gradients_to_mu_and_logvar():
@@ -229,8 +312,62 @@ def test_optimizer_steps_on_one_batch_lower_the_loss(cls):
     assert losses[-1] < 0.7 * losses[0], losses[::10]
 
 
-def to_float_batch(images_uint8):
-    return vae.to_float(images_uint8[:, None])  # (N, 28, 28) -> (N, 1, 28, 28)
+def test_grad_clip_bounds_the_update_and_reports_the_norm():
+    torch.manual_seed(0)
+    model = vae.MLPVAE(latent_dim=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.rand(8, 1, 28, 28)
+    stats = vae.train_step(model, optimizer, x, beta=1.0, grad_clip=1e-3)
+    clipped = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]) if hasattr(
+        torch.nn.utils, "get_total_norm") else torch.norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert stats[3].item() > 1e-3  # the norm before clipping
+    assert clipped.item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_kl_warmup_schedule():
+    assert [vae.beta_schedule(e, 0.5, kl_warmup=4) for e in range(1, 8)] == [0, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
+    assert [vae.beta_schedule(e, 2.0) for e in (1, 5)] == [2.0, 2.0]
+
+
+def test_train_epoch_takes_other_steps_orders_and_callbacks():
+    torch.manual_seed(0)
+    model = vae.MLPVAE(latent_dim=3, hidden=(16,))
+    optimizer = torch.optim.Adam(model.parameters())
+    images, seen, calls = fake_digits(10, seed=1)[0][:, None], [], []
+
+    def step(model, optimizer, x, beta, y=None, **kwargs):
+        seen.append(x.clone())
+        return vae.train_step(model, optimizer, x, beta, y, **kwargs)
+    order = torch.tensor([9, 8, 7, 6, 5])  # half the images, in this order
+    stats = vae.train_epoch(model, optimizer, images, batch_size=2, step=step, order=order,
+                            on_step=lambda i, s: calls.append((i, s.shape)))
+    assert [len(x) for x in seen] == [2, 2, 1] and calls == [(1, (4,)), (2, (4,)), (3, (4,))]
+    assert torch.equal(torch.cat(seen), vae.to_float(images[order]))
+    assert set(stats) == {"loss", "recon", "kl"} and all(math.isfinite(v) for v in stats.values())
+
+
+def test_conditional_decoder_learns_what_the_label_means():
+    # Class 0 is dark and class 1 bright; the images carry nothing else. After training,
+    # decoding the same z from the prior must give dark images for y = 0, bright for y = 1.
+    torch.manual_seed(0)
+    model = vae.MLPVAE(image_size=8, channels=1, latent_dim=2, hidden=(32, 16), num_classes=2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        y = torch.randint(0, 2, (64,))
+        x = (0.1 + 0.8 * y.float()).view(-1, 1, 1, 1) + 0.05 * torch.rand(64, 1, 8, 8)
+        logits, mu, logvar = model(x, y, return_logits=True)
+        loss = vae.vae_loss(logits, x, mu, logvar)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    z = torch.randn(16, 2)
+    with torch.no_grad():
+        dark, bright = model.decode(z, torch.zeros(16, dtype=torch.long)), model.decode(z, torch.ones(16, dtype=torch.long))
+    assert dark.mean() < 0.25 and bright.mean() > 0.75
+
+
+# ----------------------------------------------------------------------------
+# The specification: evaluation, the log-likelihood (IWAE >= ELBO), generation
 
 
 def test_evaluate_samples_z_and_restores_training_mode():
@@ -245,201 +382,18 @@ def test_evaluate_samples_z_and_restores_training_mode():
     assert a["loss"] != b["loss"]  # z is drawn from q(z|x), not set to mu
     assert a["kl"] == pytest.approx(b["kl"])  # the KL is in closed form, no sampling
     assert a["loss"] == pytest.approx(a["recon"] + a["kl"])
-    assert set(a) == {"loss", "recon", "kl", "mu_mean", "logvar_mean", "active_units", "kl_per_dim"}
+    assert set(a) == {"loss", "recon", "kl", "mu_mean", "logvar_mean", "active_units", "kl_per_dim", "mu_var"}
     assert sum(a["kl_per_dim"]) == pytest.approx(a["kl"], rel=1e-5) and len(a["kl_per_dim"]) == 4
 
 
-# ----------------------------------------------------------------------------
-# Data
-
-
-def test_load_mnist_reads_idx_files_and_resizes_once(mnist_dir):
-    data = vae.load_mnist(mnist_dir)
-    assert data["train_x"].shape == (320, 1, 28, 28) and data["train_x"].dtype == torch.uint8
-    assert data["test_x"].shape == (120, 1, 28, 28)
-    assert data["train_y"].tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
-    assert torch.equal(data["train_x"][:, 0], fake_digits(320, seed=0)[0])
-    big = vae.load_mnist(mnist_dir, image_size=32)
-    assert big["train_x"].shape == (320, 1, 32, 32) and big["train_x"].dtype == torch.uint8
-    # resizing keeps the brightness: mean intensity within 2%
-    assert big["train_x"].float().mean().item() == pytest.approx(data["train_x"].float().mean().item(), rel=0.02)
-
-
-# ----------------------------------------------------------------------------
-# End to end, and the command line
-
-
-def test_one_run_end_to_end(mnist_dir, tmp_path):
-    out = tmp_path / "run"
-    args = vae.parse_args(["--data_dir", mnist_dir, "--epochs", "2", "--batch_size", "64",
-                           "--latent_dim", "8", "--out_dir", str(out), "--device", "cpu"])
-    model, history = vae.train(args)
-    written = sorted(os.listdir(out))
-    assert written == ["best_worst.png", "checkpoint.pt", "class_means.png", "config.json", "evaluation.json",
-                       "interpolation.png", "latent_distribution.png", "latent_pca.png", "loss_curves.png",
-                       "metrics.csv", "per_class.csv", "recon_error_hist.png", "reconstructions_epoch001.png",
-                       "reconstructions_epoch002.png", "samples.png", "traversals.png"]
-
-    with open(out / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in rows] == [1, 2]
-    for key in ("train_loss", "train_recon", "train_kl", "test_loss", "test_recon", "test_kl",
-                "test_mu_mean", "test_logvar_mean", "test_active_units", "seconds", "images_per_sec", "beta"):
-        assert all(math.isfinite(float(r[key])) for r in rows), key
-    for r in rows:
-        assert float(r["test_loss"]) == pytest.approx(float(r["test_recon"]) + float(r["test_kl"]), rel=1e-5)
-    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
-    assert history[-1]["test_loss"] == pytest.approx(float(rows[-1]["test_loss"]))
-
-    config = json.loads((out / "config.json").read_text())
-    assert config["latent_dim"] == 8 and config["model"] == "conv" and config["channels"] == 1
-
-    loaded, loaded_config = vae.load_checkpoint(out / "checkpoint.pt")
-    assert loaded_config == config and not loaded.training
-    x = vae.to_float(vae.load_mnist(mnist_dir)["test_x"][:8])
-    with torch.no_grad():
-        mu, logvar = model.encode(x)
-        mu2, logvar2 = loaded.encode(x)
-        torch.testing.assert_close(mu2, mu)
-        torch.testing.assert_close(logvar2, logvar)
-        torch.testing.assert_close(loaded.decode(mu2), model.decode(mu))
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert state["epoch"] == 2 and set(state) >= {"model", "optimizer", "epoch", "config"}
-
-
-def test_main_trains_the_mlp_at_another_size(mnist_dir, tmp_path):
-    history = vae.main(["--data_dir", mnist_dir, "--epochs", "1", "--model", "mlp", "--image_size", "32",
-                        "--out_dir", str(tmp_path), "--device", "cpu", "--beta", "0.5"])
-    assert len(history) == 1 and history[0]["beta"] == 0.5
-    _, config = vae.load_checkpoint(tmp_path / "checkpoint.pt")
-    assert config["image_size"] == 32 and config["model"] == "mlp"
-
-
-def test_default_out_dir_follows_the_model():
-    assert vae.parse_args(["--model", "mlp"]).out_dir == os.path.join("outputs", "mlp")
-    assert vae.parse_args([]).out_dir == os.path.join("outputs", "conv")
-
-
-@pytest.mark.parametrize("flag, value, allowed", [
-    ("--epochs", "-1", "an integer >= 0"),
-    ("--epochs", "ten", "an integer >= 0"),
-    ("--nll_samples", "-5", "an integer >= 0"),
-    ("--kl_warmup", "-1", "an integer >= 0"),
-    ("--free_bits", "-0.1", "a number >= 0"),
-    ("--batch_size", "-1", "a positive integer"),
-    ("--lr", "0", "a positive number"),
-    ("--lr", "nan", "a positive number"),
-    ("--latent_dim", "0", "a positive integer"),
-    ("--beta", "-0.5", "a number >= 0"),
-    ("--image_size", "30", "one of 28, 32, 64, 128"),
-])
-def test_parser_rejects_bad_values_with_a_sentence(flag, value, allowed, capsys):
-    with pytest.raises(SystemExit) as e:
-        vae.parse_args([flag, value])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert f"argument {flag}: expected {allowed}" in err and "Traceback" not in err
-
-
-def test_help_lists_every_flag_with_its_default():
-    text = " ".join(vae.build_parser().format_help().split())  # argparse wraps lines anywhere
-    assert "default: the dataset's own (28 for the MNIST family, 32 for cifar10) and 64 for a folder" in text
-    assert "default ./mnist for mnist, ./data for the other torchvision datasets" in text
-    for flag, default in (("--epochs", "30"), ("--batch_size", "128"),
-                          ("--dataset", "mnist"), ("--latent_dim", "32"), ("--lr", "0.001"),
-                          ("--beta", "1.0"), ("--model", "conv"), ("--recon", "bce"), ("--seed", "0"),
-                          ("--device", "auto"), ("--out_dir", "outputs/{model}")):
-        assert flag in text
-        assert f"(default: {default})" in text, flag
-
-
-def run_python(code, cwd):
-    env = dict(os.environ, PYTHONPATH=HERE)
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=120)
-
-
-def test_missing_data_offline_exits_2_with_one_sentence(tmp_path):
-    # Point torchvision's mirrors at a closed local port: the download fails at once, as offline.
-    code = ("import torchvision, vae; "
-            "torchvision.datasets.MNIST.mirrors = ['http://127.0.0.1:9/']; "
-            f"vae.main(['--data_dir', {str(tmp_path / 'empty')!r}, '--out_dir', {str(tmp_path / 'out')!r}])")
-    result = run_python(code, tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr and result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1
-    sentence = lines[0]
-    assert os.path.join(str(tmp_path / "empty"), "MNIST", "raw") in sentence
-    assert "could not be downloaded" in sentence and "Connection refused" in sentence
-    for name in vae.MNIST_FILES:
-        assert name in sentence
-    assert not (tmp_path / "out").exists()  # nothing written for a run that never started
-
-
-def test_importing_vae_has_no_side_effects(tmp_path):
-    result = run_python("import sys, vae; assert 'matplotlib.pyplot' not in sys.modules", tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == "" and result.stderr == ""
-    assert os.listdir(tmp_path) == []
-
-
-# ----------------------------------------------------------------------------
-# Fast paths: the same numbers as the plain fp32 path
-
-
-def test_bf16_autocast_loss_is_close_to_fp32():
+def test_active_units_count_the_dimensions_that_vary_across_images():
     torch.manual_seed(0)
-    model = vae.ConvVAE(latent_dim=8).eval()
-    x = to_float_batch(fake_digits(16, seed=5)[0])
-    mu, logvar = model.encode(x)
-    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)  # one z for both precisions
-    ref = vae.vae_loss(model.decode_logits(z), x, mu, logvar)
-    with torch.autocast("cpu", torch.bfloat16):
-        mu16, logvar16 = model.encode(x)
-        logits16 = model.decode_logits(z)
-    assert logits16.dtype == torch.bfloat16
-    fast = vae.vae_loss(logits16, x, mu16, logvar16)
-    for a, b in zip(fast, ref):  # stated tolerance: 1% of each term
-        assert a.dtype == torch.float32
-        assert a.item() == pytest.approx(b.item(), rel=1e-2)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_step_leaves_the_model_untouched_and_trains_like_eager():
-    device = torch.device("cuda")
-    images = fake_digits(256, seed=6)[0][:, None].to(device)
-    losses = {}
-    for use_graph in (False, True):
-        torch.manual_seed(0)
-        model, _, optimizer = vae.setup_training("conv", 28, 1, 8, 1e-3, device)
-        start = {k: v.clone() for k, v in model.state_dict().items()}
-        graph = vae.CUDAGraphStep(model, optimizer, images, 64, amp=True) if use_graph else None
-        for k, v in model.state_dict().items():  # the capture's warm-up steps were undone
-            assert torch.equal(v, start[k]), k
-        history = [vae.train_epoch(model, optimizer, images, 64, 1.0, amp=True, graph=graph)["loss"]
-                   for _ in range(5)]
-        assert history[-1] < history[0]
-        losses[use_graph] = history[-1]
-    assert losses[True] == pytest.approx(losses[False], rel=0.05)  # only the draws of eps differ
-
-
-
-@pytest.mark.parametrize("argv, sentence", [
-    (["--epochs", "0"], "--epochs 0 trains nothing: it only goes with --checkpoint PATH"),
-    (["--checkpoint", "x.pt"], "--checkpoint evaluates a saved model without training it: add --epochs 0"),
-    (["--nll_samples", "10", "--recon", "mse"], "--nll_samples needs --recon bce"),
-])
-def test_parser_rejects_bad_combinations(argv, sentence, capsys):
-    with pytest.raises(SystemExit) as e:
-        vae.parse_args(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert sentence in err and "Traceback" not in err
-
-
-# ----------------------------------------------------------------------------
-# The log-likelihood: importance sampling (Burda et al. 2015)
+    model = vae.MLPVAE(latent_dim=6)
+    with torch.no_grad():
+        model.fc_mu.weight[2:] = 0  # mu_2..5 = bias for every image: inactive
+        model.fc_mu.weight[:2] *= 50  # mu_0, mu_1 vary strongly across images
+    stats = vae.evaluate(model, fake_digits(100, seed=11)[0][:, None], batch_size=32)
+    assert stats["active_units"] == 2
 
 
 def test_log_likelihood_with_one_sample_is_the_elbo_on_average():
@@ -506,17 +460,134 @@ def test_log_likelihood_converges_to_the_exact_value_on_a_linear_gaussian_model(
     assert (exact - elbo > 0.1).all()  # the ELBO is a visibly looser lower bound
 
 
-def test_evaluate_nll_reports_nats_and_bits_per_dim():
+def test_interpolate_runs_between_the_decoded_means():
     torch.manual_seed(0)
-    model = vae.MLPVAE(latent_dim=4)
-    images = vae.binarize_once(fake_digits(30, seed=9)[0][:, None])
-    nll, bpd = vae.evaluate_nll(model, images, k=5, batch_size=7)
-    assert nll > 0 and bpd == pytest.approx(nll / (784 * math.log(2)))
-    assert model.training  # restored
+    model = vae.ConvVAE(latent_dim=4).train()
+    model(torch.rand(8, 1, 28, 28))
+    x_a, x_b = torch.rand(1, 28, 28), torch.rand(1, 28, 28)
+    path = vae.interpolate(model, x_a, x_b, steps=7)
+    assert path.shape == (7, 1, 28, 28) and model.training
+    model.eval()
+    with torch.no_grad():
+        mu = model.encode(torch.stack([x_a, x_b]))[0]
+        ends, middle = model.decode(mu), model.decode(mu.mean(0, keepdim=True))
+    torch.testing.assert_close(path[0], ends[0])
+    torch.testing.assert_close(path[-1], ends[1])
+    torch.testing.assert_close(path[3], middle[0])  # the path is the straight line between the means
+
+
+def test_part_one_copied_alone_trains_samples_and_interpolates(tmp_path):
+    source = open(os.path.join(HERE, "vae.py")).read()
+    part1 = source[:source.index("\n# Part 2:")]
+    assert len(part1.splitlines()) <= 500
+    (tmp_path / "myvae.py").write_text(part1)
+    torch.save(fake_digits(256, seed=13)[0][:, None], tmp_path / "images.pt")
+    code = """
+import importlib.abc, importlib.machinery, json, sys
+class NotInstalled(importlib.abc.MetaPathFinder, importlib.abc.Loader):  # the tool's libraries are absent
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torchvision", "PIL", "matplotlib", "tqdm"):
+            return importlib.machinery.ModuleSpec(name, self)
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"No module named {spec.name!r}")
+sys.meta_path.insert(0, NotInstalled())
+import torch
+import myvae
+torch.manual_seed(0)
+images = torch.load("images.pt")
+model = myvae.ConvVAE(image_size=28, channels=1, latent_dim=8)
+optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+losses = [myvae.train_epoch(model, optimizer, images, batch_size=32, beta=myvae.beta_schedule(e, 1.0, 2))["loss"]
+          for e in range(1, 6)]
+test = myvae.evaluate(model, images[:64])
+nll = myvae.log_likelihood(model.eval(), myvae.to_float(images[:4]), k=10)
+path = myvae.interpolate(model, myvae.to_float(images[0]), myvae.to_float(images[1]), steps=5)
+print(json.dumps(dict(losses=losses, test=test["loss"], nll=nll.tolist(), samples=list(model.sample(3).shape),
+                      path=list(path.shape), loaded=sorted({"torchvision", "PIL", "matplotlib", "tqdm"} & set(sys.modules)))))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["losses"][-1] < 0.7 * out["losses"][0], out["losses"]
+    assert math.isfinite(out["test"]) and all(v < 0 for v in out["nll"])
+    assert out["samples"] == [3, 1, 28, 28] and out["path"] == [5, 1, 28, 28] and out["loaded"] == []
 
 
 # ----------------------------------------------------------------------------
-# Binarization, active units, posterior collapse
+# The tool (Part 2): helpers for runs from the command line
+
+
+def run_python(code, cwd):
+    env = dict(os.environ, PYTHONPATH=HERE)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def cli(args, cwd=None, timeout=300):
+    """Run `python vae.py ARGS` in a subprocess: (exit code, stdout, stderr)."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, "vae.py"), *map(str, args)], cwd=cwd,
+                       capture_output=True, text=True, timeout=timeout)
+    return r.returncode, r.stdout, r.stderr
+
+
+def quick_run(mnist_dir, out, *extra):
+    return [str(a) for a in ("--data_dir", mnist_dir, "--out_dir", out, "--model", "mlp", "--latent_dim", "4",
+                             "--width", "4", "--batch_size", "64", "--device", "cpu", *extra)]
+
+
+def metrics_without_timing(path):
+    with open(path) as f:
+        return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_sec")}
+                for row in csv.DictReader(f)]
+
+
+def torchrun(nproc, args, cwd):
+    """Run `torchrun --standalone --nproc_per_node=N vae.py ARGS`: (exit code, stdout, stderr)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # N processes on a small machine
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        os.path.join(HERE, "vae.py"), *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                       text=True, timeout=300)
+    return r.returncode, r.stdout, r.stderr
+
+
+def capture_figures(monkeypatch):
+    """Keep every matplotlib figure that vae.py draws, to read its titles and bars."""
+    figures, make = [], vae._figure
+    monkeypatch.setattr(vae, "_figure", lambda *size: figures.append(make(*size)) or figures[-1])
+    return figures
+
+
+def blow_up_after(monkeypatch, n):
+    """Make the n-th training step of this process an absurd one: afterwards every weight is 1e30,
+    as a far too large learning rate would leave them, so the next step's numbers are not finite."""
+    calls, real_step = [0], vae.train_step
+
+    def step(model, optimizer, *args, **kwargs):
+        stats = real_step(model, optimizer, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == n:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(1e30)
+        return stats
+    monkeypatch.setattr(vae, "train_step", step)
+
+
+# ----------------------------------------------------------------------------
+# The tool: datasets and image folders
+
+
+def test_load_mnist_reads_idx_files_and_resizes_once(mnist_dir):
+    data = vae.load_dataset("mnist", mnist_dir)
+    assert data["train_x"].shape == (320, 1, 28, 28) and data["train_x"].dtype == torch.uint8
+    assert data["test_x"].shape == (120, 1, 28, 28)
+    assert data["train_y"].tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert torch.equal(data["train_x"][:, 0], fake_digits(320, seed=0)[0])
+    big = vae.load_dataset("mnist", mnist_dir, image_size=32)
+    assert big["train_x"].shape == (320, 1, 32, 32) and big["train_x"].dtype == torch.uint8
+    # resizing keeps the brightness: mean intensity within 2%
+    assert big["train_x"].float().mean().item() == pytest.approx(data["train_x"].float().mean().item(), rel=0.02)
 
 
 def test_binarization():
@@ -532,232 +603,22 @@ def test_binarization():
     assert torch.equal(vae.get_batch(images, idx), vae.to_float(images))
 
 
-def test_active_units_count_the_dimensions_that_vary_across_images():
-    torch.manual_seed(0)
-    model = vae.MLPVAE(latent_dim=6)
-    with torch.no_grad():
-        model.fc_mu.weight[2:] = 0  # mu_2..5 = bias for every image: inactive
-        model.fc_mu.weight[:2] *= 50  # mu_0, mu_1 vary strongly across images
-    stats = vae.evaluate(model, fake_digits(100, seed=11)[0][:, None], batch_size=32)
-    assert stats["active_units"] == 2
-
-
-def test_collapse_warning():
-    assert vae.collapse_warning(kl=5.0, active_units=3) is None
-    for kl, au in ((0.05, 3), (5.0, 0)):
-        text = vae.collapse_warning(kl, au)
-        assert text.startswith("warning: posterior collapse") and "--kl_warmup" in text and "--free_bits" in text
-
-
-def test_kl_warmup_schedule():
-    assert [vae.beta_schedule(e, 0.5, kl_warmup=4) for e in range(1, 8)] == [0, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
-    assert [vae.beta_schedule(e, 2.0) for e in (1, 5)] == [2.0, 2.0]
-
-
-def test_free_bits_change_the_gradient_only_under_the_floor():
-    torch.manual_seed(0)
-    logits, x = torch.randn(16, 1, 4, 4), torch.rand(16, 1, 4, 4)
-    mu = torch.cat([torch.randn(16, 2) * 2, torch.randn(16, 2) * 0.05], dim=1)  # dims 2, 3 near the prior
-    logvar = torch.cat([torch.full((16, 2), -2.0), torch.full((16, 2), -0.01)], dim=1)
-    kl_dims = vae.kl_per_dimension(mu, logvar).mean(0)
-    floor = 0.5
-    assert (kl_dims[:2] > floor).all() and (kl_dims[2:] < floor).all()
-    grads = {}
-    for fb in (0.0, floor):
-        m, lv = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
-        loss, rec, kl = vae.vae_loss(logits, x, m, lv, free_bits=fb)
-        loss.backward()
-        grads[fb] = (m.grad, lv.grad, loss.item(), kl.item())
-    (gm0, glv0, loss0, kl0), (gm1, glv1, loss1, kl1) = grads[0.0], grads[floor]
-    torch.testing.assert_close(gm1[:, :2], gm0[:, :2])  # above the floor: unchanged
-    torch.testing.assert_close(glv1[:, :2], glv0[:, :2])
-    assert (gm1[:, 2:] == 0).all() and (glv1[:, 2:] == 0).all()  # under it: no pull to the prior
-    assert (gm0[:, 2:] != 0).any()
-    assert kl1 == kl0  # the reported KL is the true one
-    assert loss1 == pytest.approx(loss0 + 2 * floor - kl_dims[2:].sum().item(), rel=1e-5)
-
-
-# ----------------------------------------------------------------------------
-# Evaluation from a checkpoint, and the likelihood run end to end
-
-
-def test_checkpoint_mode_reproduces_the_run_without_touching_it(mnist_dir, tmp_path):
-    run = tmp_path / "run"
-    history = vae.main(["--data_dir", mnist_dir, "--epochs", "2", "--model", "mlp", "--latent_dim", "2",
-                        "--binarize", "--nll_samples", "20", "--out_dir", str(run), "--device", "cpu",
-                        "--kl_warmup", "1"])
-    assert [row["beta"] for row in history] == [0.0, 1.0]
-    ckpt = run / "checkpoint.pt"
-    before = ckpt.read_bytes()
-    trained = json.loads((run / "evaluation.json").read_text())
-    assert trained["test_nll"] < trained["test_loss"] + 1.0  # the K=20 bound is tighter than the ELBO
-    assert trained["test_nll_bits_per_dim"] == pytest.approx(trained["test_nll"] / (784 * math.log(2)))
-    assert len(trained["per_class"]) == 10
-
-    again = tmp_path / "again"
-    results = vae.main(["--checkpoint", str(ckpt), "--epochs", "0", "--data_dir", mnist_dir,
-                        "--out_dir", str(again), "--nll_samples", "20", "--device", "cpu"])
-    assert ckpt.read_bytes() == before
-    assert not (again / "checkpoint.pt").exists() and not (again / "metrics.csv").exists()
-    assert (again / "manifold.png").exists() and (again / "traversals.png").exists()  # latent_dim 2
-    assert results["epoch"] == 2
-    # the same binary test set and weights: the ELBO agrees within Monte Carlo error
-    assert results["test_loss"] == pytest.approx(trained["test_loss"], rel=0.01)
-    assert results["test_kl"] == pytest.approx(trained["test_kl"], rel=1e-4)  # closed form: no noise
-    assert results["test_nll"] == pytest.approx(trained["test_nll"], rel=0.01)
-
-
-def test_checkpoint_mode_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
-    bad = tmp_path / "bad.pt"
-    bad.write_text("not a checkpoint")
-    for path, sentence in ((bad, "is not a checkpoint written by vae.py"), (tmp_path / "none.pt", "there is no checkpoint at")):
-        with pytest.raises(SystemExit) as e:
-            vae.main(["--checkpoint", str(path), "--epochs", "0", "--out_dir", str(tmp_path / "o")])
-        assert e.value.code == 2
-        assert sentence in capsys.readouterr().err
-
-
-
-# ----------------------------------------------------------------------------
-# Never lose a run: resume, safe writes, signals, the numerical guard
-
-
-def cli(args, cwd=None, timeout=300):
-    """Run `python vae.py ARGS` in a subprocess: (exit code, stdout, stderr)."""
-    r = subprocess.run([sys.executable, os.path.join(HERE, "vae.py"), *map(str, args)], cwd=cwd,
-                       capture_output=True, text=True, timeout=timeout)
-    return r.returncode, r.stdout, r.stderr
-
-
-def quick_run(mnist_dir, out, *extra):
-    return [str(a) for a in ("--data_dir", mnist_dir, "--out_dir", out, "--model", "mlp", "--latent_dim", "4",
-                             "--width", "4", "--batch_size", "64", "--device", "cpu", *extra)]
-
-
-TIMING = ("seconds", "images_per_sec")
-
-
-def metrics_without_timing(path):
-    with open(path) as f:
-        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
-
-
-def test_resume_continues_bit_for_bit_and_seeded_runs_repeat(mnist_dir, tmp_path):
-    extra = ("--binarize", "--kl_warmup", "2")  # both use the random generators and the epoch
-    vae.main(quick_run(mnist_dir, tmp_path / "a", "--epochs", "3", *extra))
-    vae.main(quick_run(mnist_dir, tmp_path / "b", "--epochs", "3", *extra))
-    vae.main(quick_run(mnist_dir, tmp_path / "c", "--epochs", "1", *extra))
-    vae.main(quick_run(mnist_dir, tmp_path / "c", "--epochs", "3", "--resume"))
-    a = metrics_without_timing(tmp_path / "a" / "metrics.csv")
-    assert len(a) == 3 and [float(r["beta"]) for r in a] == [0.0, 0.5, 1.0]
-    assert metrics_without_timing(tmp_path / "b" / "metrics.csv") == a  # same seed, same numbers
-    assert metrics_without_timing(tmp_path / "c" / "metrics.csv") == a  # stopped after 1, resumed to 3
-    weights = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in "ac"]
-    for k in weights[0]:
-        assert torch.equal(weights[0][k], weights[1][k]), k
-
-
-def test_a_new_run_never_replaces_another_silently(mnist_dir, tmp_path, capsys):
-    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))
-    before = (tmp_path / "checkpoint.pt").read_bytes()
-    with pytest.raises(SystemExit) as e:
-        vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
-    assert (tmp_path / "checkpoint.pt").read_bytes() == before
-    for argv, sentence in ((["--resume", "--epochs", "1"], "has finished epoch 1 of 1"),
-                           (["--resume", "--out_dir", str(tmp_path / "none")], "found no checkpoint.pt")):
-        with pytest.raises(SystemExit):
-            vae.main(quick_run(mnist_dir, tmp_path) + argv)
-        assert sentence in capsys.readouterr().err
-    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1", "--overwrite", "--seed", "1"))
-    assert (tmp_path / "checkpoint.pt").read_bytes() != before
-
-
-def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(mnist_dir, tmp_path):
-    rng = random.Random(0)
-    ckpt = tmp_path / "checkpoint.pt"
-    for _ in range(4):
-        argv = quick_run(mnist_dir, tmp_path, "--epochs", "100000", *(["--resume"] if ckpt.exists() else []))
-        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vae.py"), *argv],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # start-up (longer on a loaded machine before the first checkpoint), then somewhere among the saves
-        time.sleep(rng.uniform(2.5, 4.5) + (0 if ckpt.exists() else 3))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if ckpt.exists():
-            model, config = vae.load_checkpoint(ckpt)  # whole, whenever the kill came
-    saved = torch.load(ckpt, weights_only=True)["epoch"]
-    (tmp_path / ".tmp-abcdcheckpoint.pt").write_bytes(b"half")  # as a kill during a save leaves it
-    assert saved >= 2  # the kills did interrupt a run that was making progress
-    rc, out, err = cli(quick_run(mnist_dir, tmp_path, "--epochs", saved + 2, "--resume"))
-    assert rc == 0, err
-    assert [int(r["epoch"]) for r in metrics_without_timing(tmp_path / "metrics.csv")] == list(range(1, saved + 3))
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]  # cleaned up by the next run
-
-
-@pytest.mark.parametrize("sig, code, name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
-def test_a_signal_stops_training_with_the_last_epoch_saved(mnist_dir, tmp_path, sig, code, name):
-    argv = quick_run(mnist_dir, tmp_path, "--epochs", "500")
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vae.py"), *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while not (tmp_path / "checkpoint.pt").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == code, err
-    assert f"stopped by {name}" in err and "--resume" in err and "Traceback" not in err
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
-    assert state["epoch"] >= 1 and len(state["history"]) == state["epoch"]
-
-
-def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(mnist_dir, tmp_path):
-    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))
-    before = (tmp_path / "checkpoint.pt").read_bytes()
-    rc, out, err = cli(quick_run(mnist_dir, tmp_path, "--epochs", "3", "--resume", "--lr", "1e30"))
-    assert rc == 3, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert "became non-finite at epoch 2, step " in err
-    assert "--lr" in err and "--grad_clip" in err and "checkpoint of epoch 1" in err
-    assert (tmp_path / "checkpoint.pt").read_bytes() == before
-
-
-def test_logvar_is_clamped_before_exp():
-    model = vae.MLPVAE(latent_dim=3)
-    with torch.no_grad():
-        model.fc_logvar.bias.fill_(1000.0)  # exp(1000) is inf in float32
-    x = torch.rand(2, 1, 28, 28)
-    mu, logvar = model.encode(x)
-    assert logvar.max().item() == vae.LOGVAR_RANGE[1]
-    logits, mu, logvar = model(x, return_logits=True)
-    loss = vae.vae_loss(logits, x, mu, logvar)[0]
-    assert torch.isfinite(loss)
-
-
-def test_grad_clip_bounds_the_update_and_reports_the_norm():
-    torch.manual_seed(0)
-    model = vae.MLPVAE(latent_dim=3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    x = torch.rand(8, 1, 28, 28)
-    stats = vae.train_step(model, optimizer, x, beta=1.0, grad_clip=1e-3)
-    clipped = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]) if hasattr(
-        torch.nn.utils, "get_total_norm") else torch.norm(torch.stack([p.grad.norm() for p in model.parameters()]))
-    assert stats[3].item() > 1e-3  # the norm before clipping
-    assert clipped.item() == pytest.approx(1e-3, rel=1e-3)
-
-
-def test_deterministic_flag_turns_on_deterministic_algorithms():
-    try:
-        vae.select_device("cpu", deterministic=True)
-        assert torch.are_deterministic_algorithms_enabled()
-    finally:
-        torch.use_deterministic_algorithms(False)
-
-
-# Every bad input: one sentence on stderr, a non-zero exit, no traceback, earlier results untouched.
+def test_missing_data_offline_exits_2_with_one_sentence(tmp_path):
+    # Point torchvision's mirrors at a closed local port: the download fails at once, as offline.
+    code = ("import torchvision, vae; "
+            "torchvision.datasets.MNIST.mirrors = ['http://127.0.0.1:9/']; "
+            f"vae.main(['--data_dir', {str(tmp_path / 'empty')!r}, '--out_dir', {str(tmp_path / 'out')!r}])")
+    result = run_python(code, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    sentence = lines[0]
+    assert os.path.join(str(tmp_path / "empty"), "MNIST", "raw") in sentence
+    assert "could not be downloaded" in sentence and "Connection refused" in sentence
+    for name in vae.dataset_files("mnist", str(tmp_path))[2]:
+        assert name in sentence
+    assert not (tmp_path / "out").exists()  # nothing written for a run that never started
 
 
 def damage_truncate(raw):
@@ -782,122 +643,45 @@ def test_a_damaged_idx_file_is_named_in_one_sentence(tmp_path, damage):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.fixture(scope="module")
-def good_checkpoint(mnist_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("good")
-    vae.main(quick_run(mnist_dir, out, "--epochs", "1"))
-    return out / "checkpoint.pt"
+@pytest.mark.parametrize("dataset", ["fashion-mnist", "kmnist", "cifar10"])
+def test_other_datasets_offline_name_their_files_and_folder(tmp_path, dataset):
+    # A closed local port as the proxy: every download fails at once, as offline.
+    env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "vae.py"), "--dataset", dataset, "--data_dir",
+                        str(tmp_path / "empty"), "--out_dir", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    _, folder, files = vae.dataset_files(dataset, str(tmp_path / "empty"))
+    assert f"is not in '{folder}' and could not be downloaded" in r.stderr
+    assert all(f in r.stderr for f in files) and not (tmp_path / "out").exists()
 
 
-def make_bad_checkpoint(kind, tmp_path, good):
-    path = tmp_path / "bad.pt"
-    if kind == "random bytes":
-        path.write_bytes(random.Random(0).randbytes(5000))
-    elif kind == "text":
-        path.write_text("this is a text file, not a checkpoint\n")
-    elif kind == "pickle with code":
-        torch.save({"model": {}, "config": {}, "epoch": 1, "payload": os.getcwd}, path)
-    elif kind == "tensors only":
-        torch.save({"weights": torch.zeros(3)}, path)
-    elif kind == "incompatible model":
-        state = torch.load(good, weights_only=True)
-        state["config"]["latent_dim"] = 7
-        torch.save(state, path)
-    elif kind == "truncated":
-        path.write_bytes(good.read_bytes()[:2000])
-    return path
+def test_fashion_mnist_reads_its_own_folder_and_class_names(tmp_path):
+    raw = write_small_mnist(tmp_path)
+    os.rename(raw.parent, tmp_path / "FashionMNIST")
+    data = vae.load_dataset("fashion-mnist", str(tmp_path), channels=3)
+    assert data["train_x"].shape == (64, 3, 28, 28) and data["classes"][0] == "T-shirt/top"
+    assert torch.equal(data["train_x"][:, 1], fake_digits(64, seed=0)[0])
 
 
-@pytest.mark.parametrize("kind, sentence", [
-    ("random bytes", "is not a checkpoint written by vae.py"),
-    ("text", "is not a checkpoint written by vae.py"),
-    ("truncated", "is not a checkpoint written by vae.py"),
-    ("pickle with code", "was refused: it holds Python objects beyond tensors and plain data"),
-    ("tensors only", "is a PyTorch file but not a checkpoint written by vae.py"),
-    ("incompatible model", "comes from an incompatible model"),
-])
-def test_a_bad_checkpoint_gets_one_sentence(tmp_path, good_checkpoint, mnist_dir, kind, sentence):
-    path = make_bad_checkpoint(kind, tmp_path, good_checkpoint)
-    rc, out, err = cli(["--checkpoint", path, "--epochs", "0", "--data_dir", mnist_dir, "--out_dir", tmp_path / "o"])
-    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert sentence in err
-    assert not (tmp_path / "o").exists()
-
-
-def test_an_out_dir_that_cannot_be_made_gets_one_sentence(tmp_path, mnist_dir):
-    (tmp_path / "file").write_text("a file where a folder should be")
-    rc, out, err = cli(quick_run(mnist_dir, tmp_path / "file" / "run", "--epochs", "1"))
-    assert rc == 2 and "Traceback" not in err
-    assert "cannot create --out_dir" in err and "choose another folder" in err
-
-
-def test_a_full_disk_gets_one_sentence_and_keeps_the_previous_files(tmp_path, mnist_dir):
-    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    code = ("import errno, os, sys, vae\n"
-            "def full(fd): raise OSError(errno.ENOSPC, 'No space left on device')\n"
-            "os.fsync = full\n"
-            f"vae.main({[str(a) for a in quick_run(mnist_dir, tmp_path, '--epochs', '2', '--resume')]!r})\n")
-    result = run_python(code, tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "No space left on device" in result.stderr and "previous version, if any, is intact" in result.stderr
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file left behind either
-
-
-def test_a_bad_flag_from_the_shell_gets_one_sentence(tmp_path):
-    rc, out, err = cli(["--image_size", "30"], cwd=tmp_path)
-    assert rc == 2 and "Traceback" not in err
-    assert "argument --image_size: expected one of 28, 32, 64, 128" in err
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_asking_for_a_missing_gpu_gets_one_sentence():
-    with pytest.raises(vae.UserError, match="--device cuda was asked for but is not available here"):
-        vae.select_device("cuda")
-
-
-def test_torch_compile_on_cpu_gives_the_same_loss_and_gradients():
-    # inductor draws its own random numbers unless told to use eager's; with the same eps
-    # the compiled step must match the plain fp32 one (stated tolerance: 1e-5 relative).
-    import torch._dynamo
-    import torch._inductor.config
-    torch.manual_seed(0)
-    model = vae.MLPVAE(latent_dim=4, hidden=(64, 32))
-    x = to_float_batch(fake_digits(16, seed=12)[0])
-    results = []
-    try:
-        with torch._inductor.config.patch(fallback_random=True):
-            for step_model in (torch.compile(model), model):
-                torch.manual_seed(1)
-                logits, mu, logvar = step_model(x, return_logits=True)
-                loss = vae.vae_loss(logits, x, mu, logvar)[0]
-                model.zero_grad()
-                loss.backward()
-                results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
-    finally:
-        torch._dynamo.reset()
-    (fast, fast_grads), (plain, plain_grads) = results
-    assert fast == pytest.approx(plain, rel=1e-5)
-    for a, b in zip(fast_grads, plain_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_resume_accepts_a_checkpoint_older_than_some_flags_and_a_moved_data_folder(mnist_dir, tmp_path):
-    vae.main(quick_run(mnist_dir, tmp_path / "run", "--epochs", "1"))
-    ckpt = tmp_path / "run" / "checkpoint.pt"
-    state = torch.load(ckpt, weights_only=True)
-    for key in ("kl_warmup", "free_bits", "binarize", "grad_clip", "nll_samples"):  # as an older vae.py wrote
-        del state["config"][key]
-    state["config"]["data_dir"] = str(tmp_path / "moved-away")
-    torch.save(state, ckpt)
-    history = vae.main(["--resume", "--out_dir", str(tmp_path / "run"), "--epochs", "2", "--data_dir", mnist_dir])
-    assert [row["epoch"] for row in history] == [1, 2]
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["data_dir"] == mnist_dir and config["free_bits"] == 0.0 and config["epochs"] == 2
-
-
-# ----------------------------------------------------------------------------
-# Beyond MNIST: other datasets, image folders, the conditional VAE, several processes
+def test_cifar10_layout_is_read_channels_first(tmp_path, monkeypatch):
+    # torchvision checks each CIFAR-10 file's md5, so files written here pass only with that check off.
+    monkeypatch.setattr(sys.modules["torchvision.datasets.cifar"], "check_integrity", lambda *args: True)
+    _, folder, files = vae.dataset_files("cifar10", str(tmp_path))
+    os.makedirs(folder)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)  # (N, C, H, W)
+    for name in files[:-1]:
+        batch = {"data": images.flatten(1).numpy(), "labels": [0, 1, 2, 3, 4, 5]}  # the file's (N, 3072) rows
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f)
+    with open(os.path.join(folder, files[-1]), "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    data = vae.load_dataset("cifar10", str(tmp_path))
+    assert data["train_x"].shape == (30, 3, 32, 32) and data["test_x"].shape == (6, 3, 32, 32)
+    assert torch.equal(data["test_x"], images) and data["classes"][3] == "class3"
+    gray = vae.load_dataset("cifar10", str(tmp_path), image_size=64, channels=1)
+    assert gray["test_x"].shape == (6, 1, 64, 64)
 
 
 def write_image_folder(root, classes=("circle", "square", "stripes"), per_class=12, seed=0, ext=".png"):
@@ -972,7 +756,8 @@ def test_a_folder_of_images_trains_one_epoch_end_to_end(tmp_path, layout, size, 
                         "--channels", str(channels), "--model", model, "--epochs", "1", "--batch_size", "16",
                         "--latent_dim", "4", "--width", "8", "--out_dir", str(out), "--device", "cpu"])
     assert len(history) == 1 and math.isfinite(history[0]["test_loss"])
-    model_, config = vae.load_checkpoint(out / "checkpoint.pt")
+    model_, state = vae.load_checkpoint(out / "checkpoint.pt")
+    config = state["config"]
     assert (config["dataset"], config["image_size"], config["channels"]) == ("folder", size, channels)
     assert model_.sample(2).shape == (2, channels, size, size)
     written = set(os.listdir(out))
@@ -1018,79 +803,6 @@ def test_a_bad_folder_gets_one_sentence(tmp_path, problem, sentence):
         vae.load_folder(str(data))
 
 
-@pytest.mark.parametrize("dataset", ["fashion-mnist", "kmnist", "cifar10"])
-def test_other_datasets_offline_name_their_files_and_folder(tmp_path, dataset):
-    # A closed local port as the proxy: every download fails at once, as offline.
-    env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "vae.py"), "--dataset", dataset, "--data_dir",
-                        str(tmp_path / "empty"), "--out_dir", str(tmp_path / "out")],
-                       capture_output=True, text=True, timeout=120, env=env)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    folder, files = vae.dataset_files(dataset, str(tmp_path / "empty"))
-    assert f"is not in '{folder}' and could not be downloaded" in r.stderr
-    assert all(f in r.stderr for f in files) and not (tmp_path / "out").exists()
-
-
-def test_fashion_mnist_reads_its_own_folder_and_class_names(tmp_path):
-    raw = write_small_mnist(tmp_path)
-    os.rename(raw.parent, tmp_path / "FashionMNIST")
-    data = vae.load_dataset("fashion-mnist", str(tmp_path), channels=3)
-    assert data["train_x"].shape == (64, 3, 28, 28) and data["classes"][0] == "T-shirt/top"
-    assert torch.equal(data["train_x"][:, 1], fake_digits(64, seed=0)[0])
-
-
-@pytest.mark.parametrize("cls", [vae.ConvVAE, vae.MLPVAE])
-def test_conditional_shapes_and_the_label_changes_the_image(cls):
-    torch.manual_seed(0)
-    model = cls(image_size=32, channels=3, latent_dim=6, num_classes=4).eval()
-    x, y = torch.rand(5, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0])
-    x_hat, mu, logvar = model(x, y)
-    assert x_hat.shape == x.shape and mu.shape == logvar.shape == (5, 6)
-    assert model.fc_mu.in_features == model.fc_logvar.in_features == model.encoder(x).shape[1] + 4
-    assert model.sample(4, torch.arange(4)).shape == (4, 3, 32, 32)
-    with pytest.raises(ValueError, match="needs the class labels y"):
-        model.encode(x)
-    z = torch.randn(1, 6).repeat(4, 1)
-    images = model.decode(z, torch.arange(4))  # one z, four labels
-    assert all((images[i] - images[0]).abs().mean() > 1e-3 for i in range(1, 4))
-    one_hot = F.one_hot(torch.arange(4), 4).float()  # float labels are used as given
-    torch.testing.assert_close(model.decode(z, one_hot), images)
-    mu_a = model.encode(x, y)[0]
-    assert (model.encode(x, (y + 1) % 4)[0] - mu_a).abs().max() > 1e-4  # the encoder sees y too
-
-
-def test_conditional_decoder_learns_what_the_label_means():
-    # Class 0 is dark and class 1 bright; the images carry nothing else. After training,
-    # decoding the same z from the prior must give dark images for y = 0, bright for y = 1.
-    torch.manual_seed(0)
-    model = vae.MLPVAE(image_size=8, channels=1, latent_dim=2, hidden=(32, 16), num_classes=2)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        y = torch.randint(0, 2, (64,))
-        x = (0.1 + 0.8 * y.float()).view(-1, 1, 1, 1) + 0.05 * torch.rand(64, 1, 8, 8)
-        logits, mu, logvar = model(x, y, return_logits=True)
-        loss = vae.vae_loss(logits, x, mu, logvar)[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    z = torch.randn(16, 2)
-    with torch.no_grad():
-        dark, bright = model.decode(z, torch.zeros(16, dtype=torch.long)), model.decode(z, torch.ones(16, dtype=torch.long))
-    assert dark.mean() < 0.25 and bright.mean() > 0.75
-
-
-def test_conditional_run_writes_a_grid_per_class_and_its_checkpoint_evaluates(mnist_dir, tmp_path):
-    out = tmp_path / "cvae"
-    vae.main(quick_run(mnist_dir, out, "--epochs", "1", "--conditional", "--nll_samples", "4"))
-    written = set(os.listdir(out))
-    assert "samples_per_class.png" in written and "samples.png" not in written
-    model, config = vae.load_checkpoint(out / "checkpoint.pt")
-    assert model.num_classes == 10 and config["num_classes"] == 10 and len(config["classes"]) == 10
-    results = vae.main(["--checkpoint", str(out / "checkpoint.pt"), "--epochs", "0",  # data: the run's own
-                        "--out_dir", str(tmp_path / "eval"), "--nll_samples", "4"])
-    assert math.isfinite(results["test_nll"]) and (tmp_path / "eval" / "samples_per_class.png").exists()
-
-
 def test_conditional_needs_labels(tmp_path, capsys):
     data = write_image_folder(tmp_path / "flat", classes=None, per_class=4)
     with pytest.raises(SystemExit) as e:
@@ -1098,13 +810,250 @@ def test_conditional_needs_labels(tmp_path, capsys):
     assert e.value.code == 2 and "--conditional needs class labels" in capsys.readouterr().err
 
 
-def torchrun(nproc, args, cwd):
-    """Run `torchrun --standalone --nproc_per_node=N vae.py ARGS`: (exit code, stdout, stderr)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # N processes on a small machine
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        os.path.join(HERE, "vae.py"), *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                       text=True, timeout=300)
-    return r.returncode, r.stdout, r.stderr
+def test_data_dir_defaults_follow_the_dataset(capsys):
+    assert vae.parse_args([]).data_dir == "./mnist"
+    assert vae.parse_args(["--dataset", "kmnist"]).data_dir == "./data"
+    assert vae.parse_args(["--dataset", "cifar10", "--data_dir", "x"]).data_dir == "x"
+    with pytest.raises(SystemExit) as e:
+        vae.parse_args(["--dataset", "folder"])
+    assert e.value.code == 2 and "--dataset folder needs --data_dir" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# The tool: the command line
+
+
+def test_default_out_dir_follows_the_model():
+    assert vae.parse_args(["--model", "mlp"]).out_dir == os.path.join("runs", "mlp")
+    assert vae.parse_args([]).out_dir == os.path.join("runs", "conv")
+
+
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--epochs", "-1", "expected an integer from 0 to 100000"),
+    ("--epochs", "ten", "expected an integer from 0 to 100000"),
+    ("--nll_samples", "-5", "expected an integer from 0 to 100000"),
+    ("--kl_warmup", "-1", "expected an integer from 0 to 100000"),
+    ("--free_bits", "-0.1", "expected a number from 0 to 100"),
+    ("--batch_size", "-1", "expected an integer from 1 to 65536"),
+    ("--lr", "0", "expected a number from 1e-08 to 10"),
+    ("--lr", "nan", "expected a number from 1e-08 to 10"),
+    ("--latent_dim", "0", "expected an integer from 1 to 4096"),
+    ("--beta", "-0.5", "expected a number from 0 to 10000"),
+    ("--image_size", "30", "invalid choice: 30 (choose from 28, 32, 64, 128)"),
+])
+def test_parser_rejects_bad_values_with_a_sentence(flag, value, allowed, capsys):
+    with pytest.raises(SystemExit) as e:
+        vae.parse_args([flag, value])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: {allowed}" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, sentence", [
+    (["--epochs", "0"], "--epochs 0 trains nothing; to evaluate a saved model, give --checkpoint PATH"),
+    (["--nll_samples", "10", "--recon", "mse"], "--nll_samples needs --recon bce"),
+    (["--resume", "--overwrite"], "--resume continues the run in --out_dir: it goes with neither --overwrite"),
+    (["--epoch", "40"], "unrecognized arguments: --epoch 40"),  # no abbreviations
+])
+def test_parser_rejects_bad_combinations(argv, sentence, capsys):
+    with pytest.raises(SystemExit) as e:
+        vae.parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert sentence in err and "Traceback" not in err
+
+
+def test_a_bad_flag_from_the_shell_gets_one_sentence(tmp_path):
+    rc, out, err = cli(["--image_size", "30"], cwd=tmp_path)
+    assert rc == 2 and "Traceback" not in err
+    assert "argument --image_size: invalid choice: 30 (choose from 28, 32, 64, 128)" in err
+
+
+def test_help_lists_every_flag_with_its_default():
+    text = " ".join(vae.build_parser().format_help().split())  # argparse wraps lines anywhere
+    assert "default: the dataset's own (28 for the MNIST family, 32 for cifar10) and 64 for a folder" in text
+    assert "default ./mnist for mnist, ./data for the other torchvision datasets" in text
+    for flag, default in (("--epochs", "30"), ("--batch_size", "128"),
+                          ("--dataset", "mnist"), ("--latent_dim", "32"), ("--lr", "0.001"),
+                          ("--beta", "1.0"), ("--model", "conv"), ("--recon", "bce"), ("--seed", "0"),
+                          ("--device", "auto")):
+        assert flag in text
+        assert f"(default: {default})" in text, flag
+    assert "default runs/<model>, and eval/ beside a --checkpoint" in text
+
+
+def test_importing_vae_has_no_side_effects(tmp_path):
+    # nor loads what only the tool needs, which would double the time `import vae` takes (torch loads tqdm)
+    result = run_python("import sys, vae; assert not {'torchvision', 'matplotlib', 'PIL'} & set(sys.modules)", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and result.stderr == ""
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_a_missing_gpu_gets_one_sentence():
+    with pytest.raises(vae.UserError, match="--device cuda was asked for but is not available here"):
+        vae.select_device("cuda")
+
+
+def test_deterministic_flag_turns_on_deterministic_algorithms():
+    try:
+        vae.select_device("cpu", deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+# ----------------------------------------------------------------------------
+# The tool: runs end to end, their folders and figures
+
+
+def test_one_run_end_to_end(mnist_dir, tmp_path):
+    out = tmp_path / "run"
+    args = vae.parse_args(["--data_dir", mnist_dir, "--epochs", "2", "--batch_size", "64",
+                           "--latent_dim", "8", "--out_dir", str(out), "--device", "cpu"])
+    model, history = vae.train(args)
+    written = sorted(os.listdir(out))
+    assert written == ["best_worst.png", "checkpoint.pt", "class_means.png", "config.json", "evaluation.json",
+                       "interpolation.png", "latent_distribution.png", "latent_pca.png", "loss_curves.png",
+                       "metrics.csv", "per_class.csv", "recon_error_hist.png", "reconstructions_epoch001.png",
+                       "reconstructions_epoch002.png", "samples.png", "traversals.png"]
+
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for key in ("train_loss", "train_recon", "train_kl", "test_loss", "test_recon", "test_kl",
+                "test_mu_mean", "test_logvar_mean", "test_active_units", "seconds", "images_per_sec", "beta"):
+        assert all(math.isfinite(float(r[key])) for r in rows), key
+    for r in rows:
+        assert float(r["test_loss"]) == pytest.approx(float(r["test_recon"]) + float(r["test_kl"]), rel=1e-5)
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert history[-1]["test_loss"] == pytest.approx(float(rows[-1]["test_loss"]))
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["latent_dim"] == 8 and config["model"] == "conv" and config["channels"] == 1
+
+    loaded, state = vae.load_checkpoint(out / "checkpoint.pt")
+    assert state["config"] == config and not loaded.training
+    x = vae.to_float(vae.load_dataset("mnist", mnist_dir)["test_x"][:8])
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        mu2, logvar2 = loaded.encode(x)
+        torch.testing.assert_close(mu2, mu)
+        torch.testing.assert_close(logvar2, logvar)
+        torch.testing.assert_close(loaded.decode(mu2), model.decode(mu))
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and set(state) >= {"model", "optimizer", "epoch", "config"}
+
+
+def test_main_trains_the_mlp_at_another_size(mnist_dir, tmp_path):
+    history = vae.main(["--data_dir", mnist_dir, "--epochs", "1", "--model", "mlp", "--image_size", "32",
+                        "--out_dir", str(tmp_path), "--device", "cpu", "--beta", "0.5"])
+    assert len(history) == 1 and history[0]["beta"] == 0.5
+    model, state = vae.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["config"]["image_size"] == 32 and state["config"]["model"] == "mlp"
+    assert isinstance(model, vae.MLPVAE) and model.image_size == 32
+
+
+def test_the_users_command_in_a_clone_leaves_git_status_empty(tmp_path):
+    if not os.path.isdir(os.path.join(HERE, ".git")):
+        pytest.skip("needs the git repository of vae.py")
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path / "clone", capture_output=True, text=True,  # noqa
+                                    check=True).stdout
+    (tmp_path / "clone").mkdir()
+    tracked = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True, check=True).stdout
+    for name in tracked.splitlines():  # the working tree's tracked files, as a clone of them would hold
+        if os.path.exists(os.path.join(HERE, name)):
+            os.makedirs(os.path.dirname(tmp_path / "clone" / name), exist_ok=True)
+            shutil.copy(os.path.join(HERE, name), tmp_path / "clone" / name)
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone")
+    write_small_mnist(tmp_path / "clone" / "mnist", n_train=64, n_test=32)
+    rc, out, err = cli(["--data_dir", "./mnist", "--epochs", "30", "--beta", "0.5"], cwd=tmp_path / "clone")
+    assert rc == 0, err
+    assert (tmp_path / "clone" / "runs" / "conv" / "reconstructions_epoch030.png").exists()
+    assert git("status", "--porcelain") == ""
+
+
+def test_a_run_refuses_a_folder_with_another_runs_files_and_overwrite_clears_them(mnist_dir, tmp_path, capsys):
+    (tmp_path / "samples.png").write_bytes(b"a figure of an evaluation")
+    with pytest.raises(SystemExit) as e:
+        vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))
+    assert e.value.code == 2 and "already holds the files of another run (samples.png)" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "2", "--latent_dim", "2", "--overwrite"))
+    assert (tmp_path / "manifold.png").exists() and (tmp_path / "reconstructions_epoch002.png").exists()
+    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1", "--overwrite"))
+    left = set(os.listdir(tmp_path))
+    assert "manifold.png" not in left and "reconstructions_epoch002.png" not in left  # the earlier run's
+    assert "notes.txt" in left and "reconstructions_epoch001.png" in left
+
+
+def test_collapse_warning():
+    assert vae.collapse_warning(kl=5.0, active_units=3) is None
+    for kl, au in ((0.05, 3), (5.0, 0)):
+        text = vae.collapse_warning(kl, au)
+        assert text.startswith("warning: posterior collapse") and "--kl_warmup" in text and "--free_bits" in text
+
+
+def test_the_loss_curves_title_names_the_beta_of_every_epoch(tmp_path, monkeypatch):
+    figures = capture_figures(monkeypatch)
+    rows = [dict(epoch=e, beta=b, **{f"{s}_{k}": 1.0 for s in ("train", "test") for k in ("loss", "recon", "kl")})
+            for e, b in ((1, 0.0), (2, 0.25), (3, 0.5), (4, 0.5))]
+    vae.plot_losses(rows, tmp_path / "warmup.png")
+    vae.plot_losses(rows[2:], tmp_path / "constant.png")
+    assert figures[0].axes[0].get_title() == "loss = recon + beta (from 0 to 0.5) * KL"
+    assert figures[1].axes[0].get_title() == "loss = recon + 0.5 * KL"
+
+
+def test_latent_distribution_counts_and_colours_the_same_active_units(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = vae.MLPVAE(latent_dim=6)
+    with torch.no_grad():
+        model.fc_mu.weight[2:] = 0  # mu_2..5 = the bias for every image: no variance across images...
+        model.fc_mu.bias[2:] = 2.0  # ...yet far from the prior, so their KL is large
+        model.fc_mu.weight[:2] *= 50
+    images = fake_digits(100, seed=11)[0][:, None]
+    stats = vae.evaluate(model, images)
+    assert stats["active_units"] == 2 and min(stats["kl_per_dim"][2:]) > 1.0  # the KL alone would say 6
+    enc = vae.encode_split(model, images)
+    figures = capture_figures(monkeypatch)
+    vae.save_latent_distribution(enc["mu"], enc["logvar"], stats, tmp_path / "latent.png")
+    ax_kl = figures[0].axes[2]
+    blue = [bar for bar in ax_kl.patches if bar.get_facecolor()[:3] == (0.12156862745098039, 0.4666666666666667,
+                                                                        0.7058823529411765)]  # C0
+    assert len(blue) == 2 and "2 of 6 units active" in ax_kl.get_title()
+
+
+def test_conditional_run_writes_a_grid_per_class_and_its_checkpoint_evaluates(mnist_dir, tmp_path):
+    out = tmp_path / "cvae"
+    vae.main(quick_run(mnist_dir, out, "--epochs", "1", "--conditional", "--nll_samples", "4"))
+    written = set(os.listdir(out))
+    assert "samples_per_class.png" in written and "samples.png" not in written
+    model, state = vae.load_checkpoint(out / "checkpoint.pt")
+    assert model.num_classes == 10 and state["config"]["num_classes"] == 10 and len(state["config"]["classes"]) == 10
+    results = vae.main(["--checkpoint", str(out / "checkpoint.pt"),  # data: the run's own
+                        "--out_dir", str(tmp_path / "eval"), "--nll_samples", "4"])
+    assert math.isfinite(results["test_nll"]) and (tmp_path / "eval" / "samples_per_class.png").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_step_leaves_the_model_untouched_and_trains_like_eager():
+    device = torch.device("cuda")
+    images = fake_digits(250, seed=6)[0][:, None].to(device)  # 3 full batches of 64 and one of 58
+    losses = {}
+    for use_graph in (False, True):
+        torch.manual_seed(0)
+        model, _, optimizer = vae.setup_training(vae.ConvVAE(latent_dim=8), 1e-3, device)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        step = vae.CUDAGraphStep(model, optimizer, vae.to_float(images[:64])) if use_graph else vae.train_step
+        for k, v in model.state_dict().items():  # the capture's warm-up steps were undone
+            assert torch.equal(v, start[k]), k
+        history = [vae.train_epoch(model, optimizer, images, 64, 1.0, step=step)["loss"] for _ in range(5)]
+        assert history[-1] < history[0]
+        losses[use_graph] = history[-1]
+    assert losses[True] == pytest.approx(losses[False], rel=0.05)  # only the draws of eps differ
 
 
 def test_two_processes_train_together_and_write_one_set_of_outputs(mnist_dir, tmp_path):
@@ -1119,8 +1068,8 @@ def test_two_processes_train_together_and_write_one_set_of_outputs(mnist_dir, tm
     losses = [float(r["train_loss"]) for r in rows]
     assert losses[2] < losses[1] < losses[0]
     assert not [f for f in os.listdir(tmp_path / "run") if f.startswith(".tmp-")]
-    model, config = vae.load_checkpoint(tmp_path / "run" / "checkpoint.pt")  # the single-process format
-    assert config["epochs"] == 3 and model.latent_dim == 4
+    model, state = vae.load_checkpoint(tmp_path / "run" / "checkpoint.pt")  # the single-process format
+    assert state["config"]["epochs"] == 3 and model.latent_dim == 4
 
 
 def test_one_process_under_torchrun_is_the_plain_run(mnist_dir, tmp_path):
@@ -1141,30 +1090,263 @@ def test_torchrun_needs_a_batch_that_the_processes_can_share(mnist_dir, tmp_path
     assert not (tmp_path / "run").exists()
 
 
-def test_cifar10_layout_is_read_channels_first(tmp_path, monkeypatch):
-    # torchvision checks each CIFAR-10 file's md5, so files written here pass only with that check off.
-    monkeypatch.setattr(sys.modules["torchvision.datasets.cifar"], "check_integrity", lambda *args: True)
-    folder, files = vae.dataset_files("cifar10", str(tmp_path))
-    os.makedirs(folder)
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)  # (N, C, H, W)
-    for name in files[:-1]:
-        batch = {"data": images.flatten(1).numpy(), "labels": [0, 1, 2, 3, 4, 5]}  # the file's (N, 3072) rows
-        with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump(batch, f)
-    with open(os.path.join(folder, files[-1]), "wb") as f:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
-    data = vae.load_dataset("cifar10", str(tmp_path))
-    assert data["train_x"].shape == (30, 3, 32, 32) and data["test_x"].shape == (6, 3, 32, 32)
-    assert torch.equal(data["test_x"], images) and data["classes"][3] == "class3"
-    gray = vae.load_dataset("cifar10", str(tmp_path), image_size=64, channels=1)
-    assert gray["test_x"].shape == (6, 1, 64, 64)
+# ----------------------------------------------------------------------------
+# The tool: checkpoints, and evaluating a saved model
 
 
-def test_data_dir_defaults_follow_the_dataset(capsys):
-    assert vae.parse_args([]).data_dir == "./mnist"
-    assert vae.parse_args(["--dataset", "kmnist"]).data_dir == "./data"
-    assert vae.parse_args(["--dataset", "cifar10", "--data_dir", "x"]).data_dir == "x"
+def test_evaluate_nll_reports_nats_and_bits_per_dim():
+    torch.manual_seed(0)
+    model = vae.MLPVAE(latent_dim=4)
+    images = vae.binarize_once(fake_digits(30, seed=9)[0][:, None])
+    nll, bpd = vae.evaluate_nll(model, images, k=5, batch_size=7)
+    assert nll > 0 and bpd == pytest.approx(nll / (784 * math.log(2)))
+    assert model.training  # restored
+
+
+@pytest.mark.parametrize("model", [vae.MLPVAE(hidden=(300,), latent_dim=5), vae.ConvVAE(base_channels=8, latent_dim=3),
+                                   vae.MLPVAE(image_size=8, channels=3, hidden=(16, 8, 4), num_classes=4)])
+def test_a_checkpoint_describes_its_model(tmp_path, model):
+    optimizer = torch.optim.Adam(model.parameters())
+    vae.save_checkpoint(tmp_path / "model.pt", model, optimizer, note="any plain value")
+    loaded, state = vae.load_checkpoint(tmp_path / "model.pt")
+    assert type(loaded) is type(model) and loaded.model_args == model.model_args and not loaded.training
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert state["note"] == "any plain value" and "optimizer" in state
+    vae.save_checkpoint(tmp_path / "weights.pt", model)  # the optimizer is optional
+    assert "optimizer" not in vae.load_checkpoint(tmp_path / "weights.pt")[1]
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(mnist_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("good")
+    vae.main(quick_run(mnist_dir, out, "--epochs", "1"))
+    return out / "checkpoint.pt"
+
+
+def test_a_checkpoint_from_before_self_description_still_loads(good_checkpoint, tmp_path):
+    state = torch.load(good_checkpoint, weights_only=True)
+    del state["model_class"], state["model_args"]  # as vae.py wrote them before: a run's config only
+    torch.save(state, tmp_path / "old.pt")
+    model, _ = vae.load_checkpoint(tmp_path / "old.pt")
+    assert isinstance(model, vae.MLPVAE) and model.model_args["hidden"] == [64, 32] and model.latent_dim == 4
+
+
+def test_checkpoint_mode_reproduces_the_run_without_touching_it(mnist_dir, tmp_path):
+    run = tmp_path / "run"
+    history = vae.main(["--data_dir", mnist_dir, "--epochs", "2", "--model", "mlp", "--latent_dim", "2",
+                        "--binarize", "--nll_samples", "20", "--out_dir", str(run), "--device", "cpu",
+                        "--kl_warmup", "1"])
+    assert [row["beta"] for row in history] == [0.0, 1.0]
+    ckpt = run / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    trained = json.loads((run / "evaluation.json").read_text())
+    assert trained["test_nll"] < trained["test_loss"] + 1.0  # the K=20 bound is tighter than the ELBO
+    assert trained["test_nll_bits_per_dim"] == pytest.approx(trained["test_nll"] / (784 * math.log(2)))
+    assert len(trained["per_class"]) == 10
+
+    again = tmp_path / "again"
+    results = vae.main(["--checkpoint", str(ckpt), "--data_dir", mnist_dir,
+                        "--out_dir", str(again), "--nll_samples", "20", "--device", "cpu"])
+    assert ckpt.read_bytes() == before
+    assert not (again / "checkpoint.pt").exists() and not (again / "metrics.csv").exists()
+    assert (again / "manifold.png").exists() and (again / "traversals.png").exists()  # latent_dim 2
+    assert results["epoch"] == 2
+    # the same binary test set and weights: the ELBO agrees within Monte Carlo error
+    assert results["test_loss"] == pytest.approx(trained["test_loss"], rel=0.01)
+    assert results["test_kl"] == pytest.approx(trained["test_kl"], rel=1e-4)  # closed form: no noise
+    assert results["test_nll"] == pytest.approx(trained["test_nll"], rel=0.01)
+
+
+def test_checkpoint_mode_writes_beside_the_checkpoint_and_names_what_it_ignores(mnist_dir, tmp_path, capsys):
+    vae.main(quick_run(mnist_dir, tmp_path / "run", "--epochs", "1"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    capsys.readouterr()
+    results = vae.main(["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--epochs", "5", "--lr", "0.1",
+                        "--interpolate", "42", "43"])  # no --epochs 0 needed; the data: the run's own
+    out = capsys.readouterr().out
+    assert "so it ignores --epochs, --lr" in out
+    assert "no test image of class 42 or 43" in out  # --interpolate is honoured
+    assert results["epoch"] == 1 and (tmp_path / "run" / "eval" / "evaluation.json").exists()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+    with pytest.raises(SystemExit):  # its own folder now holds an evaluation
+        vae.main(["--checkpoint", str(tmp_path / "run" / "checkpoint.pt")])
+    assert "already holds the files of another run" in capsys.readouterr().err
+
+
+def test_a_model_saved_from_python_evaluates_from_the_command_line(mnist_dir, tmp_path):
+    torch.manual_seed(0)
+    vae.save_checkpoint(tmp_path / "mine.pt", vae.MLPVAE(latent_dim=2, hidden=(32,)))
+    results = vae.main(["--checkpoint", str(tmp_path / "mine.pt"), "--data_dir", mnist_dir, "--nll_samples", "3"])
+    assert math.isfinite(results["test_nll"]) and results["epoch"] is None
+    assert (tmp_path / "eval" / "manifold.png").exists()
+
+
+def test_checkpoint_mode_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint")
+    for path, sentence in ((bad, "is not a checkpoint written by vae.py"), (tmp_path / "none.pt", "there is no checkpoint at")):
+        with pytest.raises(SystemExit) as e:
+            vae.main(["--checkpoint", str(path), "--out_dir", str(tmp_path / "o")])
+        assert e.value.code == 2
+        assert sentence in capsys.readouterr().err
+
+
+def make_bad_checkpoint(kind, tmp_path, good):
+    path = tmp_path / "bad.pt"
+    if kind == "random bytes":
+        path.write_bytes(random.Random(0).randbytes(5000))
+    elif kind == "text":
+        path.write_text("this is a text file, not a checkpoint\n")
+    elif kind == "pickle with code":
+        torch.save({"model": {}, "config": {}, "epoch": 1, "payload": os.getcwd}, path)
+    elif kind == "tensors only":
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif kind == "incompatible model":
+        state = torch.load(good, weights_only=True)
+        state["model_args"]["latent_dim"] = 7
+        torch.save(state, path)
+    elif kind == "truncated":
+        path.write_bytes(good.read_bytes()[:2000])
+    return path
+
+
+@pytest.mark.parametrize("kind, sentence", [
+    ("random bytes", "is not a checkpoint written by vae.py"),
+    ("text", "is not a checkpoint written by vae.py"),
+    ("truncated", "is not a checkpoint written by vae.py"),
+    ("pickle with code", "was refused: it holds Python objects beyond tensors and plain data"),
+    ("tensors only", "is a PyTorch file but not a checkpoint written by vae.py"),
+    ("incompatible model", "comes from an incompatible model"),
+])
+def test_a_bad_checkpoint_gets_one_sentence(tmp_path, good_checkpoint, mnist_dir, kind, sentence):
+    path = make_bad_checkpoint(kind, tmp_path, good_checkpoint)
+    rc, out, err = cli(["--checkpoint", path, "--data_dir", mnist_dir, "--out_dir", tmp_path / "o"])
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert sentence in err
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------
+# The tool: never lose a run (resume, safe writes, signals, divergence)
+
+
+def test_resume_continues_bit_for_bit_and_seeded_runs_repeat(mnist_dir, tmp_path):
+    extra = ("--binarize", "--kl_warmup", "2")  # both use the random generators and the epoch
+    vae.main(quick_run(mnist_dir, tmp_path / "a", "--epochs", "3", *extra))
+    vae.main(quick_run(mnist_dir, tmp_path / "b", "--epochs", "3", *extra))
+    vae.main(quick_run(mnist_dir, tmp_path / "c", "--epochs", "1", *extra))
+    vae.main(quick_run(mnist_dir, tmp_path / "c", "--epochs", "3", "--resume"))
+    a = metrics_without_timing(tmp_path / "a" / "metrics.csv")
+    assert len(a) == 3 and [float(r["beta"]) for r in a] == [0.0, 0.5, 1.0]
+    assert metrics_without_timing(tmp_path / "b" / "metrics.csv") == a  # same seed, same numbers
+    assert metrics_without_timing(tmp_path / "c" / "metrics.csv") == a  # stopped after 1, resumed to 3
+    weights = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in "ac"]
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k
+
+
+def test_resume_accepts_a_checkpoint_older_than_some_flags_and_a_moved_data_folder(mnist_dir, tmp_path):
+    vae.main(quick_run(mnist_dir, tmp_path / "run", "--epochs", "1"))
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    for key in ("kl_warmup", "free_bits", "binarize", "grad_clip", "nll_samples"):  # as an older vae.py wrote
+        del state["config"][key]
+    state["config"]["data_dir"] = str(tmp_path / "moved-away")
+    torch.save(state, ckpt)
+    history = vae.main(["--resume", "--out_dir", str(tmp_path / "run"), "--epochs", "2", "--data_dir", mnist_dir])
+    assert [row["epoch"] for row in history] == [1, 2]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["data_dir"] == mnist_dir and config["free_bits"] == 0.0 and config["epochs"] == 2
+
+
+def test_a_new_run_never_replaces_another_silently(mnist_dir, tmp_path, capsys):
+    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
     with pytest.raises(SystemExit) as e:
-        vae.parse_args(["--dataset", "folder"])
-    assert e.value.code == 2 and "--dataset folder needs --data_dir" in capsys.readouterr().err
+        vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "already holds the files of another run" in err and "--resume" in err and "--overwrite" in err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    for argv, sentence in ((["--resume", "--epochs", "1"], "has finished epoch 1 of 1"),
+                           (["--resume", "--out_dir", str(tmp_path / "none")], "found no checkpoint.pt")):
+        with pytest.raises(SystemExit):
+            vae.main(quick_run(mnist_dir, tmp_path) + argv)
+        assert sentence in capsys.readouterr().err
+    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1", "--overwrite", "--seed", "1"))
+    assert (tmp_path / "checkpoint.pt").read_bytes() != before
+
+
+def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(mnist_dir, tmp_path):
+    rng = random.Random(0)
+    ckpt = tmp_path / "checkpoint.pt"
+    for _ in range(4):
+        argv = quick_run(mnist_dir, tmp_path, "--epochs", "100000", *(["--resume"] if ckpt.exists() else []))
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vae.py"), *argv],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # wait for the first checkpoint (a generous deadline, for a loaded machine), then kill it
+        # somewhere among the saves that follow
+        deadline = time.time() + 120
+        while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.5, 2.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        vae.load_checkpoint(ckpt)  # whole, whenever the kill came
+    saved = torch.load(ckpt, weights_only=True)["epoch"]
+    (tmp_path / ".tmp-abcdcheckpoint.pt").write_bytes(b"half")  # as a kill during a save leaves it
+    assert saved >= 2  # the kills did interrupt a run that was making progress
+    rc, out, err = cli(quick_run(mnist_dir, tmp_path, "--epochs", saved + 2, "--resume"))
+    assert rc == 0, err
+    assert [int(r["epoch"]) for r in metrics_without_timing(tmp_path / "metrics.csv")] == list(range(1, saved + 3))
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]  # cleaned up by the next run
+
+
+@pytest.mark.parametrize("sig, code, name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_a_signal_stops_training_with_the_last_epoch_saved(mnist_dir, tmp_path, sig, code, name):
+    argv = quick_run(mnist_dir, tmp_path, "--epochs", "500")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vae.py"), *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (tmp_path / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert f"stopped by {name}" in err and "--resume" in err and "Traceback" not in err
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] >= 1 and len(state["history"]) == state["epoch"]
+
+
+def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(mnist_dir, tmp_path, monkeypatch, capsys):
+    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))  # 5 steps of 64 images per epoch
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    blow_up_after(monkeypatch, 2)
+    with pytest.raises(SystemExit) as e:
+        vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "3", "--resume"))
+    err = capsys.readouterr().err
+    assert e.value.code == 3 and len(err.strip().splitlines()) == 1
+    assert "became non-finite at epoch 2, step 3 " in err
+    assert "--lr" in err and "--grad_clip" in err and "checkpoint of epoch 1" in err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_an_out_dir_that_cannot_be_made_gets_one_sentence(tmp_path, mnist_dir):
+    (tmp_path / "file").write_text("a file where a folder should be")
+    rc, out, err = cli(quick_run(mnist_dir, tmp_path / "file" / "run", "--epochs", "1"))
+    assert rc == 2 and "Traceback" not in err
+    assert "cannot create --out_dir" in err and "choose another folder" in err
+
+
+def test_a_full_disk_gets_one_sentence_and_keeps_the_previous_files(tmp_path, mnist_dir):
+    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    code = ("import errno, os, sys, vae\n"
+            "def full(fd): raise OSError(errno.ENOSPC, 'No space left on device')\n"
+            "os.fsync = full\n"
+            f"vae.main({[str(a) for a in quick_run(mnist_dir, tmp_path, '--epochs', '2', '--resume')]!r})\n")
+    result = run_python(code, tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "No space left on device" in result.stderr and "previous version, if any, is intact" in result.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file left behind either
