@@ -382,7 +382,7 @@ def test_evaluate_samples_z_and_restores_training_mode():
     assert a["loss"] != b["loss"]  # z is drawn from q(z|x), not set to mu
     assert a["kl"] == pytest.approx(b["kl"])  # the KL is in closed form, no sampling
     assert a["loss"] == pytest.approx(a["recon"] + a["kl"])
-    assert set(a) == {"loss", "recon", "kl", "mu_mean", "logvar_mean", "active_units", "kl_per_dim", "mu_var"}
+    assert set(a) == {"loss", "recon", "kl", "active_units", "kl_per_dim", "mu_var"}
     assert sum(a["kl_per_dim"]) == pytest.approx(a["kl"], rel=1e-5) and len(a["kl_per_dim"]) == 4
 
 
@@ -659,9 +659,9 @@ def test_other_datasets_offline_name_their_files_and_folder(tmp_path, dataset):
 def test_fashion_mnist_reads_its_own_folder_and_class_names(tmp_path):
     raw = write_small_mnist(tmp_path)
     os.rename(raw.parent, tmp_path / "FashionMNIST")
-    data = vae.load_dataset("fashion-mnist", str(tmp_path), channels=3)
+    data = vae.load_dataset("fashion-mnist", str(tmp_path), channels=3)  # gray repeated into RGB
     assert data["train_x"].shape == (64, 3, 28, 28) and data["classes"][0] == "T-shirt/top"
-    assert torch.equal(data["train_x"][:, 1], fake_digits(64, seed=0)[0])
+    assert all(torch.equal(data["train_x"][:, c], fake_digits(64, seed=0)[0]) for c in range(3))
 
 
 def test_cifar10_layout_is_read_channels_first(tmp_path, monkeypatch):
@@ -680,8 +680,11 @@ def test_cifar10_layout_is_read_channels_first(tmp_path, monkeypatch):
     data = vae.load_dataset("cifar10", str(tmp_path))
     assert data["train_x"].shape == (30, 3, 32, 32) and data["test_x"].shape == (6, 3, 32, 32)
     assert torch.equal(data["test_x"], images) and data["classes"][3] == "class3"
-    gray = vae.load_dataset("cifar10", str(tmp_path), image_size=64, channels=1)
-    assert gray["test_x"].shape == (6, 1, 64, 64)
+    gray = vae.load_dataset("cifar10", str(tmp_path), channels=1)  # the luma of each pixel, as PIL computes it
+    pil = torch.tensor([list(Image.fromarray(im.permute(1, 2, 0).numpy()).convert("L").tobytes())
+                        for im in images]).view(6, 1, 32, 32)
+    assert gray["test_x"].shape == (6, 1, 32, 32) and (gray["test_x"].int() - pil.int()).abs().max() <= 1
+    assert vae.load_dataset("cifar10", str(tmp_path), image_size=64)["test_x"].shape == (6, 3, 64, 64)
 
 
 def write_image_folder(root, classes=("circle", "square", "stripes"), per_class=12, seed=0, ext=".png"):
@@ -712,17 +715,6 @@ def test_load_image_resizes_the_shorter_side_and_centre_crops(tmp_path):
     gray = vae.load_image(tmp_path / "tall.png", 16, 1)
     assert gray.shape == (1, 16, 16)
     assert gray[0, 4:12].float().mean().item() == pytest.approx(0.587 * 255, abs=1)  # luma of green, away from the edges
-
-
-def test_convert_channels_repeats_gray_and_takes_the_luma_of_rgb():
-    gray = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
-    rgb = vae.convert_channels(gray, 3)
-    assert rgb.shape == (4, 3, 8, 8) and all(torch.equal(rgb[:, i], gray[:, 0]) for i in range(3))
-    color = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
-    luma = vae.convert_channels(color, 1)
-    pil = torch.tensor([list(Image.fromarray(im.permute(1, 2, 0).numpy()).convert("L").tobytes())
-                        for im in color]).view(2, 1, 5, 5)
-    assert luma.shape == (2, 1, 5, 5) and (luma.int() - pil.int()).abs().max() <= 1
 
 
 def test_folder_splits_labels_and_sizes(tmp_path):
@@ -833,12 +825,12 @@ def test_default_out_dir_follows_the_model():
     ("--epochs", "ten", "expected an integer from 0 to 100000"),
     ("--nll_samples", "-5", "expected an integer from 0 to 100000"),
     ("--kl_warmup", "-1", "expected an integer from 0 to 100000"),
-    ("--free_bits", "-0.1", "expected a number from 0 to 100"),
+    ("--free_bits", "-0.1", "expected a number from 0.0 to 100.0"),
     ("--batch_size", "-1", "expected an integer from 1 to 65536"),
-    ("--lr", "0", "expected a number from 1e-08 to 10"),
-    ("--lr", "nan", "expected a number from 1e-08 to 10"),
+    ("--lr", "0", "expected a number from 1e-08 to 10.0"),
+    ("--lr", "nan", "expected a number from 1e-08 to 10.0"),
     ("--latent_dim", "0", "expected an integer from 1 to 4096"),
-    ("--beta", "-0.5", "expected a number from 0 to 10000"),
+    ("--beta", "-0.5", "expected a number from 0.0 to 10000.0"),
     ("--image_size", "30", "invalid choice: 30 (choose from 28, 32, 64, 128)"),
 ])
 def test_parser_rejects_bad_values_with_a_sentence(flag, value, allowed, capsys):
@@ -869,17 +861,16 @@ def test_a_bad_flag_from_the_shell_gets_one_sentence(tmp_path):
     assert "argument --image_size: invalid choice: 30 (choose from 28, 32, 64, 128)" in err
 
 
-def test_help_lists_every_flag_with_its_default():
-    text = " ".join(vae.build_parser().format_help().split())  # argparse wraps lines anywhere
-    assert "default: the dataset's own (28 for the MNIST family, 32 for cifar10) and 64 for a folder" in text
-    assert "default ./mnist for mnist, ./data for the other torchvision datasets" in text
-    for flag, default in (("--epochs", "30"), ("--batch_size", "128"),
-                          ("--dataset", "mnist"), ("--latent_dim", "32"), ("--lr", "0.001"),
-                          ("--beta", "1.0"), ("--model", "conv"), ("--recon", "bce"), ("--seed", "0"),
-                          ("--device", "auto")):
-        assert flag in text
-        assert f"(default: {default})" in text, flag
-    assert "default runs/<model>, and eval/ beside a --checkpoint" in text
+def test_help_lists_every_flag_with_its_range_and_default():
+    text = " ".join(vae.build_parser().format_help().split("options:")[1].split())  # argparse wraps anywhere
+    for flag, default in (("--epochs", "30"), ("--batch_size", "128"), ("--dataset", "mnist"),
+                          ("--latent_dim", "32"), ("--lr", "0.001"), ("--beta", "1.0"), ("--model", "conv"),
+                          ("--recon", "bce"), ("--seed", "0"), ("--device", "auto"), ("--interpolate", "[4, 9]")):
+        assert f"{flag} " in text and f"(default: {default})" in text, flag
+    for flag, (low, high) in (("--epochs", (0, 100000)), ("--latent_dim", (1, 4096)), ("--lr", ("1e-08", "10.0")),
+                              ("--seed", (0, 4294967295)), ("--beta", ("0.0", "10000.0"))):
+        assert f"{low} to {high}" in text.split(f"{flag} ")[1].split("--")[0], flag
+    assert "default runs/<model>, and eval/ beside a --checkpoint" in text and "(default: False)" not in text
 
 
 def test_importing_vae_has_no_side_effects(tmp_path):
@@ -923,7 +914,7 @@ def test_one_run_end_to_end(mnist_dir, tmp_path):
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     for key in ("train_loss", "train_recon", "train_kl", "test_loss", "test_recon", "test_kl",
-                "test_mu_mean", "test_logvar_mean", "test_active_units", "seconds", "images_per_sec", "beta"):
+                "test_active_units", "seconds", "images_per_sec", "beta"):
         assert all(math.isfinite(float(r[key])) for r in rows), key
     for r in rows:
         assert float(r["test_loss"]) == pytest.approx(float(r["test_recon"]) + float(r["test_kl"]), rel=1e-5)

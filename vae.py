@@ -403,35 +403,27 @@ ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2015), Sec. 5.2: unit u is active 
 
 
 @in_eval_mode
-def evaluate(model, images, beta=1.0, recon="bce", labels=None, batch_size=1000, all_reduce=None):
+def evaluate(model, images, beta=1.0, recon="bce", labels=None, batch_size=1000):
     """Mean loss, recon and KL over a split, in eval mode, with z sampled from q(z|x).
 
-    images: (N, C, H, W) uint8, or float in [0, 1], on the model's device; labels: (N,) there,
-    for a conditional model; all_reduce: a function summing a tensor over processes in place,
-    when each holds a share of the split (Part 2 passes torch.distributed.all_reduce).
-
-    Returns a dict: loss (recon + beta * kl), recon, kl: nats per image, averaged over images;
-    mu_mean, logvar_mean: averaged over images and dimensions; mu_var: for each dimension u, the
-    variance of mu_u across images; active_units: how many u have mu_var > 0.01; kl_per_dim.
+    images: (N, C, H, W) uint8, or float in [0, 1], on the model's device; labels: (N,) there, for
+    a conditional model. Returns a dict: loss (recon + beta * kl), recon, kl: nats per image, the
+    mean over images; kl_per_dim: the same per latent dimension; mu_var: for each dimension u, the
+    variance of mu_u across images; active_units: how many dimensions have mu_var > 0.01.
     """
-    d = model.latent_dim
-    sums = torch.zeros(6, device=images.device)  # count, loss, recon, kl, sum mu, sum logvar
-    dims = torch.zeros(3, d, device=images.device)  # per dimension: sum mu, sum mu^2, sum KL
+    sums = torch.zeros(3, device=images.device)  # loss, recon, kl, summed over images
+    dims = torch.zeros(3, model.latent_dim, device=images.device)  # per dimension: sum mu, mu^2, KL
     for start in range(0, len(images), batch_size):
         x = to_float(images[start:start + batch_size])
         y = None if labels is None else labels[start:start + batch_size]
         logits, mu, logvar = model(x, y, return_logits=True)
-        loss, rec, kl = vae_loss(logits, x, mu, logvar, beta, recon)
-        sums += torch.stack([x.new_tensor(1.0), loss, rec, kl, mu.mean(), logvar.mean()]) * len(x)
+        sums += torch.stack(vae_loss(logits, x, mu, logvar, beta, recon)) * len(x)
         dims += torch.stack([mu.sum(0), mu.pow(2).sum(0), kl_per_dimension(mu, logvar).sum(0)])
-    if all_reduce is not None:
-        all_reduce(sums)
-        all_reduce(dims)
-    n = sums[0]
-    loss, rec, kl, mu_mean, logvar_mean = (sums[1:] / n).tolist()
+    n = len(images)
+    loss, rec, kl = (sums / n).tolist()
     mu_var = (dims[1] / n - (dims[0] / n).pow(2)).clamp(min=0)  # Var_x(mu_u), (D,)
-    return dict(loss=loss, recon=rec, kl=kl, mu_mean=mu_mean, logvar_mean=logvar_mean, mu_var=mu_var.tolist(),
-                active_units=int((mu_var > ACTIVE_UNIT_THRESHOLD).sum()), kl_per_dim=(dims[2] / n).tolist())
+    return dict(loss=loss, recon=rec, kl=kl, kl_per_dim=(dims[2] / n).tolist(), mu_var=mu_var.tolist(),
+                active_units=int((mu_var > ACTIVE_UNIT_THRESHOLD).sum()))
 
 
 @torch.no_grad()
@@ -515,7 +507,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 from concurrent.futures import ThreadPoolExecutor
 
 import torch.distributed as dist
@@ -533,9 +524,9 @@ class UserError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Data
 #
-# Each split is read once into one uint8 tensor (N, C, S, S), the form Part 1's loop takes, and
-# every conversion (channels, size) happens here, once. Two sources: the datasets torchvision
-# knows, in its file layout, and any folder of images.
+# Each split is read once into one uint8 tensor (N, C, S, S), the form Part 1's loop takes, and every
+# conversion (channels, size) happens here, once. Two sources: the datasets torchvision knows, in its
+# file layout, and any folder of images.
 
 TORCHVISION_DATASETS = {"mnist": ("MNIST", 1), "fashion-mnist": ("FashionMNIST", 1),
                         "kmnist": ("KMNIST", 1), "cifar10": ("CIFAR10", 3)}  # class name, channels
@@ -554,7 +545,8 @@ def dataset_files(name, data_dir):
     if name == "cifar10":
         files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         return cls, os.path.join(data_dir, cls.base_folder), files
-    return cls, os.path.join(data_dir, cls.__name__, "raw"), [os.path.splitext(f)[0] for f, _ in cls.resources]
+    files = [os.path.splitext(f)[0] for f, _ in cls.resources]  # without .gz: the uncompressed files
+    return cls, os.path.join(data_dir, cls.__name__, "raw"), files
 
 
 def _download(cls, data_dir, folder, files):
@@ -565,8 +557,7 @@ def _download(cls, data_dir, folder, files):
                 cls(data_dir, train=train, download=True)
             return
         except Exception as e:
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            reason = lines[-1] if lines else type(e).__name__
+            reason = ([ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__])[-1]
     how = "extracted from cifar-10-python.tar.gz" if cls.__name__ == "CIFAR10" else "uncompressed"
     raise UserError(f"{cls.__name__} is not in '{folder}' and could not be downloaded ({reason}); put the "
                     f"{len(files)} files {', '.join(files)} ({how}) in that folder, or point --data_dir "
@@ -574,15 +565,14 @@ def _download(cls, data_dir, folder, files):
 
 
 def load_torchvision(name, data_dir, image_size=None, channels=None):
-    """Dataset `name` of TORCHVISION_DATASETS from data_dir, downloaded if its files are missing:
-    a dict of train_x, test_x (N, C, S, S) uint8, train_y, test_y (N,) int64 and classes (names).
-    image_size, channels: None keeps the dataset's own. UserError if it cannot be had or read."""
-    from torchvision.transforms.functional import resize
+    """Dataset `name` of TORCHVISION_DATASETS from data_dir, downloaded if its files are missing (see
+    `load_dataset`). image_size, channels: None keeps the dataset's own."""
+    from torchvision.transforms.functional import resize, rgb_to_grayscale
 
     cls, folder, files = dataset_files(name, data_dir)
     if not all(os.path.isfile(os.path.join(folder, f)) for f in files):
         _download(cls, data_dir, folder, files)
-    out = {}
+    out = dict(note=None)
     for split, train in (("train", True), ("test", False)):
         try:
             ds = cls(data_dir, train=train, download=False)
@@ -590,37 +580,25 @@ def load_torchvision(name, data_dir, image_size=None, channels=None):
             raise UserError(f"cannot read the {cls.__name__} files in '{folder}' ({type(e).__name__}: {e}); "
                             f"replace them with the original files.") from None
         x = torch.as_tensor(ds.data)
-        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, H, W) or (N, H, W, C) -> (N, C, H, W)
-        x = convert_channels(x, channels or TORCHVISION_DATASETS[name][1])
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, H, W) or (N, H, W, C) -> NCHW
+        if channels == 3 and x.shape[1] == 1:  # gray repeated into RGB
+            x = x.expand(-1, 3, -1, -1)
+        if channels == 1 and x.shape[1] == 3:  # RGB to luma, with PIL's weights (ITU-R 601-2)
+            x = torch.cat([rgb_to_grayscale(chunk) for chunk in x.split(4096)])
         if image_size and image_size != x.shape[-1]:  # in chunks: resize makes a float copy
             x = torch.cat([resize(chunk, [image_size] * 2, antialias=True) for chunk in x.split(4096)])
         out[f"{split}_x"], out[f"{split}_y"] = x.contiguous(), torch.as_tensor(ds.targets).long()
     return dict(out, classes=list(ds.classes))
 
 
-def convert_channels(x, channels):
-    """uint8 images (N, C, H, W), C in {1, 3} -> (N, channels, H, W), channels in {1, 3}: gray
-    repeated into RGB, or RGB to luma with PIL's weights (ITU-R 601-2)."""
-    from torchvision.transforms.functional import rgb_to_grayscale
-
-    if x.shape[1] == channels:
-        return x
-    if channels == 3:
-        return x.expand(-1, 3, -1, -1).contiguous()
-    return torch.cat([rgb_to_grayscale(chunk) for chunk in x.split(4096)])
-
-
 def available_memory():
     """Bytes this process could still allocate (Linux's MemAvailable), or None where unknown."""
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        with open("/proc/meminfo") as f:
-            return int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
-    return None
+    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/meminfo") as f:
+        return int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
 
 
 def check_memory(n_images, channels, image_size, what):
-    """Refuse (UserError) images that would take more than 80% of the available memory as bytes,
-    before reading them, rather than be killed halfway through."""
+    """UserError, before anything is read, when the images would take over 80% of the free memory."""
     need, free = n_images * channels * image_size ** 2, available_memory()
     if free is not None and need > 0.8 * free:
         raise UserError(f"{what}: {n_images:,} images of {channels}x{image_size}x{image_size} need "
@@ -628,21 +606,20 @@ def check_memory(n_images, channels, image_size, what):
                         f"use a smaller --image_size, --channels 1, or fewer images.")
 
 
-def _scandir(folder):
+def _image_files(folder, seen, recursive=True, dirs=False):
+    """The image files in folder (and below it), by name, hidden ones skipped, each real file or folder
+    once (`seen` holds real paths, whatever symbolic links point to); with dirs, its subfolders' names."""
     try:
-        return sorted(os.scandir(folder), key=lambda entry: entry.name)
+        entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
     except OSError as e:
         raise UserError(f"cannot list the folder '{folder}' ({e.strerror or e}).") from None
-
-
-def _image_files(folder, seen, recursive=True):
-    """The image files in folder (and below, when recursive), by name; hidden ones skipped, and each
-    real file or folder once (`seen`: real paths), however symbolic links point."""
+    if dirs:
+        return [e.name for e in entries if e.is_dir()]
     seen.add(os.path.realpath(folder))
     found = []
-    for entry in _scandir(folder):
+    for entry in entries:
         real = os.path.realpath(entry.path)
-        if entry.name.startswith(".") or real in seen:
+        if real in seen:
             continue
         if recursive and entry.is_dir():
             found += _image_files(entry.path, seen)
@@ -653,11 +630,11 @@ def _image_files(folder, seen, recursive=True):
 
 
 def list_images(root, seen=None):
-    """The images under root: (paths, labels or None, class names or None). With subfolders, each
-    is a class (ImageFolder's layout, root/<class>/**/<image>, files beside them ignored); without,
-    the images in root are one unlabelled set. `seen` is shared by the two splits' calls."""
+    """(paths, labels or None, class names or None) of the images under root: each subfolder is a
+    class (ImageFolder's layout, root/<class>/**/<image>); without subfolders, root's images are one
+    unlabelled set. `seen` is shared by the two splits' calls, so that no file is in both."""
     seen = set() if seen is None else seen
-    classes = [e.name for e in _scandir(root) if e.is_dir() and not e.name.startswith(".")]
+    classes = _image_files(root, seen, dirs=True)
     if not classes:
         return _image_files(root, seen, recursive=False), None, None
     paths, labels = [], []
@@ -669,8 +646,8 @@ def list_images(root, seen=None):
 
 
 def load_image(path, image_size, channels):
-    """One image file -> (channels, image_size, image_size) uint8: converted to RGB or gray, its
-    shorter side resized to image_size (antialiased), centre-cropped. UserError names a bad file."""
+    """One image file -> (channels, image_size, image_size) uint8: RGB or gray, its shorter side
+    resized to image_size (antialiased), centre-cropped. UserError names a file PIL cannot read."""
     from PIL import Image
     from torchvision.transforms import functional as TF
 
@@ -689,8 +666,7 @@ def read_images(paths, image_size, channels, desc):
 
     x = torch.empty(len(paths), channels, image_size, image_size, dtype=torch.uint8)
     load = functools.partial(load_image, image_size=image_size, channels=channels)
-    # PIL decodes outside the GIL, so threads decode several files at once.
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
         try:
             for i, image in enumerate(tqdm(pool.map(load, paths), total=len(paths), leave=False, unit="image",
                                            desc=desc, disable=not sys.stderr.isatty())):
@@ -702,19 +678,19 @@ def read_images(paths, image_size, channels, desc):
 
 
 def folder_splits(data_dir):
-    """(train, test, classes, note) of an image folder, each split (paths, labels or None)."""
+    """(train, test, classes, note) of an image folder; each split is (paths, labels or None)."""
     has = lambda d: os.path.isdir(os.path.join(data_dir, d))  # noqa: E731
     test_name = next((d for d in ("val", "test") if has(d)), None)
     if has("train") and test_name:
-        seen = set()  # a file linked into both splits is read once, for training
+        seen = set()
         train_paths, train_y, classes = list_images(os.path.join(data_dir, "train"), seen)
         test_paths, test_y, test_classes = list_images(os.path.join(data_dir, test_name), seen)
         if (classes is None) != (test_classes is None) or not set(test_classes or ()) <= set(classes or ()):
-            raise UserError(f"'{data_dir}/{test_name}' has classes {test_classes} that do not match "
-                            f"those of '{data_dir}/train', {classes}.")
+            raise UserError(f"'{data_dir}/{test_name}' has classes {test_classes} that do not match those of "
+                            f"'{data_dir}/train', {classes}.")
         if classes is not None:  # class indices follow the training split's names
             test_y = [classes.index(test_classes[c]) for c in test_y]
-        return (train_paths, train_y), (test_paths, test_y), classes, f"splits: {data_dir}/train and {test_name}"
+        return (train_paths, train_y), (test_paths, test_y), classes, f"splits: {data_dir}/train, {test_name}"
     root = os.path.join(data_dir, "train") if has("train") else data_dir
     paths, labels, classes = list_images(root)
     if len(paths) < 2:
@@ -722,22 +698,16 @@ def folder_splits(data_dir):
                         f"({', '.join(IMG_EXTENSIONS)}); it needs at least 2.")
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(FOLDER_SPLIT_SEED)).tolist()
     n_test = max(1, round(FOLDER_TEST_FRACTION * len(paths)))
-    def split(part):
-        return [paths[i] for i in part], None if labels is None else [labels[i] for i in part]
-    note = (f"no train/ and val/ (or test/) subfolders in '{data_dir}', so a fixed random "
-            f"{FOLDER_TEST_FRACTION:.0%} of its images (seed {FOLDER_SPLIT_SEED}) is the test split")
-    return split(order[n_test:]), split(order[:n_test]), classes, note
+    split = lambda part: ([paths[i] for i in part], labels and [labels[i] for i in part])  # noqa: E731
+    return split(order[n_test:]), split(order[:n_test]), classes, (
+        f"no train/ and val/ (or test/) subfolders in '{data_dir}', so a fixed random "
+        f"{FOLDER_TEST_FRACTION:.0%} of its images (seed {FOLDER_SPLIT_SEED}) is the test split")
 
 
 def load_folder(data_dir, image_size=None, channels=None):
-    """A folder of images, read into memory once (see `load_dataset` for what is returned).
-
-    Layout: class subfolders (labels for the class figures and --conditional), or images directly
-    in data_dir (no labels). With `train/` and `val/` (or `test/`) subfolders those are the splits,
-    else a fixed random 10% (the same for every run) is the test split. image_size: default 64;
-    channels: 3 (default) or 1; see `load_image`. UserError for no folder, no images, a test class
-    that the training split lacks, too little memory (before reading), an unreadable file.
-    """
+    """A folder of images (see `load_dataset`), read into memory once. Layout: class subfolders, or
+    images directly in data_dir (no labels); `train/` and `val/` (or `test/`) subfolders are the
+    splits, else a fixed random 10% is the test split. image_size: default 64; channels: 3 or 1."""
     channels, image_size = channels or FOLDER_DEFAULTS[0], image_size or FOLDER_DEFAULTS[1]
     if not os.path.isdir(data_dir):
         raise UserError(f"--data_dir '{data_dir}' is not a folder; --dataset folder needs a folder of images "
@@ -756,22 +726,19 @@ def load_folder(data_dir, image_size=None, channels=None):
 
 
 def binarize_once(images, seed=0):
-    """uint8 images with each pixel drawn once as Bernoulli(intensity), values {0, 255}: the fixed
-    binary test set (a fixed seed, drawn on the CPU so that every device gets the same set)."""
-    return torch.bernoulli(to_float(images.cpu()), generator=torch.Generator().manual_seed(seed)).to(torch.uint8) * 255
+    """uint8 images with each pixel drawn once as Bernoulli(intensity), in {0, 255}: the fixed binary
+    test set (a fixed seed, drawn on the CPU so that every device gets the same set)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.bernoulli(to_float(images.cpu()), generator=g).to(torch.uint8) * 255
 
 
 def load_dataset(dataset, data_dir, image_size=None, channels=None, binarize=False):
-    """Dataset `dataset` (one of DATASETS) from data_dir, into memory once, on the CPU.
-
-    Returns a dict: train_x, test_x (N, C, S, S) uint8; train_y, test_y (N,) int64 or None for
-    unlabelled images; classes (names) or None; note, a sentence for the log or None. With
-    binarize the test set is `binarize_once`'d. Raises UserError (see the loaders).
-    """
-    if dataset == "folder":
-        data = load_folder(data_dir, image_size, channels)
-    else:
-        data = dict(load_torchvision(dataset, data_dir, image_size, channels), note=None)
+    """Dataset `dataset` (one of DATASETS) from data_dir, in memory on the CPU: a dict of train_x, test_x
+    (N, C, S, S) uint8; train_y, test_y (N,) int64, or None for unlabelled images; classes (names, or
+    None); note (a sentence for the log, or None). With binarize, the test set is `binarize_once`d.
+    Raises UserError, one sentence naming what is wrong."""
+    load = load_folder if dataset == "folder" else functools.partial(load_torchvision, dataset)
+    data = load(data_dir, image_size, channels)
     if binarize:
         data["test_x"] = binarize_once(data["test_x"])
     return data
@@ -804,8 +771,8 @@ MODELS = {"conv": ConvVAE, "mlp": MLPVAE}
 
 
 def build_model(model, image_size, channels, latent_dim, width=32, num_classes=0):
-    """The command line's model: 'conv', a ConvVAE whose first block has `width` channels, or
-    'mlp', an MLPVAE with hidden layers of 16 and 8 times `width` units (512, 256 at 32)."""
+    """The command line's model: 'conv', a ConvVAE whose first block has `width` channels, or 'mlp',
+    an MLPVAE with hidden layers of 16 and 8 times `width` units (512 and 256 at 32)."""
     if model == "conv":
         return ConvVAE(image_size, channels, latent_dim, base_channels=width, num_classes=num_classes)
     return MLPVAE(image_size, channels, latent_dim, hidden=(16 * width, 8 * width), num_classes=num_classes)
@@ -813,39 +780,37 @@ def build_model(model, image_size, channels, latent_dim, width=32, num_classes=0
 
 def setup_training(model, lr, device, distributed=False):
     """The model on `device` with its fast settings, and its Adam: (model, step_model, optimizer).
-    step_model is what training calls: the model, or it wrapped in DistributedDataParallel (which
-    averages the gradients over the processes); save and evaluate `model`, not the wrapper."""
+    step_model is what training calls: the model, or under torchrun the model in DDP, which averages
+    the processes' gradients. Save and evaluate `model`, which is never wrapped."""
     model = model.to(device)
     if isinstance(model, ConvVAE) and not distributed:
-        # NHWC runs the convolutions about 25% faster on CPUs (oneDNN) and tensor-core GPUs; not
-        # under DDP, whose gradient buckets expect the parameters' default strides.
+        # NHWC runs convolutions about 25% faster on CPUs (oneDNN) and tensor-core GPUs; not under DDP,
+        # whose gradient buckets expect the parameters' default strides.
         model = model.to(memory_format=torch.channels_last)
-    # Fused Adam updates all parameters in one kernel instead of a dozen per tensor; capturable
-    # keeps its step count on the GPU, so that a CUDA graph can record it.
+    # Fused Adam updates all parameters in one kernel, not a dozen per tensor; capturable keeps its
+    # step count on the GPU, so that a CUDA graph can record it.
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cuda", "cpu"),
                                  capturable=device.type == "cuda")
     if not distributed:
         return model, model, optimizer
     ids = [device] if device.type == "cuda" else None
-    return model, nn.parallel.DistributedDataParallel(model, device_ids=ids), optimizer  # copies rank 0's weights
+    return model, nn.parallel.DistributedDataParallel(model, device_ids=ids), optimizer  # rank 0's weights
 
 
 class CUDAGraphStep:
     """`train_step` captured once as a CUDA graph and replayed: a `step` for `train_epoch`.
 
     An MNIST VAE is so small that on a GPU an eager step is bound by the CPU launching its ~100
-    kernels one by one, not by the arithmetic. A CUDA graph records the kernels of a whole step
-    (forward, backward, Adam) once, and a call replays them with one launch ("whole-network
-    capture", PyTorch's CUDA Graphs notes). The graph reads fixed buffers, so a call copies its
-    batch and beta into them; recon, free_bits and grad_clip are those given here; a batch of
-    another size (an epoch's last) runs eagerly. The warm-up steps that capture needs are undone.
-
-    x, y: an example batch (B, C, H, W) on the GPU and its labels (B,), for a conditional model.
-    The optimizer must be Adam(capturable=True).
+    kernels one by one. A CUDA graph records the kernels of a whole step (forward, backward, Adam)
+    once, and a call replays them with one launch ("whole-network capture" in PyTorch's CUDA Graphs
+    notes). A call copies its batch and beta into the buffers the graph reads; recon, free_bits and
+    grad_clip are fixed here; a batch of another size (an epoch's last) runs eagerly. x, y: an
+    example batch (B, C, H, W) on the GPU, with labels (B,) for a conditional model. The optimizer
+    must be Adam(capturable=True). The warm-up steps that capture needs are undone.
     """
 
     def __init__(self, model, optimizer, x, y=None, **step_args):
-        self.x, self.y, self.beta = x.clone(), None if y is None else y.clone(), torch.ones((), device=x.device)
+        self.x, self.y, self.beta = x.clone(), None if y is None else y.clone(), x.new_ones(())
         step = functools.partial(train_step, model, optimizer, self.x, self.beta, self.y, **step_args)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         opt_before = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in optimizer.state}
@@ -878,12 +843,9 @@ class CUDAGraphStep:
 
 
 def init_distributed(device):
-    """Join the process group when started by torchrun: (rank, world size, this process's device).
-
-    Without torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, ...) it returns (0, 1, device).
-    Backend nccl on CUDA, each process on cuda:LOCAL_RANK; gloo on the CPU. UserError on mps, or
-    with more processes on a machine than it has GPUs.
-    """
+    """Join the process group when started by torchrun: (rank, world size, this process's device);
+    (0, 1, device) without torchrun's variables. nccl on CUDA, each process on cuda:LOCAL_RANK; gloo
+    on the CPU. UserError on mps, or with more processes on a machine than it has GPUs."""
     if "LOCAL_RANK" not in os.environ:
         return 0, 1, device
     if device.type == "mps":
@@ -900,89 +862,62 @@ def init_distributed(device):
 
 
 def shard_order(n, device):
-    """This process's share of one random order of range(n), as DistributedSampler makes it: rank
-    0's permutation, every W-th index from this rank's on, padded by repeating the first few so
-    that every process takes the same number of steps. (ceil(n / W),)"""
+    """This process's share (ceil(n / W),) of one random order of range(n), as DistributedSampler
+    makes it: every W-th index of rank 0's permutation, padded so that all take as many steps."""
     perm = torch.randperm(n, device=device)
     dist.broadcast(perm, src=0)  # one order for all, so that the shares do not overlap
-    world, pad = dist.get_world_size(), -n % dist.get_world_size()
+    world = dist.get_world_size()
+    pad = -n % world  # the first few again, so that every process takes as many steps
     return torch.cat([perm, perm[:pad]])[dist.get_rank()::world]
 
 
 # ---------------------------------------------------------------------------------------------
-# Faults: signals and divergence stop a run between two steps, with one sentence
+# Faults: a signal or a diverging step stops a run with one sentence, its checkpoint intact
 
 
-class StopTraining(Exception):
-    """Raised inside an epoch: a signal arrived (`signum`), or the value named `term` went
-    non-finite at `step`, whose (loss, recon, kl, gradient norm) are `values`."""
-
-    def __init__(self, step, term=None, values=None, signum=0):
-        super().__init__(step, term, values, signum)
-        self.step, self.term, self.values, self.signum = step, term, values, signum
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt(signum)  # SIGTERM stops a run as Ctrl-C does
 
 
-class TrainingGuard:
-    """Watches a run: `with TrainingGuard() as guard:` around the epochs, `guard` as train_epoch's
-    on_step, `guard.start_epoch(...)` before and `guard.end_epoch()` after each epoch.
-
-    SIGINT (Ctrl-C) and SIGTERM set `signum` instead of killing the process, and the epoch stops
-    after the current step with StopTraining, so the last checkpoint stays whole; a second signal
-    stops at once. (Only the main thread can catch signals; elsewhere they act as usual.) Each
-    step's loss, recon, KL and gradient norm must be finite. Reading them makes the CPU wait for
-    the GPU, so they are read once the next step is queued: the GPU never runs dry, and the stop
-    names the step that went wrong. It also draws the progress bar.
-    """
+class StepCheck:
+    """A run's `on_step` for `train_epoch`: it draws the progress bar, and stops the run (UserError,
+    exit code 3) at the first step whose loss, recon, KL or gradient norm is not finite. Reading those
+    makes the CPU wait for the GPU, so each step's are read once the next step is queued: the GPU
+    never idles, and the sentence names the step that went wrong. `close()` checks the last step."""
 
     NAMES = ("loss", "reconstruction term", "KL term", "gradient")
 
-    def __init__(self):
-        self.signum, self.pending, self.bar, self._previous = 0, None, None, {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.signum:  # asked twice: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def check(self, step, stats):
-        if not torch.isfinite(stats).all():  # waits for that step only
-            bad = [name for name, v in zip(self.NAMES, stats.tolist()) if not math.isfinite(v)]
-            raise StopTraining(step, bad[1] if len(bad) > 1 else bad[0], stats.tolist())
-
-    def start_epoch(self, steps, desc):
+    def __init__(self, steps, epoch, args, saved):
         from tqdm import tqdm
 
-        self.pending = None
-        self.bar = tqdm(total=steps, desc=desc, leave=False, unit="batch", disable=not sys.stderr.isatty())
+        self.epoch, self.args, self.saved, self.pending = epoch, args, saved, None
+        self.bar = tqdm(total=steps, desc=f"epoch {epoch}/{args.epochs}", leave=False, unit="batch",
+                        disable=not sys.stderr.isatty())
+
+    def check(self, step, stats):
+        if torch.isfinite(stats).all():  # waits for that step only
+            return
+        self.bar.close()
+        values = stats.tolist()
+        bad = [name for name, v in zip(self.NAMES, values) if not math.isfinite(v)]
+        shown = ", ".join(f"{v:.4g}" for v in values)
+        raise UserError(f"the {bad[1] if len(bad) > 1 else bad[0]} became non-finite at epoch {self.epoch}, "
+                        f"step {step} (loss, recon, kl, gradient norm = {shown}), so training stopped; "
+                        f"{self.saved}; try a lower --lr (now {self.args.lr:g}) or --grad_clip 10.", 3)
 
     def __call__(self, step, stats):
         self.bar.update()
         if self.pending is not None:
             self.check(*self.pending)
         self.pending = (step, stats)
-        if self.signum:
-            raise StopTraining(step, signum=self.signum)
 
-    def end_epoch(self):
+    def close(self):
         self.bar.close()
-        if self.pending is not None:
-            self.check(*self.pending)
-
-
+        self.check(*self.pending)
 # ---------------------------------------------------------------------------------------------
 # Files: atomic writes, run folders, checkpoints
 #
-# Every file is written into a temporary file in the same folder and moved into place, so a crash
+# Every file is written into a temporary file in its folder and moved into place, so that a crash
 # mid-write leaves the previous complete file, never half of one.
 
 
@@ -1016,7 +951,6 @@ def save_json(obj, path):
 
 
 def save_csv(rows, path):
-    """Write dicts with the same keys as a CSV file with a header, atomically."""
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -1025,8 +959,9 @@ def save_csv(rows, path):
 
 
 RUN_FILES = re.compile(r"checkpoint\.pt|config\.json|metrics\.csv|evaluation\.json|per_class\.csv|\.tmp-.*|"
-                       r"(reconstructions_epoch\d+|samples|samples_per_class|interpolation|loss_curves|traversals|"
-                       r"latent_distribution|class_means|latent_pca|recon_error_hist|best_worst|manifold)\.png")
+                       r"(reconstructions_epoch\d+|samples|samples_per_class|interpolation|loss_curves|"
+                       r"traversals|latent_distribution|class_means|latent_pca|recon_error_hist|best_worst|"
+                       r"manifold)\.png")
 
 
 def run_files(folder):
@@ -1048,11 +983,12 @@ def refuse_other_run(out_dir, overwrite, training=True):
 
 def prepare_output_dir(out_dir, overwrite=False):
     """Create out_dir and remove a killed run's temporary files; with `overwrite`, every file of the
-    earlier run, and of its evaluations in eval/, too. UserError if the folder is unusable."""
+    earlier run and of its evaluations in eval/, too. UserError if the folder is unusable."""
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create --out_dir '{out_dir}' ({e.strerror}); choose another folder.") from None
+        raise UserError(f"cannot create --out_dir '{out_dir}' ({e.strerror}); choose another "
+                        f"folder.") from None
     if not os.access(out_dir, os.W_OK):
         raise UserError(f"--out_dir '{out_dir}' is not writable; choose another folder.")
     for folder in (out_dir, os.path.join(out_dir, "eval")) if overwrite else (out_dir,):
@@ -1062,40 +998,31 @@ def prepare_output_dir(out_dir, overwrite=False):
 
 
 def save_checkpoint(path, model, optimizer=None, **extra):
-    """Save a self-describing checkpoint atomically: a plain dict of the model's class name and
+    """Save a self-describing checkpoint, atomically: a plain dict of the model's class name and
     constructor arguments (`model_class`, `model_args`), its weights (`model`), the optimizer's
-    state when given, and the plain values of `extra` (a run adds epoch, config, history, rng).
-    `load_checkpoint` rebuilds the model from the file alone."""
-    state = dict(model_class=type(model).__name__, model_args=model.model_args, model=model.state_dict(), **extra)
+    state if given, and the plain values of `extra` (a run adds epoch, config, history, rng), so
+    that `load_checkpoint` rebuilds the model from the file alone."""
+    state = dict(model_class=type(model).__name__, model_args=model.model_args, model=model.state_dict())
+    state.update(extra)
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     _atomic_write(path, lambda f: torch.save(state, f))
 
 
-def _saved_model(state):
-    """The untrained model a checkpoint describes (an older run's checkpoint by its config)."""
-    if "model_class" in state:
-        return {"ConvVAE": ConvVAE, "MLPVAE": MLPVAE}[state["model_class"]](**state["model_args"])
-    c = state["config"]
-    return build_model(c["model"], c["image_size"], c["channels"], c["latent_dim"], c.get("width", 32),
-                       c.get("num_classes", 0))
-
-
 def load_checkpoint(path, device="cpu"):
-    """Rebuild the model of a checkpoint: (model on `device` in eval mode, the checkpoint's dict).
+    """Rebuild a checkpoint's model: (model on `device` in eval mode, the checkpoint's dict).
 
-    Any file of `save_checkpoint` (a ConvVAE or MLPVAE of any size, conditional or not) and any
-    run's checkpoint. It loads with torch.load(weights_only=True), which refuses pickles that
-    carry Python objects (they could run code when loaded). Raises UserError, one sentence for
-    each way it can fail: no file, not a PyTorch file, a pickle with code, not a checkpoint of
-    vae.py, a model its description cannot build or its weights do not fit.
+    Any file of `save_checkpoint` (a ConvVAE or MLPVAE of any size, conditional or not), as a run
+    writes them. torch.load(weights_only=True) refuses pickles that carry Python objects (they
+    could run code when loaded). UserError, one sentence for each way it can fail: no file, not a
+    PyTorch file, a pickle with code, not vae.py's, a model it cannot build or whose weights differ.
     """
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise UserError(f"there is no checkpoint at '{path}'.") from None
     except IsADirectoryError:
-        raise UserError(f"'{path}' is a folder; give the checkpoint file, e.g. '{path}/checkpoint.pt'.") from None
+        raise UserError(f"'{path}' is a folder; give its checkpoint file, '{path}/checkpoint.pt'.") from None
     except Exception as e:  # the unpickler fails in many ways on a file that is not a checkpoint
         if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):  # it names code to import and run
             raise UserError(f"'{path}' was refused: it holds Python objects beyond tensors and plain data, "
@@ -1107,7 +1034,12 @@ def load_checkpoint(path, device="cpu"):
         raise UserError(f"'{path}' is a PyTorch file but not a checkpoint written by vae.py "
                         f"(it has no model and no description of one).")
     try:
-        model = _saved_model(state)
+        if "model_class" in state:
+            model = {"ConvVAE": ConvVAE, "MLPVAE": MLPVAE}[state["model_class"]](**state["model_args"])
+        else:  # a run's checkpoint from before models described themselves: its config does
+            c = state["config"]
+            model = build_model(c["model"], c["image_size"], c["channels"], c["latent_dim"],
+                                c.get("width", 32), c.get("num_classes", 0))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"'{path}' describes no model vae.py can build ({type(e).__name__}: {e}).") from None
     try:
@@ -1155,32 +1087,31 @@ def _grid_figure(rows, row_labels, title, path, col_labels=None):
 
 @in_eval_mode
 def save_reconstructions(model, x, path, y=None):
-    """Images x (labels y if conditional) above their reconstructions, decoded from the posterior
-    mean mu: the model's best single guess rather than a random z."""
+    """Images x above their reconstructions, decoded from the posterior mean mu (the model's best
+    single guess, not a random z)."""
     save_grid(torch.cat([x, model.decode(model.encode(x, y)[0], y)]), path, nrow=len(x))
 
 
-@in_eval_mode
 def save_samples(model, path, classes=None, seed=0):
-    """Images decoded from z ~ N(0, I) with a fixed seed, 8 x 8; for a conditional model one row
-    per class (names `classes`) decoding the same 10 z, so a column keeps a style across classes."""
+    """Images decoded from z ~ N(0, I) (a fixed seed): 8 x 8; or for a conditional model one row
+    per class (names `classes`), each decoding the same 10 z, so that a column keeps one style."""
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     if not model.num_classes:
         return save_grid(model.sample(64, generator=g), path, nrow=8)
     k, z = model.num_classes, torch.randn(10, model.latent_dim, device=device, generator=g)
-    images = model.decode(z.repeat(k, 1), torch.arange(k, device=device).repeat_interleave(10))  # (10 K, C, H, W)
+    images = model.decode(z.repeat(k, 1), torch.arange(k, device=device).repeat_interleave(10))  # (10K,C,H,W)
     _grid_figure(images.view(k, 10, *images.shape[1:]), [str(c) for c in classes],
                  "conditional samples: row = label y, column = one z ~ N(0, I)", path)
 
 
 def plot_losses(history, path):
-    """Loss, recon and KL per epoch, train and test, in nats per image, from metrics' rows."""
+    """Loss, recon and KL per epoch, train and test, in nats per image, from the metrics' rows."""
     epochs, betas = [row["epoch"] for row in history], sorted({row["beta"] for row in history})
     beta = f"{betas[0]:g}" if len(betas) == 1 else f"beta (from {betas[0]:g} to {betas[-1]:g})"
-    titles = (f"loss = recon + {beta} * KL", "reconstruction -log p(x|z)", "KL(q(z|x) || p(z))")
     fig = _figure(12, 3.5)
-    for ax, key, title in zip(fig.subplots(1, 3), ("loss", "recon", "kl"), titles):
+    for ax, key, title in zip(fig.subplots(1, 3), ("loss", "recon", "kl"), (
+            f"loss = recon + {beta} * KL", "reconstruction -log p(x|z)", "KL(q(z|x) || p(z))")):
         ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", ms=3, label="train")
         ax.plot(epochs, [row[f"test_{key}"] for row in history], "s-", ms=3, label="test")
         ax.set(title=title, xlabel="epoch", ylabel="nats per image")
@@ -1207,8 +1138,8 @@ def encode_split(model, images, recon="bce", labels=None, batch_size=1000):
 
 
 def save_latent_distribution(mu, logvar, stats, path):
-    """Histograms of mu and sigma (N, D) against the prior, and each dimension's KL, the active
-    units (stats['mu_var'] > ACTIVE_UNIT_THRESHOLD, as `evaluate` counts them) in blue."""
+    """Histograms of mu and sigma (N, D) against the prior, and each dimension's KL, the active units
+    (stats['mu_var'] > ACTIVE_UNIT_THRESHOLD, as `evaluate` counts them) in blue."""
     fig = _figure(15, 3.8)
     ax_mu, ax_sigma, ax_kl = fig.subplots(1, 3)
     ax_mu.hist(mu.flatten().numpy(), bins=100, density=True, alpha=0.7, label="mu, all dimensions")
@@ -1231,7 +1162,6 @@ def save_latent_distribution(mu, logvar, stats, path):
     fig.savefig(path, dpi=100)
 
 
-@in_eval_mode
 def save_traversals(model, x, kl_per_dim, path, y=None, n_dims=8, span=3.0):
     """mu(x) of one image x (C, H, W) (label y, an int, if conditional) decoded with one dimension
     swept over [-span, span] in 11 steps, for each of the n_dims dimensions of highest KL."""
@@ -1248,29 +1178,27 @@ def save_traversals(model, x, kl_per_dim, path, y=None, n_dims=8, span=3.0):
                  col_labels=[f"{round(v, 1) + 0.0:+.1f}" for v in values.tolist()])
 
 
-@in_eval_mode
 def save_class_means(model, mu, labels, classes, path, per_class=8, noise=0.1, seed=0):
     """For each class, the mean of its images' mu (N, D) plus noise * N(0, I), decoded (with the
-    class's label for a conditional model). labels: (N,), classes: names, on the CPU."""
+    class's label for a conditional model); labels (N,) and names `classes` on the CPU."""
     g = torch.Generator().manual_seed(seed)
     present = sorted(set(labels.tolist()))
     z = torch.stack([mu[labels == c].mean(0) + noise * torch.randn(per_class, mu.shape[1], generator=g)
                      for c in present])  # (classes, per_class, D)
     device = next(model.parameters()).device
-    y = torch.tensor(present, device=device).repeat_interleave(per_class)
-    images = model.decode(z.flatten(0, 1).to(device), y)  # (classes * per_class, C, H, W)
+    images = model.decode(z.flatten(0, 1).to(device), torch.tensor(present, device=device).repeat_interleave(
+        per_class))  # (classes * per_class, C, H, W)
+    title = f"class means of mu + {noise} * N(0, I), decoded{' with the label' if model.num_classes else ''}"
     _grid_figure(images.view(len(present), per_class, *images.shape[1:]), [str(classes[c]) for c in present],
-                 f"class means of mu + {noise} * N(0, I), decoded{' with the label' if model.num_classes else ''}",
-                 path)
+                 title, path)
 
 
 def save_latent_pca(mu, labels, classes, path):
-    """The means mu (N, D) on their first two principal components, coloured by class (labels
-    (N,) and names; None for unlabelled images: one colour)."""
+    """The means mu (N, D) on their first two principal components, coloured by class (labels (N,)
+    and names; None for unlabelled images: one colour)."""
     centered = mu - mu.mean(0)
     _, s, v = torch.linalg.svd(centered, full_matrices=False)
-    proj = centered @ v[:2].T  # (N, 2)
-    explained = (s[:2] ** 2 / (s ** 2).sum()).tolist()
+    proj, explained = centered @ v[:2].T, (s[:2] ** 2 / (s ** 2).sum()).tolist()  # (N, 2)
     ax = _figure(6.5, 5.5).subplots()
     if labels is None:
         ax.scatter(proj[:, 0], proj[:, 1], s=2, alpha=0.5)
@@ -1284,18 +1212,10 @@ def save_latent_pca(mu, labels, classes, path):
     ax.figure.savefig(path, dpi=100)
 
 
-@in_eval_mode
-def save_manifold(model, path, n=20, span=3.0):
-    """For latent_dim 2: decode an n x n grid over [-span, span]^2 (z1 rising rightwards, z2 upwards)."""
-    values = torch.linspace(-span, span, n, device=next(model.parameters()).device)
-    z2, z1 = torch.meshgrid(values.flip(0), values, indexing="ij")  # row 0 is the top: the largest z2
-    save_grid(model.decode(torch.stack([z1.flatten(), z2.flatten()], dim=1)), path, nrow=n)
-
-
 def save_error_analysis(images, enc, labels, classes, out_dir, n=16):
     """The histogram of reconstruction errors, the n best and worst reconstructed images, and the
-    per-class table (written to per_class.csv and returned; [] without labels). images: (N, C, H,
-    W) uint8 on the CPU; enc: `encode_split`'s dict; labels: (N,) or None."""
+    per-class table (in per_class.csv; returned, [] without labels). images: (N, C, H, W) uint8 on
+    the CPU; enc: `encode_split`'s dict; labels: (N,) or None."""
     error, kl = enc["recon_error"], kl_divergence(enc["mu"], enc["logvar"])
     ax = _figure(6.5, 4).subplots()
     ax.hist(error.numpy(), bins=100)
@@ -1304,8 +1224,8 @@ def save_error_analysis(images, enc, labels, classes, out_dir, n=16):
     order = torch.argsort(error)
     best, worst = order[:n], order.flip(0)[:n]
     grid = torch.stack([images[best], enc["x_hat"][best], images[worst], enc["x_hat"][worst]]).float() / 255
-    _grid_figure(grid, ["best", "recon", "worst", "recon"], f"best and worst reconstructed test images "
-                 f"({error[best[0]]:.0f} to {error[worst[0]]:.0f} nats)", os.path.join(out_dir, "best_worst.png"))
+    title = f"best and worst reconstructed test images ({error[best[0]]:.0f} to {error[worst[0]]:.0f} nats)"
+    _grid_figure(grid, ["best", "recon", "worst", "recon"], title, os.path.join(out_dir, "best_worst.png"))
     rows = []
     for c in sorted(set(labels.tolist())) if labels is not None else ():
         m = labels == c
@@ -1317,9 +1237,9 @@ def save_error_analysis(images, enc, labels, classes, out_dir, n=16):
 
 
 def interpolation_ends(test_y, n, classes_ab):
-    """Indices (i, j) of the two test images to interpolate between, and a note or None: the first
-    of classes classes_ab = (A, B) when both exist, else of the first two classes present; images
-    0 and 1 of n unlabelled ones (test_y None)."""
+    """Indices (i, j) of the two test images to interpolate between, and a note or None: the first of
+    classes classes_ab = (A, B) if both exist, else of the first two classes present; images 0 and 1
+    of n unlabelled ones (test_y None)."""
     if test_y is None:
         return (0, min(1, n - 1)), None
     first = {}
@@ -1330,16 +1250,15 @@ def interpolation_ends(test_y, n, classes_ab):
         return (first[a], first[b]), None
     c = sorted(first)[:2]
     ends = (first[c[0]], first[c[-1]] if len(c) > 1 else min(1, n - 1))
-    return ends, f"note: no test image of class {a} or {b}, so interpolation.png goes from class {c[0]} to {c[-1]}"
+    return ends, f"note: no test image of class {a} or {b}, so interpolation.png goes from {c[0]} to {c[-1]}"
 
 
-def write_analysis(model, test_x, test_y, stats, out_dir, recon="bce", classes_ab=(4, 9), seed=0, classes=None):
-    """Write every figure of a trained model into out_dir; returns the per-class rows.
-
-    test_x: (N, C, H, W) uint8 on the model's device; test_y: (N,) labels on the CPU, or None for
-    unlabelled images (the class figures are then skipped); stats: `evaluate`'s dict on test_x;
-    classes_ab: the classes of interpolation.png; classes: the class names.
-    """
+@in_eval_mode
+def write_analysis(model, test_x, test_y, stats, out_dir, recon="bce", classes_ab=(4, 9), seed=0,
+                   classes=None):
+    """Write every figure of a trained model into out_dir, in eval mode; returns the per-class rows.
+    test_x: (N, C, H, W) uint8 on the model's device; test_y: (N,) on the CPU, or None (no class
+    figures then); stats: `evaluate`'s dict; classes_ab: the classes of interpolation.png."""
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     conditional = model.num_classes > 0
     if test_y is not None and classes is None:
@@ -1361,8 +1280,10 @@ def write_analysis(model, test_x, test_y, stats, out_dir, recon="bce", classes_a
     else:
         save_class_means(model, enc["mu"], test_y, classes, path("class_means.png"), seed=seed)
     save_latent_pca(enc["mu"], test_y, classes, path("latent_pca.png"))
-    if model.latent_dim == 2 and not conditional:
-        save_manifold(model, path("manifold.png"))
+    if model.latent_dim == 2 and not conditional:  # the decoded grid over [-3, 3]^2, z1 rightwards, z2 up
+        z2, z1 = torch.meshgrid(torch.linspace(3, -3, 20), torch.linspace(-3, 3, 20), indexing="ij")
+        z = torch.stack([z1.flatten(), z2.flatten()], dim=1).to(test_x.device)  # (400, 2)
+        save_grid(model.decode(z), path("manifold.png"), nrow=20)
     return save_error_analysis(test_x.cpu(), enc, test_y, classes, out_dir)
 
 
@@ -1372,9 +1293,9 @@ def write_analysis(model, test_x, test_y, stats, out_dir, recon="bce", classes_a
 
 @in_eval_mode
 def evaluate_nll(model, images, k, labels=None, batch_size=100):
-    """Mean -log p(x) of a split by `log_likelihood` with K samples: (nats per image, bits per dim).
-    images: (N, C, H, W) uint8 on the model's device, binary for the standard protocol; labels (N,)
-    for a conditional model, whose number is -log p(x|y). Bits per dim = nats / (C H W ln 2)."""
+    """Mean -log p(x) of a split, by `log_likelihood` with k samples: (nats per image, bits per dim =
+    nats / (C H W ln 2)). images: uint8 on the model's device, binary for the standard protocol;
+    labels: for a conditional model, whose number is then -log p(x|y)."""
     total = torch.zeros((), device=images.device)
     for start in range(0, len(images), batch_size):
         y = None if labels is None else labels[start:start + batch_size]
@@ -1394,17 +1315,16 @@ def collapse_warning(kl, active_units):
 
 
 def report(model, test_x, test_y, config, out_dir, nll_samples=0, extra=None, classes=None):
-    """The final evaluation of a trained model: the test -ELBO and loss, the NLL when asked, every
-    figure; all of it in evaluation.json, whose dict is returned. test_x: (N, C, H, W) uint8 on
-    the model's device; test_y: (N,) on the CPU, or None."""
-    y = test_y.to(test_x.device) if model.num_classes else None
-    beta = config["beta"]
+    """The final evaluation of a trained model: the test -ELBO and loss, the NLL if asked, every figure;
+    all in evaluation.json, whose dict it returns. test_x: (N, C, H, W) uint8 on the model's device;
+    test_y: (N,) on the CPU, or None."""
+    y, beta = test_y.to(test_x.device) if model.num_classes else None, config["beta"]
     te = evaluate(model, test_x, beta, config["recon"], y)
     results = dict(extra or {}, beta=beta, test_loss=te["loss"], test_recon=te["recon"], test_kl=te["kl"],
                    active_units=te["active_units"], kl_per_dim=te["kl_per_dim"], mu_var=te["mu_var"])
     loss = "" if beta == 1 else f"; loss with beta {beta:g}: {te['loss']:.3f}"
     print(f"test -ELBO {te['recon'] + te['kl']:.3f} = recon {te['recon']:.3f} + kl {te['kl']:.3f} nats/image "
-          f"(one z per image){loss}; {te['active_units']} of {model.latent_dim} latent units active", flush=True)
+          f"(one z per image){loss}; {te['active_units']} of {model.latent_dim} latent units active")
     if nll_samples > 0:
         t0 = time.perf_counter()
         nll, bpd = evaluate_nll(model, test_x, nll_samples, y)
@@ -1419,186 +1339,161 @@ def report(model, test_x, test_y, config, out_dir, nll_samples=0, extra=None, cl
     return results
 
 
-def checkpoint_path(out_dir):
-    return os.path.join(out_dir, "checkpoint.pt")
-
-
 # The settings a resumed run may change; everything else comes from its checkpoint.
 RESUMABLE = ("epochs", "lr", "grad_clip", "data_dir", "device", "cuda_graph", "nll_samples", "deterministic")
 
 
 def resume_config(args, explicit):
-    """(configuration, checkpoint) of a resumed run: the saved config, and the flags of RESUMABLE
+    """(configuration, checkpoint) of a resumed run: the saved config, with the flags of RESUMABLE
     that the command line gives (`explicit`)."""
-    path = checkpoint_path(args.out_dir)
+    path = os.path.join(args.out_dir, "checkpoint.pt")
     if not os.path.exists(path):
-        raise UserError(f"--resume found no checkpoint.pt in '{args.out_dir}'; start the run without --resume, "
-                        f"or point --out_dir at the run's folder.")
-    _, state = load_checkpoint(path)
+        raise UserError(f"--resume found no checkpoint.pt in '{args.out_dir}'; start the run without "
+                        f"--resume, or point --out_dir at the run's folder.")
+    state = load_checkpoint(path)[1]
     if "config" not in state:
         raise UserError(f"'{path}' holds a model but no training run to resume.")
     defaults = vars(build_parser().parse_args([]))  # for the flags newer than the checkpoint
     config = {**defaults, **state["config"], "resume": True, "overwrite": False, "out_dir": args.out_dir}
     config.update({k: getattr(args, k) for k in RESUMABLE if k in explicit})
     if state["epoch"] >= config["epochs"]:
-        raise UserError(f"the run in '{args.out_dir}' has finished epoch {state['epoch']} of {config['epochs']}; "
-                        f"give --resume a larger --epochs to train further.")
+        raise UserError(f"the run in '{args.out_dir}' has finished epoch {state['epoch']} of "
+                        f"{config['epochs']}; give --resume a larger --epochs to train further.")
     return argparse.Namespace(**config), state
 
 
-def load_run_data(args, device, world):
-    """A run's data on `device`: train_x, test_x uint8, train_y, test_y (or None if the model is not
-    conditional), labels (the test labels on the CPU, or None) and classes. Sets args.channels and
-    args.image_size to the data's."""
-    if args.batch_size % world:
-        raise UserError(f"--batch_size {args.batch_size} is the batch of all {world} processes together, "
-                        f"so it must be a multiple of {world}.")
-    data = load_dataset(args.dataset, args.data_dir, args.image_size, args.channels, args.binarize)
-    if data["note"]:
-        print(f"data: {data['note']}", flush=True)
-    if args.conditional and data["train_y"] is None:
-        raise UserError("--conditional needs class labels, and these images have none; use a dataset with "
-                        "classes, or a folder with one subfolder per class.")
-    if device.type == "cuda":
-        need, free = data["train_x"].numel() + data["test_x"].numel(), torch.cuda.mem_get_info(device)[0]
-        if need > 0.5 * free:
-            raise UserError(f"the images need {need / 1e9:.1f} GB on the GPU, and {free / 1e9:.1f} GB is free "
-                            f"(half is kept for training); use a smaller --image_size or --channels 1.")
-    args.channels, args.image_size = data["train_x"].shape[1], data["train_x"].shape[-1]
-    labels = {k: data[k].to(device) if args.conditional else None for k in ("train_y", "test_y")}
-    return types.SimpleNamespace(train_x=data["train_x"].to(device), test_x=data["test_x"].to(device), **labels,
-                                 labels=data["test_y"], classes=data["classes"])
+class Run:
+    """A training run of the command line, in one process: its data and model on the device, its
+    epochs, their log line and files. Under torchrun, rank 0 alone evaluates, prints and writes."""
 
+    def __init__(self, args, state, device, rank, world):
+        self.args, self.device, self.rank, self.world = args, device, rank, world
+        self.load_data()
+        if rank == 0:  # the data is good: now the folder may be made, and an earlier run cleared
+            prepare_output_dir(args.out_dir, args.overwrite)
+        self.build_model(state)
+        if rank == 0:
+            save_json(self.config, os.path.join(args.out_dir, "config.json"))
 
-def build_run(args, state, data, device, world):
-    """A run's model, optimizer and step, its metrics so far and first epoch (from the checkpoint
-    `state` when it resumes): a namespace. Prints what it trains."""
-    distributed = dist.is_initialized()  # started by torchrun, even with one process
-    graph = args.cuda_graph == "on" or (args.cuda_graph == "auto" and device.type == "cuda" and not distributed)
-    if graph and (device.type != "cuda" or distributed):
-        raise UserError(f"--cuda_graph on needs CUDA and no torchrun (DDP's gradient exchange is not in the "
-                        f"graph), and this run is on {device}{' under torchrun' if distributed else ''}.")
-    num_classes = len(data.classes) if args.conditional else 0
-    model = build_model(args.model, args.image_size, args.channels, args.latent_dim, args.width, num_classes)
-    model, step_model, optimizer = setup_training(model, args.lr, device, distributed)
-    run = types.SimpleNamespace(model=model, step_model=step_model, optimizer=optimizer, history=[], first_epoch=1,
-                                step_args=dict(recon=args.recon, free_bits=args.free_bits, grad_clip=args.grad_clip),
-                                config=dict(vars(args), num_classes=num_classes, classes=data.classes))
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr  # --lr may change on resume
-        run.history, run.first_epoch = state["history"], state["epoch"] + 1
-    b = args.batch_size
-    run.step = CUDAGraphStep(step_model, optimizer, to_float(data.train_x[:b]),
-                             None if data.train_y is None else data.train_y[:b], **run.step_args) if graph else train_step
-    print(f"{args.model} VAE{f' (conditional on {num_classes} classes)' if num_classes else ''}, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters, latent_dim {args.latent_dim}, "
-          f"{len(data.train_x):,} train / {len(data.test_x):,} test {args.dataset} images of {args.channels}x"
-          f"{args.image_size}x{args.image_size}{' (binarized)' if args.binarize else ''}, device {device}"
-          f"{f' x {world} processes' if world > 1 else ''}{', CUDA graph' if graph else ''}, "
-          f"writing to {args.out_dir}", flush=True)
-    return run
+    def load_data(self):
+        """train_x, test_x (uint8), train_y, test_y (None unless conditional) on the device, labels
+        (the test labels on the CPU, or None) and classes; args.channels and image_size set to them."""
+        args, device = self.args, self.device
+        if args.batch_size % self.world:
+            raise UserError(f"--batch_size {args.batch_size} is the batch of all {self.world} processes "
+                            f"together, so it must be a multiple of {self.world}.")
+        data = load_dataset(args.dataset, args.data_dir, args.image_size, args.channels, args.binarize)
+        if data["note"]:
+            print(f"data: {data['note']}", flush=True)
+        if args.conditional and data["train_y"] is None:
+            raise UserError("--conditional needs class labels, and these images have none; use a dataset "
+                            "with classes, or a folder with one subfolder per class.")
+        if device.type == "cuda":
+            need, free = data["train_x"].numel() + data["test_x"].numel(), torch.cuda.mem_get_info(device)[0]
+            if need > 0.5 * free:
+                raise UserError(f"the images need {need / 1e9:.1f} GB on the GPU and {free / 1e9:.1f} GB is "
+                                f"free (half is kept for training); use a smaller --image_size.")
+        args.channels, args.image_size = data["train_x"].shape[1], data["train_x"].shape[-1]
+        self.train_x, self.test_x = data["train_x"].to(device), data["test_x"].to(device)
+        self.train_y = self.test_y = None
+        if args.conditional:
+            self.train_y, self.test_y = data["train_y"].to(device), data["test_y"].to(device)
+        self.labels, self.classes = data["test_y"], data["classes"]
 
+    def build_model(self, state):
+        """The model, its optimizer and step, the metrics so far and the first epoch (from the
+        checkpoint `state` when the run resumes). Prints what it trains."""
+        args, device, distributed = self.args, self.device, dist.is_initialized()  # torchrun, even with 1
+        # DDP's gradient exchange would not be in the graph, so there is none under torchrun.
+        graph = args.cuda_graph == "auto" and device.type == "cuda" and not distributed
+        num_classes = len(self.classes) if args.conditional else 0
+        model = build_model(args.model, args.image_size, args.channels, args.latent_dim, args.width,
+                            num_classes)
+        self.model, self.step_model, self.optimizer = setup_training(model, args.lr, device, distributed)
+        self.config = dict(vars(args), num_classes=num_classes, classes=self.classes)
+        self.history, self.first_epoch, self.saved_epoch = [], 1, None
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            for group in self.optimizer.param_groups:
+                group["lr"] = args.lr  # --lr may change on resume
+            self.history, self.saved_epoch = state["history"], state["epoch"]
+            self.first_epoch = state["epoch"] + 1
+        self.step_args = dict(recon=args.recon, free_bits=args.free_bits, grad_clip=args.grad_clip)
+        self.step = train_step
+        if graph:
+            x, y = to_float(self.train_x[:args.batch_size]), self.train_y
+            y = None if y is None else y[:args.batch_size]
+            self.step = CUDAGraphStep(self.step_model, self.optimizer, x, y, **self.step_args)
+        print(f"{args.model} VAE{f' conditional on {num_classes} classes' if num_classes else ''}, "
+              f"{sum(p.numel() for p in model.parameters()):,} parameters, latent_dim {args.latent_dim}, "
+              f"{len(self.train_x):,} train / {len(self.test_x):,} test {args.dataset} images of "
+              f"{args.channels}x{args.image_size}x{args.image_size}{' binarized' if args.binarize else ''}, "
+              f"device {device}"
+              f"{f' x {self.world} processes' if self.world > 1 else ''}{', CUDA graph' if graph else ''}, "
+              f"writing to {args.out_dir}", flush=True)
 
-def resume_generators(state, args, device, rank, world, first_epoch):
-    """Set the random generators where the saved epoch left them: on a CPU a resumed run is then the
-    uninterrupted one, bit for bit. The other ranks, whose states are not saved, get fresh seeds."""
-    torch.set_rng_state(state["rng"]["cpu"])
-    if device.type == "cuda" and state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    if rank > 0:
-        torch.manual_seed(args.seed + rank + world * first_epoch)
+    def saved(self):
+        """What the run has saved, for the sentence that stops it."""
+        if self.saved_epoch is None:
+            return "no epoch had finished, so no checkpoint was written"
+        return f"the checkpoint of epoch {self.saved_epoch} in '{self.args.out_dir}' is intact"
 
+    def train_one_epoch(self, epoch, beta):
+        """One epoch of Part 1's `train_epoch`, with this run's hooks: (its dict, seconds)."""
+        n, world = len(self.train_x), self.world
+        order = shard_order(n, self.device) if world > 1 else None
+        check = StepCheck(-(-n // self.args.batch_size), epoch, self.args, self.saved())
+        t0 = time.perf_counter()
+        tr = train_epoch(self.step_model, self.optimizer, self.train_x, self.args.batch_size // world, beta,
+                         self.train_y, self.args.binarize, self.step, order, check, **self.step_args)
+        check.close()
+        seconds = time.perf_counter() - t0  # train_epoch has read its sums: the device is done
+        if world > 1:  # every process took as many images: the mean of the processes' means
+            means = torch.tensor([tr["loss"], tr["recon"], tr["kl"]], device=self.device)
+            dist.all_reduce(means)
+            tr = dict(zip(tr, (means / world).tolist()))
+            for buffer in self.model.buffers():  # BatchNorm's statistics of rank 0's share, as DDP does
+                dist.broadcast(buffer, src=0)
+        return tr, seconds
 
-def train_one_epoch(run, data, args, epoch, beta, guard):
-    """One epoch of Part 1's `train_epoch` with this run's hooks: (its dict, seconds). A signal or a
-    non-finite value becomes a UserError that says what happened and what is saved."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    order = shard_order(len(data.train_x), data.train_x.device) if world > 1 else None
-    batch_size = args.batch_size // world  # one step of the W processes together is one batch
-    guard.start_epoch(-(-len(data.train_x if order is None else order) // batch_size), f"epoch {epoch}/{args.epochs}")
-    t0 = time.perf_counter()
-    try:
-        tr = train_epoch(run.step_model, run.optimizer, data.train_x, batch_size, beta, data.train_y,
-                         args.binarize, run.step, order, guard, **run.step_args)
-        guard.end_epoch()
-    except StopTraining as e:
-        guard.bar.close()
-        saved = (f"the checkpoint of epoch {epoch - 1} in '{checkpoint_path(args.out_dir)}' is untouched"
-                 if epoch > 1 else "no epoch had finished, so no checkpoint was written")
-        if e.signum:
-            raise UserError(f"stopped by {signal.Signals(e.signum).name} during epoch {epoch} (step {e.step}); "
-                            f"{saved}; continue with: python vae.py --resume --out_dir {args.out_dir}",
-                            128 + e.signum) from None
-        raise UserError(f"the {e.term} became non-finite at epoch {epoch}, step {e.step} (loss, recon, kl, "
-                        f"gradient norm = {', '.join(f'{v:.4g}' for v in e.values)}), so training stopped; "
-                        f"{saved}; try a lower --lr (now {args.lr:g}) or --grad_clip 10, and --resume.", 3) from None
-    seconds = time.perf_counter() - t0  # train_epoch has read its sums: the device is done
-    if world > 1:  # every process took the same number of images: the mean of the means
-        means = torch.tensor([tr["loss"], tr["recon"], tr["kl"]], device=data.train_x.device)
-        dist.all_reduce(means)
-        tr = dict(zip(tr, (means / world).tolist()))
-    return tr, seconds
-
-
-def save_epoch(run, args, epoch, fixed, fixed_y):
-    """Write what an epoch adds to the run's folder: reconstructions (epochs 1, 5, 15, the last),
-    metrics.csv and the checkpoint, with the random generators' states for --resume."""
-    if epoch in (1, 5, 15, args.epochs):
-        path = os.path.join(args.out_dir, f"reconstructions_epoch{epoch:03d}.png")
-        save_reconstructions(run.model, fixed, path, fixed_y)
-    save_csv(run.history, os.path.join(args.out_dir, "metrics.csv"))
-    rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    save_checkpoint(checkpoint_path(args.out_dir), run.model, run.optimizer, epoch=epoch, config=run.config,
-                    history=run.history, rng=rng)
-
-
-def log_line(row, epochs):
-    """The fixed-format log line of an epoch's row of metrics."""
-    return (f"epoch {row['epoch']:3d}/{epochs} | beta {row['beta']:.3f} | train loss {row['train_loss']:8.3f} "
-            f"recon {row['train_recon']:8.3f} kl {row['train_kl']:7.3f} | test loss {row['test_loss']:8.3f} recon "
-            f"{row['test_recon']:8.3f} kl {row['test_kl']:7.3f} | mu {row['test_mu_mean']:+.3f} logvar "
-            f"{row['test_logvar_mean']:+.3f} AU {row['test_active_units']:3d} | {row['seconds']:6.2f} s "
-            f"{row['images_per_sec']:7.0f} img/s")
-
-
-def run_epochs(run, data, args, rank, world):
-    """Train from run.first_epoch to args.epochs; each epoch is evaluated, logged and saved."""
-    fixed, fixed_y = to_float(data.test_x[:16]), None if data.test_y is None else data.test_y[:16]
-    share_x, share_y = data.test_x[rank::world], None if data.test_y is None else data.test_y[rank::world]
-    with TrainingGuard() as guard:
-        for epoch in range(run.first_epoch, args.epochs + 1):
-            t0 = time.perf_counter()
-            beta = beta_schedule(epoch, args.beta, args.kl_warmup)
-            tr, train_seconds = train_one_epoch(run, data, args, epoch, beta, guard)
-            if world > 1:  # the last step updated each process's BatchNorm statistics on its own share
-                for buffer in run.model.buffers():
-                    dist.broadcast(buffer, src=0)
-            # each process evaluates its share of the test set, with the model outside DDP
-            te = evaluate(run.model, share_x, beta, args.recon, share_y, all_reduce=dist.all_reduce if world > 1 else None)
-            run.history.append(dict(epoch=epoch, beta=beta, **{f"train_{k}": v for k, v in tr.items()},
-                                    **{f"test_{k}": v for k, v in te.items() if k not in ("kl_per_dim", "mu_var")},
-                                    seconds=time.perf_counter() - t0, images_per_sec=len(data.train_x) / train_seconds))
-            print(log_line(run.history[-1], args.epochs), flush=True)
+    def fit(self):
+        """Train from the first epoch to the last; evaluate, log and save each (on rank 0)."""
+        args, fixed = self.args, to_float(self.test_x[:16])  # the same test images in every figure
+        for epoch in range(self.first_epoch, args.epochs + 1):
+            t0, beta = time.perf_counter(), beta_schedule(epoch, args.beta, args.kl_warmup)
+            tr, train_seconds = self.train_one_epoch(epoch, beta)
+            if self.rank > 0:  # the test set is small: rank 0 evaluates it while the others go on
+                continue
+            te = evaluate(self.model, self.test_x, beta, args.recon, self.test_y)
+            r = dict(epoch=epoch, beta=beta, **{f"train_{k}": v for k, v in tr.items()}, test_loss=te["loss"],
+                     test_recon=te["recon"], test_kl=te["kl"], test_active_units=te["active_units"],
+                     seconds=time.perf_counter() - t0, images_per_sec=len(self.train_x) / train_seconds)
+            self.history.append(r)
+            print(f"epoch {epoch:3d}/{args.epochs} | beta {beta:.3f} | train loss {r['train_loss']:8.3f} "
+                  f"recon {r['train_recon']:8.3f} kl {r['train_kl']:7.3f} | test loss {r['test_loss']:8.3f} "
+                  f"recon {r['test_recon']:8.3f} kl {r['test_kl']:7.3f} | AU {r['test_active_units']:3d} | "
+                  f"{r['seconds']:6.2f} s {r['images_per_sec']:7.0f} img/s", flush=True)
             if collapse_warning(te["kl"], te["active_units"]):
                 print(collapse_warning(te["kl"], te["active_units"]), flush=True)
-            if rank == 0:
-                save_epoch(run, args, epoch, fixed, fixed_y)
-            if guard.signum:  # it came during the evaluation or the saving: the epoch is complete
-                raise UserError(f"stopped by {signal.Signals(guard.signum).name} after epoch {epoch}, which is saved "
-                                f"in '{checkpoint_path(args.out_dir)}'; continue with: python vae.py --resume "
-                                f"--out_dir {args.out_dir}", 128 + guard.signum)
+            if epoch in (1, 5, 15, args.epochs):
+                save_reconstructions(self.model, fixed, os.path.join(args.out_dir, f"reconstructions_epoch"
+                                     f"{epoch:03d}.png"), None if self.test_y is None else self.test_y[:16])
+            save_csv(self.history, os.path.join(args.out_dir, "metrics.csv"))
+            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+            save_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"), self.model, self.optimizer,
+                            epoch=epoch, config=self.config, history=self.history,
+                            rng=dict(cpu=torch.get_rng_state(), cuda=cuda))
+            self.saved_epoch = epoch
 
 
 def train(args, explicit=()):
-    """Train, evaluate every epoch and write every output into args.out_dir.
+    """Train, evaluate each epoch, and write every output into args.out_dir.
 
-    args: `parse_args`'s namespace; explicit: the flags written on the command line (a resumed run
-    takes those of RESUMABLE over its saved config). Under torchrun every process runs this, and
-    rank 0 alone prints and writes. Returns (model in eval mode, the rows of metrics.csv). Raises
-    UserError: bad input; a non-finite value (exit code 3); SIGINT or SIGTERM (130, 143).
+    args: `parse_args`'s namespace; explicit: the flags written on the command line (a resumed run takes
+    those of RESUMABLE over its saved config). Under torchrun each process runs this, and rank 0 alone
+    prints and writes. Returns (the model in eval mode, the rows of metrics.csv). Raises UserError: bad
+    input; a non-finite value (exit code 3); SIGINT or SIGTERM (130, 143).
     """
     state = None
     if args.resume:
@@ -1607,42 +1502,49 @@ def train(args, explicit=()):
         refuse_other_run(args.out_dir, args.overwrite)
     device = select_device(args.device, args.deterministic)
     rank, world, device = init_distributed(device)
+    main_thread = threading.current_thread() is threading.main_thread()  # only it can set signal handlers
+    on_sigterm = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None
     try:
         with contextlib.redirect_stdout(sys.stdout if rank == 0 else io.StringIO()):  # rank 0 speaks for all
             torch.manual_seed(args.seed + rank)  # rank 0 draws what a single process would
-            data = load_run_data(args, device, world)
-            if rank == 0:  # the data is good: now the folder may be made, and an old run cleared
-                prepare_output_dir(args.out_dir, args.overwrite)
-            run = build_run(args, state, data, device, world)
-            if state is not None:
-                resume_generators(state, args, device, rank, world, run.first_epoch)
+            run = Run(args, state, device, rank, world)
+            if state is not None:  # the generators go on from the saved epoch: on a CPU, bit for bit
+                torch.set_rng_state(state["rng"]["cpu"])
+                if device.type == "cuda" and state["rng"]["cuda"]:
+                    torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+                if rank > 0:  # the checkpoint holds rank 0's generators; the others get streams of their own
+                    torch.manual_seed(args.seed + rank + world * run.first_epoch)
                 print(f"resuming at epoch {run.first_epoch} of {args.epochs}; the other settings come from "
                       f"the checkpoint", flush=True)
-            if rank == 0:
-                save_json(run.config, os.path.join(args.out_dir, "config.json"))
-            run_epochs(run, data, args, rank, world)
+            try:
+                run.fit()
+            except KeyboardInterrupt as e:  # every file is written atomically: the last checkpoint is whole
+                signum = e.args[0] if e.args else signal.SIGINT
+                raise UserError(f"stopped by {signal.Signals(signum).name} in epoch {len(run.history) + 1}; "
+                                f"{run.saved()}; continue with: python vae.py --resume --out_dir "
+                                f"{args.out_dir}", 128 + signum) from None
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, on_sigterm)
         if dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:  # the final evaluation on the whole test set, by one process
         plot_losses(run.history, os.path.join(args.out_dir, "loss_curves.png"))
-        report(run.model, data.test_x, data.labels, run.config, args.out_dir, args.nll_samples,
-               extra=dict(epoch=run.history[-1]["epoch"]), classes=data.classes)
+        report(run.model, run.test_x, run.labels, run.config, args.out_dir, args.nll_samples,
+               extra=dict(epoch=run.history[-1]["epoch"]), classes=run.classes)
     return run.model.eval(), run.history
 
 
-# Flags that checkpoint mode uses; it names any other flag given as ignored.
+# The flags that checkpoint mode uses; it names any other flag given as ignored.
 CHECKPOINT_FLAGS = {"checkpoint", "data_dir", "out_dir", "nll_samples", "interpolate", "device", "seed",
                     "deterministic", "overwrite"}
 
 
 def evaluate_checkpoint(args, explicit=()):
-    """`--checkpoint PATH`: evaluate a saved model and write every figure; nothing is trained.
-
-    The model and its training settings come from the checkpoint (from the flags, for a file of
-    `save_checkpoint` that has no run config); the data from --data_dir (default: the run's own);
-    the outputs go to --out_dir (default: eval/ beside the checkpoint). Returns the results dict.
-    """
+    """`--checkpoint PATH`: evaluate a saved model and write every figure; nothing is trained. The model
+    and its training settings come from the checkpoint (or the flags, for a file of `save_checkpoint`
+    without a run), the data from --data_dir (default: the run's own), the outputs go to --out_dir
+    (default: eval/ beside the checkpoint). Returns the results' dict."""
     ignored = sorted(f"--{k}" for k in set(explicit) - CHECKPOINT_FLAGS)
     if ignored:
         print(f"note: --checkpoint evaluates the saved model as it was trained, so it ignores "
@@ -1656,13 +1558,14 @@ def evaluate_checkpoint(args, explicit=()):
     if "interpolate" in explicit:
         config["interpolate"] = args.interpolate
     if args.nll_samples > 0 and config["recon"] != "bce":
-        raise UserError(f"--nll_samples needs a model trained with --recon bce, the Bernoulli likelihood; this "
-                        f"checkpoint used --recon {config['recon']}.")
-    data = load_dataset(config["dataset"], args.data_dir or config["data_dir"], config["image_size"],
-                        config["channels"], config["binarize"])
+        raise UserError(f"--nll_samples needs a model trained with --recon bce, the Bernoulli likelihood; "
+                        f"this checkpoint used --recon {config['recon']}.")
+    c = config
+    data_dir = args.data_dir or c["data_dir"] or ("./mnist" if c["dataset"] == "mnist" else "./data")
+    data = load_dataset(c["dataset"], data_dir, c["image_size"], c["channels"], c["binarize"])
     prepare_output_dir(out_dir, args.overwrite)
-    print(f"{type(model).__name__} from {args.checkpoint} (epoch {state.get('epoch', '?')}), device {device}, "
-          f"writing to {out_dir}", flush=True)
+    print(f"{type(model).__name__} from {args.checkpoint} (epoch {state.get('epoch', '?')}), device "
+          f"{device}, writing to {out_dir}", flush=True)
     return report(model, data["test_x"].to(device), data["test_y"], config, out_dir, args.nll_samples,
                   extra=dict(checkpoint=args.checkpoint, epoch=state.get("epoch")), classes=data["classes"])
 
@@ -1670,14 +1573,14 @@ def evaluate_checkpoint(args, explicit=()):
 # ---------------------------------------------------------------------------------------------
 # The command line
 #
-# Each default lives here, once, and --help prints it. A bad value gets one sentence from argparse
-# (exit code 2) before anything is read or written. Abbreviations are off: `--epoch 40` would be
-# easy to take for --epochs, and --resume takes only the flags that are written out.
+# Each default lives here, once, and --help prints it. A bad value gets one sentence from argparse (exit
+# code 2) before anything is read or written. Abbreviations are off: --epoch for --epochs is easy to
+# misread, and --resume takes only the flags written out in full.
 
 
 def _number(kind, low, high):
     """An argparse type: a number of `kind` (int or float) from low to high."""
-    what = f"{'an integer' if kind is int else 'a number'} from {low:g} to {high:g}"
+    what = f"{'an integer' if kind is int else 'a number'} from {low} to {high}"
 
     def parse(text):
         try:
@@ -1687,110 +1590,61 @@ def _number(kind, low, high):
         if not low <= value <= high:  # also false for nan
             raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
         return value
+    parse.range = f"{low} to {high}"  # for --help
     return parse
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """'(default: X)' after each flag's help, except where the default is None: there the help says
-    what the default depends on."""
+    """Each flag's help with its range and '(default: X)', except where the default is None (the help
+    says what it depends on) or False (a switch)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def _data_flags(g):
-    g.add_argument("--dataset", choices=DATASETS, default="mnist",
-                   help="a torchvision dataset, downloaded to --data_dir if missing, or 'folder': your images "
-                        "in --data_dir (class subfolders or flat; train/ and val/ or test/ are the splits)")
-    g.add_argument("--data_dir", help="the dataset's folder in torchvision's layout (MNIST/raw/...) or the "
-                                      "image folder; default ./mnist for mnist, ./data for the other torchvision "
-                                      "datasets (a folder must be named); with --checkpoint, the run's own")
-    g.add_argument("--image_size", type=int, choices=IMAGE_SIZES,
-                   help="side in pixels; default: the dataset's own (28 for the MNIST family, 32 for cifar10) "
-                        "and 64 for a folder; resized (a folder's centre-cropped) once at load time")
-    g.add_argument("--channels", type=int, choices=(1, 3),
-                   help="1 = gray, 3 = RGB, converted once at load time; default: the dataset's own, 3 for a folder")
-    g.add_argument("--binarize", action="store_true",
-                   help="the likelihood protocol of Burda et al. 2015: training pixels drawn as "
-                        "Bernoulli(intensity) afresh each step, the test set binarized once with a fixed seed")
-
-
-def _model_flags(g):
-    g.add_argument("--model", choices=sorted(MODELS), default="conv", help="ConvVAE or MLPVAE")
-    g.add_argument("--latent_dim", type=_number(int, 1, 4096), default=32,
-                   help="size of z; MNIST uses 10-20 dimensions, and unused ones collapse harmlessly to the prior")
-    g.add_argument("--width", type=_number(int, 1, 1024), default=32,
-                   help="model size: channels of the conv model's first block (doubled per block, up to 256), "
-                        "or 16x and 8x this many hidden units in the MLP")
-    g.add_argument("--recon", choices=("bce", "mse"), default="bce",
-                   help="likelihood p(x|z): bce = Bernoulli, mse = Gaussian with unit variance")
-    g.add_argument("--beta", type=_number(float, 0, 1e4), default=1.0,
-                   help="KL weight: 1 is the ELBO; >1 a beta-VAE: a smoother latent space, blurrier images; "
-                        "<1 sharper reconstructions, worse samples")
-    g.add_argument("--kl_warmup", type=_number(int, 0, 100000), default=0,
-                   help="epochs over which beta rises linearly from 0 (Bowman et al. 2016); against collapse")
-    g.add_argument("--free_bits", type=_number(float, 0, 100), default=0.0,
-                   help="nats: each latent dimension's KL counts as at least this much in the loss (Kingma et "
-                        "al. 2016); against collapse")
-    g.add_argument("--conditional", action="store_true",
-                   help="a conditional VAE (Sohn et al. 2015): the encoder and decoder also see the class label")
-
-
-def _training_flags(g):
-    g.add_argument("--epochs", type=_number(int, 0, 100000), default=30, help="passes over the training images")
-    g.add_argument("--batch_size", type=_number(int, 1, 65536), default=128,
-                   help="images per optimizer step; under torchrun, of all processes together")
-    g.add_argument("--lr", type=_number(float, 1e-8, 10), default=1e-3, help="Adam's learning rate")
-    g.add_argument("--seed", type=_number(int, 0, 2 ** 32 - 1), default=0,
-                   help="random seed of the initialisation, the batches and z")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                   help="auto takes cuda, then mps, then cpu")
-    g.add_argument("--cuda_graph", choices=("auto", "on", "off"), default="auto",
-                   help="replay each training step as one CUDA graph; auto = on for CUDA without torchrun, "
-                        "where it makes an MNIST epoch several times faster")
-    g.add_argument("--grad_clip", type=_number(float, 0, 1e6), default=0.0,
-                   help="clip the gradient to this global L2 norm; 0 = off (Adam already scales each step); "
-                        "try 10 after a non-finite stop")
-    g.add_argument("--deterministic", action="store_true",
-                   help="PyTorch's deterministic algorithms, for identical CUDA runs (slower); CPU runs with "
-                        "one --seed are identical without it")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out_dir from its checkpoint; only --epochs, --lr, --grad_clip, "
-                        "--data_dir, --nll_samples and the device flags may change")
-    g.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --out_dir that holds another run, removing that run's files first")
-
-
-def _output_flags(g):
-    g.add_argument("--nll_samples", type=_number(int, 0, 100000), default=0,
-                   help="K importance samples for the test NLL at the end (Burda et al. 2015); 0 = off. K = 1000 "
-                        "takes seconds on a GPU, minutes on a CPU; --recon bce only")
-    g.add_argument("--checkpoint", metavar="PATH", help="evaluate this saved model and write every figure; "
-                                                        "no training")
-    g.add_argument("--out_dir", help="folder of the figures, metrics.csv, config.json, evaluation.json and "
-                                     "checkpoint.pt; default runs/<model>, and eval/ beside a --checkpoint")
-    g.add_argument("--interpolate", type=_number(int, 0, 100000), nargs=2, default=[4, 9], metavar=("A", "B"),
-                   help="interpolate between the first test images of classes A and B (MNIST: digits); when one "
-                        "is missing, between the first two classes")
+        text = action.help + (f"; {action.type.range}" if hasattr(action.type, "range") else "")
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def build_parser():
-    """The command line: every flag, its default, its range and its help, in one place."""
+    """The command line: every flag with its default and range, in one place (README.md says more)."""
     p = argparse.ArgumentParser(
         prog="vae.py", formatter_class=HelpFormatter, allow_abbrev=False,
-        description="Train a variational autoencoder on MNIST, another dataset or your own images and write "
-                    "its figures, or evaluate a saved one (--checkpoint). Under torchrun, it trains on "
-                    "several processes with DistributedDataParallel.")
-    for title, add_flags in (("data", _data_flags), ("model and objective", _model_flags),
-                             ("training", _training_flags), ("evaluation and outputs", _output_flags)):
-        add_flags(p.add_argument_group(title))
+        description="Train a variational autoencoder on MNIST, another dataset or your own images and "
+                    "write its figures, or evaluate a saved one (--checkpoint). Under torchrun, on several "
+                    "processes.")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, default="mnist", help="or folder: your images")
+    g.add_argument("--data_dir", help="default ./mnist, ./data for the others")
+    g.add_argument("--image_size", type=int, choices=IMAGE_SIZES, help="default: the dataset's; folder: 64")
+    g.add_argument("--channels", type=int, choices=(1, 3), help="default: the dataset's own, 3 for a folder")
+    g.add_argument("--binarize", action="store_true", help="the binary likelihood protocol")
+    g = p.add_argument_group("model and objective")
+    g.add_argument("--model", choices=sorted(MODELS), default="conv", help="ConvVAE or MLPVAE")
+    g.add_argument("--latent_dim", type=_number(int, 1, 4096), default=32, help="size of z")
+    g.add_argument("--width", type=_number(int, 1, 1024), default=32, help="conv: 1st block; MLP: 16x, 8x")
+    g.add_argument("--recon", choices=("bce", "mse"), default="bce", help="Bernoulli, or unit Gaussian")
+    g.add_argument("--beta", type=_number(float, 0.0, 10000.0), default=1.0, help="KL weight; 1 is the ELBO")
+    g.add_argument("--kl_warmup", type=_number(int, 0, 100000), default=0, help="epochs of rising beta")
+    g.add_argument("--free_bits", type=_number(float, 0.0, 100.0), default=0.0, help="nats per latent dim")
+    g.add_argument("--conditional", action="store_true", help="a conditional VAE (labels)")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=_number(int, 0, 100000), default=30, help="passes over the data")
+    g.add_argument("--batch_size", type=_number(int, 1, 65536), default=128, help="of all processes")
+    g.add_argument("--lr", type=_number(float, 1e-08, 10.0), default=1e-3, help="Adam's learning rate")
+    g.add_argument("--seed", type=_number(int, 0, 4294967295), default=0, help="random seed")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: best")
+    g.add_argument("--cuda_graph", choices=("auto", "off"), default="auto", help="auto: on for CUDA")
+    g.add_argument("--grad_clip", type=_number(float, 0.0, 1e6), default=0.0, help="max gradient norm; 0 = off")
+    g.add_argument("--deterministic", action="store_true", help="repeatable CUDA runs, slower (CPU runs are)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace the run in --out_dir")
+    g = p.add_argument_group("evaluation and outputs")
+    g.add_argument("--nll_samples", type=_number(int, 0, 100000), default=0, help="K for the test NLL")
+    g.add_argument("--checkpoint", metavar="PATH", help="evaluate this saved model; no training")
+    g.add_argument("--out_dir", help="default runs/<model>, and eval/ beside a --checkpoint")
+    g.add_argument("--interpolate", type=_number(int, 0, 100000), nargs=2, default=[4, 9], metavar=("A", "B"),
+                   help="the two classes of interpolation.png")
     return p
-
-
-def given_flags(parser, argv):
-    """The destinations of the flags written out in argv, e.g. {'lr', 'epochs'}."""
-    words = {w.split("=")[0] for w in argv if w.startswith("--")}
-    return {a.dest for a in parser._actions if words & set(a.option_strings)}
 
 
 def parse_args(argv=None):
@@ -1798,7 +1652,8 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume and (args.overwrite or args.checkpoint):
-        parser.error("--resume continues the run in --out_dir: it goes with neither --overwrite nor --checkpoint")
+        parser.error("--resume continues the run in --out_dir: it goes with neither --overwrite nor "
+                     "--checkpoint")
     if args.checkpoint is None and args.epochs == 0:
         parser.error("--epochs 0 trains nothing; to evaluate a saved model, give --checkpoint PATH")
     if args.nll_samples > 0 and args.recon != "bce" and args.checkpoint is None:
@@ -1813,19 +1668,20 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    """Run the command line with argv (default sys.argv[1:]). Returns the metrics history, or with
-    --checkpoint the evaluation results. Bad input prints one sentence to stderr and raises
-    SystemExit with a non-zero code (2 for bad input; see UserError)."""
+    """Run the command line with argv (default sys.argv[1:]): returns the metrics history, or with
+    --checkpoint the evaluation's results. Bad input prints one sentence to stderr and raises
+    SystemExit with a non-zero code (see UserError)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    explicit = given_flags(build_parser(), argv)
+    words = {w.split("=")[0] for w in argv if w.startswith("--")}
+    explicit = {a.dest for a in build_parser()._actions if words & set(a.option_strings)}  # flags written out
     try:
         return evaluate_checkpoint(args, explicit) if args.checkpoint else train(args, explicit)[1]
     except UserError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the other processes would say it again
             print(f"vae.py: error: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+    except KeyboardInterrupt:  # outside the training loop
         print("vae.py: interrupted; the last saved checkpoint is intact.", file=sys.stderr)
         raise SystemExit(130) from None
     except OSError as e:  # e.g. a full disk while writing a figure
