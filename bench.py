@@ -2,7 +2,7 @@
 bench.py: how fast vae.py trains on this machine, and how close that is to its limit.
 
     python bench.py --data_dir ./mnist                      # both models, default device
-    python bench.py --model conv --amp --cuda_graph off     # one model, other settings
+    python bench.py --model conv --cuda_graph off           # one model, without the CUDA graph
     python bench.py --model mlp --profile --no_loader       # where the step's time goes
 
 For each model it times, after a warm-up, (1) single training steps, (2) whole
@@ -45,10 +45,10 @@ def matmul_rate(device, dtype, n=2048, reps=10):
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-def flops_per_image(model, x, amp):
+def flops_per_image(model, x):
     """FLOPs of one training step's forward and backward pass, divided by the batch size."""
     counter = FlopCounterMode(display=False)
-    with counter, torch.autocast(x.device.type, torch.bfloat16, enabled=amp):
+    with counter:
         logits, mu, logvar = model(x, return_logits=True)
         vae.vae_loss(logits, x, mu, logvar)[0].backward()
     model.zero_grad(set_to_none=True)
@@ -61,21 +61,17 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak
 
 
-def time_steps(step_model, optimizer, train_x, batch_size, amp, graph, device, steps):
-    idx = torch.arange(batch_size, device=device)
-    x = vae.to_float(train_x[idx])
+def time_steps(step_model, optimizer, train_x, batch_size, step, device, steps):
+    x = vae.to_float(train_x[:batch_size])
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        if graph is not None:
-            graph(idx)
-        else:
-            vae.train_step(step_model, optimizer, x, 1.0, amp=amp)
+        step(step_model, optimizer, x, 1.0)
     sync(device)
     return (time.perf_counter() - t0) / steps
 
 
-def time_dataloader_epoch(step_model, optimizer, data_dir, batch_size, amp, device, workers):
+def time_dataloader_epoch(step_model, optimizer, data_dir, batch_size, device, workers):
     """One epoch fed the way most examples do it: a Dataset of PIL images and a DataLoader."""
     from torchvision import datasets, transforms
 
@@ -87,62 +83,60 @@ def time_dataloader_epoch(step_model, optimizer, data_dir, batch_size, amp, devi
     t0 = time.perf_counter()
     for x, _ in loader:
         x = x.to(device, non_blocking=True)
-        vae.train_step(step_model, optimizer, x, 1.0, amp=amp)
+        vae.train_step(step_model, optimizer, x, 1.0)
     sync(device)
     return time.perf_counter() - t0
 
 
-def profile_steps(step_model, optimizer, train_x, batch_size, amp, graph, device, steps=20, rows=12):
+def profile_steps(step_model, optimizer, train_x, batch_size, step, device, steps=20, rows=12):
     """Print torch.profiler's table of the operators that take the time in `steps` training steps."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        time_steps(step_model, optimizer, train_x, batch_size, amp, graph, device, steps)
+        time_steps(step_model, optimizer, train_x, batch_size, step, device, steps)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=40))
 
 
-def bench_model(name, data, args, device, amp, rate):
+def bench_model(name, data, args, device, rate):
     torch.manual_seed(0)
     train_x, test_x = data["train_x"].to(device), data["test_x"].to(device)
-    model, step_model, optimizer = vae.setup_training(name, 28, 1, args.latent_dim, 1e-3, device, False)
-    if args.compile_mode:
-        step_model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
+    model, step_model, optimizer = vae.setup_training(vae.build_model(name, 28, 1, args.latent_dim), 1e-3, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    flops = flops_per_image(model, vae.to_float(train_x[:args.batch_size]), amp)
-    use_graph = args.cuda_graph == "on" or (args.cuda_graph == "auto" and device.type == "cuda"
-                                            and not args.compile_mode)
-    graph = vae.CUDAGraphStep(step_model, optimizer, train_x, args.batch_size, amp=amp) if use_graph else None
+    flops = flops_per_image(model, vae.to_float(train_x[:args.batch_size]))
+    use_graph = args.cuda_graph == "auto" and device.type == "cuda"
+    step = (vae.CUDAGraphStep(step_model, optimizer, vae.to_float(train_x[:args.batch_size])) if use_graph
+            else vae.train_step)
 
-    # Warm-up: one full epoch and a test pass, so that compilation, cuDNN's autotuning and
-    # the allocator's caches are behind us.
+    # Warm-up: one full epoch and a test pass, so that cuDNN's autotuning and the allocator's caches
+    # are behind us.
     t0 = time.perf_counter()
-    vae.train_epoch(step_model, optimizer, train_x, args.batch_size, 1.0, amp=amp, graph=graph)
-    vae.evaluate(step_model, test_x, amp=amp)
+    vae.train_epoch(step_model, optimizer, train_x, args.batch_size, step=step)
+    vae.evaluate(model, test_x)
     warmup = time.perf_counter() - t0
 
-    step = time_steps(step_model, optimizer, train_x, args.batch_size, amp, graph, device, args.steps)
+    step_s = time_steps(step_model, optimizer, train_x, args.batch_size, step, device, args.steps)
     epoch_times, total_times = [], []
     for _ in range(args.epochs):
         t0 = time.perf_counter()
-        vae.train_epoch(step_model, optimizer, train_x, args.batch_size, 1.0, amp=amp, graph=graph)  # syncs
+        vae.train_epoch(step_model, optimizer, train_x, args.batch_size, step=step)  # reads its sums: syncs
         t1 = time.perf_counter()
-        vae.evaluate(step_model, test_x, amp=amp)
+        vae.evaluate(model, test_x)
         epoch_times.append(t1 - t0)
         total_times.append(time.perf_counter() - t0)
     epoch, total = min(epoch_times), min(total_times)
-    row = dict(model=name, flops=flops, step_ms=1000 * step, img_s=len(train_x) / epoch, epoch_s=epoch,
+    row = dict(model=name, flops=flops, step_ms=1000 * step_s, img_s=len(train_x) / epoch, epoch_s=epoch,
                total_s=total, limit_s=flops * len(train_x) / rate, warmup_s=warmup,
                mem_mb=peak_memory_mb(device))
-    row["util"] = flops * args.batch_size / step / rate
+    row["util"] = flops * args.batch_size / step_s / rate
     if args.profile:
         print(f"--- where the time of a {name} training step goes (torch.profiler, 20 steps)")
-        profile_steps(step_model, optimizer, train_x, args.batch_size, amp, graph, device)
+        profile_steps(step_model, optimizer, train_x, args.batch_size, step, device)
     if args.loader:
-        row["loader_s"] = time_dataloader_epoch(step_model, optimizer, args.data_dir, args.batch_size, amp,
-                                                device, args.workers)
+        row["loader_s"] = time_dataloader_epoch(step_model, optimizer, args.data_dir, args.batch_size, device,
+                                                args.workers)
     return row
 
 
@@ -153,13 +147,8 @@ def main(argv=None):
     p.add_argument("--model", choices=("conv", "mlp", "both"), default="both")
     p.add_argument("--latent_dim", type=int, default=20, help="20 as in pytorch/examples, for comparison")
     p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--amp", action="store_true", help="bf16 autocast, as in vae.py")
-    p.add_argument("--compile", dest="compile_mode", action="store_const", const="default",
-                   help="torch.compile the model, as vae.py --compile")
-    p.add_argument("--compile_mode", choices=("default", "reduce-overhead", "max-autotune"),
-                   help="torch.compile with this mode (reduce-overhead uses CUDA graphs)")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler's operator table")
-    p.add_argument("--cuda_graph", choices=("auto", "on", "off"), default="auto", help="as in vae.py")
+    p.add_argument("--cuda_graph", choices=("auto", "off"), default="auto", help="as in vae.py")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up; the best is kept")
     p.add_argument("--steps", type=int, default=100, help="timed single steps on one fixed batch")
@@ -172,21 +161,18 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = vae.select_device(args.device)
-    amp = args.amp
-    data = vae.load_mnist(args.data_dir)
-    rate = matmul_rate(device, torch.bfloat16 if amp else torch.float32)
+    data = vae.load_dataset("mnist", args.data_dir)
+    rate = matmul_rate(device, torch.float32)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device {device} ({name}), torch {torch.__version__}, batch {args.batch_size}, "
-          f"{'bf16 autocast' if amp else 'fp32'}, compile {args.compile_mode or 'off'}, "
-          f"cuda_graph {args.cuda_graph}, "
-          f"{'bf16' if amp else 'fp32'} matmul rate {rate / 1e9:,.0f} GFLOP/s")
+    print(f"device {device} ({name}), torch {torch.__version__}, batch {args.batch_size}, fp32, "
+          f"cuda_graph {args.cuda_graph}, fp32 matmul rate {rate / 1e9:,.0f} GFLOP/s")
 
     models = ("conv", "mlp") if args.model == "both" else (args.model,)
     header = (f"{'model':5} {'MFLOP/img':>9} {'step ms':>8} {'img/s':>9} {'epoch s':>8} {'+test s':>8} "
               f"{'limit s':>8} {'of peak':>8} {'loader s':>9} {'speed-up':>8} {'warm-up s':>9} {'peak MB':>8}")
     print(header)
     for name in models:
-        r = bench_model(name, data, args, device, amp, rate)
+        r = bench_model(name, data, args, device, rate)
         loader = f"{r['loader_s']:9.2f} {r['loader_s'] / r['epoch_s']:7.1f}x" if args.loader else f"{'-':>9} {'-':>8}"
         print(f"{name:5} {r['flops'] / 1e6:9.1f} {r['step_ms']:8.2f} {r['img_s']:9,.0f} {r['epoch_s']:8.2f} "
               f"{r['total_s']:8.2f} {r['limit_s']:8.3f} {r['util']:8.1%} {loader} {r['warmup_s']:9.1f} "

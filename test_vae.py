@@ -127,12 +127,16 @@ def test_conv_rejects_unsupported_size(size):
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_sample_leaves_the_mode_and_every_buffer_as_it_found_them(training):
+def test_sampling_and_evaluation_leave_the_mode_and_every_buffer_as_they_found_them(training):
     torch.manual_seed(0)
     model = vae.ConvVAE(latent_dim=4).train(training)
     model(torch.rand(8, 1, 28, 28))  # moves BatchNorm's running statistics away from their start
     before = {k: v.clone() for k, v in model.state_dict().items()}
     samples = model.sample(16)
+    x = torch.rand(4, 1, 28, 28)
+    vae.log_likelihood(model, x, k=3)  # and the other evaluations: eval mode, buffers untouched
+    vae.interpolate(model, x[0], x[1])
+    vae.evaluate(model, x)
     assert model.training == training and samples.shape == (16, 1, 28, 28)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -147,6 +151,7 @@ def test_conditional_shapes_and_the_label_changes_the_image(cls):
     assert x_hat.shape == x.shape and mu.shape == logvar.shape == (5, 6)
     assert model.fc_mu.in_features == model.fc_logvar.in_features == model.encoder(x).shape[1] + 4
     assert model.sample(4, torch.arange(4)).shape == (4, 3, 32, 32)
+    torch.testing.assert_close(model.encode(x, y.int())[0], model.encode(x, y)[0])  # any integer labels
     with pytest.raises(ValueError, match="needs the class labels y"):
         model.encode(x)
     z = torch.randn(1, 6).repeat(4, 1)

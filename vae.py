@@ -13,13 +13,13 @@ GPUs, checkpoints, figures, the command line. README.md has the commands, pictur
 The model (Kingma & Welling 2013). An image x is generated from a code z of latent_dim
 numbers: z ~ p(z) = N(0, I), then x ~ p(x|z), a decoder network giving each pixel's
 probability. The posterior p(z|x) is intractable, so an encoder network approximates it by
-q(z|x) = N(mu(x), diag(exp(logvar(x)))). Both are trained by maximising, for each image,
+q(z|x) = N(mu(x), diag(exp(logvar(x)))), logvar = log sigma^2. Both are trained by maximising, for each image,
 the evidence lower bound (ELBO) on its log-likelihood:
 
     log p(x) >= ELBO(x) = E_q(z|x)[log p(x|z)] - KL(q(z|x) || p(z))
 
 We minimise loss = recon + beta * kl: recon = -log p(x|z) for one z ~ q(z|x) (an unbiased
-estimate of the first term), kl the second in closed form, both in nats per image. beta = 1
+estimate of minus the first term), kl the second in closed form, both in nats per image. beta = 1
 is the negative ELBO; another beta is the beta-VAE of Higgins et al. (2017), not a bound.
 
 References: Kingma & Welling, "Auto-Encoding Variational Bayes", 2013, arXiv:1312.6114;
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 ## Why the encoder predicts logvar = log sigma^2 and not sigma: a linear layer outputs any
 ## real number, and sigma must be positive. exp(logvar) is positive for every output, a step
-## of the same size changes sigma by the same factor whether it is 1e-3 or 1, and the KL
+## of the same size changes sigma by the same factor whether sigma is 1e-3 or 1, and the KL
 ## below needs log sigma^2 itself. The clamp keeps exp(logvar) finite: float32 overflows
 ## above exp(88), which one diverging step can reach; sigma = exp(logvar / 2) in [3e-7, 2e4]
 ## is far beyond any posterior a healthy run has (MNIST's sit between 0.05 and 1).
@@ -76,16 +76,16 @@ def in_eval_mode(fn):
 
 
 class VAE(nn.Module):
-    """What every VAE here shares. A subclass builds `encoder`: x -> features (B, F), `fc_mu` and
-    `fc_logvar`: (B, F + K) -> (B, latent_dim), `decoder`: z (B, latent_dim + K) -> logits
-    (B, C, H, W), and keeps its constructor's arguments, as plain Python values, in
+    """What every VAE here shares. A subclass builds `encoder`: x -> features h (B, n_h), `fc_mu`
+    and `fc_logvar`: (B, n_h + num_classes) -> (B, latent_dim), `decoder`: z (B, latent_dim +
+    num_classes) -> logits (B, C, H, W), and keeps its constructor's arguments, as plain Python values, in
     `model_args`: a checkpoint rebuilds the model as `type(model)(**model.model_args)`.
 
-    Conditional VAE (Sohn, Lee & Yan 2015, Sec. 3), when num_classes = K > 0: the encoder
+    Conditional VAE (Sohn, Lee & Yan 2015, Sec. 3), when num_classes > 0: the encoder
     q(z|x, y) and the decoder p(x|z, y) also see the one-hot label y, appended to the
     encoder's features and to z; the prior stays N(0, I). Told the class, the decoder no
-    longer needs z for it, so z holds the style (slant, thickness). y is (B,) int64 class
-    indices or (B, K) floats (one-hot, or a mixture); an unconditional model ignores it.
+    longer needs z for it, so z holds the style (slant, thickness). y is (B,) integer class
+    indices or (B, num_classes) floats (one-hot, or a mixture); an unconditional model ignores it.
     """
 
     def __init__(self, image_size, channels, latent_dim, num_classes=0):
@@ -97,17 +97,18 @@ class VAE(nn.Module):
         self.num_classes = num_classes
 
     def with_label(self, h, y):
-        """(B, F) -> (B, F + K): h and the one-hot y (h if unconditional); ValueError without y."""
+        """h (B, n) -> (B, n + num_classes), the one-hot y appended (h if unconditional); ValueError
+        when a conditional model gets no y."""
         if not self.num_classes:
             return h
         if y is None:
             raise ValueError("this conditional VAE needs the class labels y")
-        onehot = F.one_hot(y, self.num_classes) if y.dtype == torch.long else y  # (B, K)
+        onehot = y if y.is_floating_point() else F.one_hot(y.long(), self.num_classes)  # (B, num_classes)
         return torch.cat([h, onehot.to(h.dtype)], dim=1)
 
     def encode(self, x, y=None):
         """x: (B, C, H, W) in [0, 1] -> mu (B, latent_dim), logvar (B, latent_dim) in LOGVAR_RANGE."""
-        h = self.with_label(self.encoder(x), y)  # (B, F + K)
+        h = self.with_label(self.encoder(x), y)  # (B, n_h + num_classes)
         return self.fc_mu(h), self.fc_logvar(h).clamp(*LOGVAR_RANGE)
 
     def reparameterize(self, mu, logvar):
@@ -143,8 +144,9 @@ class VAE(nn.Module):
 
     @in_eval_mode  # BatchNorm uses its running statistics and does not update them
     def sample(self, n, y=None, generator=None):
-        """n images decoded from z ~ N(0, I) (labels y (n,) if conditional): (n, C, H, W) in
-        [0, 1], without gradients. The model's mode and buffers are left as they were."""
+        """n images decoded from z ~ N(0, I) (labels y (n,) if conditional): (n, C, H, W) in [0, 1],
+        without gradients; generator: a torch.Generator on the model's device, for repeatable draws.
+        The model's mode and buffers are left as they were."""
         device = next(self.parameters()).device
         z = torch.randn(n, self.latent_dim, device=device, generator=generator)
         return self.decode(z, y)
@@ -195,7 +197,7 @@ class ConvVAE(VAE):
 
 
 class MLPVAE(VAE):
-    """Fully connected VAE: D -> hidden[0] -> hidden[1] ... -> latent_dim and back, D = C * H * W.
+    """Fully connected VAE: P -> hidden[0] -> hidden[1] ... -> latent_dim and back, P = C * H * W pixels.
 
     image_size: H = W, any; channels: C; latent_dim: size of z; hidden: the encoder's layer
     widths, reversed in the decoder; num_classes: K > 0 for a conditional VAE (see `VAE`).
@@ -205,8 +207,8 @@ class MLPVAE(VAE):
         super().__init__(image_size, channels, latent_dim, num_classes)
         self.model_args = dict(image_size=image_size, channels=channels, latent_dim=latent_dim,
                                hidden=list(hidden), num_classes=num_classes)
-        d = channels * image_size * image_size
-        enc, n_in = [nn.Flatten()], d  # (B, C, H, W) -> (B, D)
+        pixels = channels * image_size * image_size
+        enc, n_in = [nn.Flatten()], pixels  # (B, C, H, W) -> (B, P)
         for h in hidden:
             enc += [nn.Linear(n_in, h), nn.ReLU()]
             n_in = h
@@ -217,7 +219,7 @@ class MLPVAE(VAE):
         for h in reversed(hidden):
             dec += [nn.Linear(n_in, h), nn.ReLU()]
             n_in = h
-        dec += [nn.Linear(n_in, d), nn.Unflatten(1, (channels, image_size, image_size))]  # logits
+        dec += [nn.Linear(n_in, pixels), nn.Unflatten(1, (channels, image_size, image_size))]  # logits
         self.decoder = nn.Sequential(*dec)
 
 
@@ -257,7 +259,7 @@ def reconstruction_loss(recon_logits, x, recon="bce"):
 
     recon='bce': each pixel Bernoulli with mean sigmoid(logit) (Kingma & Welling 2013,
         Appendix C.1), computed from the logits for stability. x in [0, 1]; it is a
-        normalised likelihood only for binary x (see --binarize).
+        normalised likelihood only for binary x (see `get_batch`).
     recon='mse': each pixel Gaussian with mean sigmoid(logit) and unit variance, without
         the constant 0.5 * log(2 pi) per pixel: 0.5 * squared error.
     Raises ValueError when recon is neither.
@@ -372,9 +374,10 @@ def train_epoch(model, optimizer, images, batch_size=128, beta=1.0, labels=None,
     see `train_step` and `get_batch`. Other code hooks in without changing this loop: `step`
     replaces `train_step`, same signature (Part 2's CUDA graph); `order` the permutation of
     range(N) (Part 2's share of a multi-process run); `on_step(i, stats)` runs after each step
-    i = 1, 2, ... (Part 2's progress bar, signals and non-finite check).
+    i = 1, 2, ... (Part 2's progress bar and non-finite check).
 
-    Returns the epoch's mean loss (recon + beta * kl), recon and kl: a dict, nats per image.
+    Returns the epoch's mean loss (recon + beta * kl, the free-bits floor aside), recon and kl: a
+    dict, nats per image.
     """
     model.train()
     if order is None:
@@ -426,7 +429,7 @@ def evaluate(model, images, beta=1.0, recon="bce", labels=None, batch_size=1000)
                 active_units=int((mu_var > ACTIVE_UNIT_THRESHOLD).sum()))
 
 
-@torch.no_grad()
+@in_eval_mode
 def log_likelihood(model, x, k, y=None, max_decodes=4096, log_px_given_z=None):
     """Importance-weighted estimate of log p(x), in nats per image (Burda et al. 2015, eq. 8):
 
@@ -437,11 +440,11 @@ def log_likelihood(model, x, k, y=None, max_decodes=4096, log_px_given_z=None):
     is concave), so
         log p(x) = log E[(1/K) sum_k w_k] >= E[log (1/K) sum_k w_k]   (the estimate)
                                           >= E[(1/K) sum_k log w_k] = E_q[log w] = ELBO.
-    K = 1 is the ELBO; the bound rises with K (Burda et al., Thm. 1) and reaches log p(x)
-    as K -> infinity, where the average of the w_k becomes their expectation.
+    K = 1 is the ELBO. The first gap (Jensen's) is as large as the spread of the average of the w_k,
+    which shrinks as K grows: the bound rises with K (Burda et al., Thm. 1) and reaches log p(x).
 
     Args:
-        model: any object with `encode`, `decode_logits` and `latent_dim` (call it in eval mode).
+        model: a module with `encode`, `decode_logits` and `latent_dim`; it runs in eval mode.
         x: (B, C, H, W) in [0, 1]; binary for a true Bernoulli likelihood.
         k: the number of importance samples, >= 1; decoded `max_decodes` images at a time.
         y: (B,) labels for a conditional model, whose estimate is then of log p(x|y).
@@ -476,8 +479,8 @@ def log_likelihood(model, x, k, y=None, max_decodes=4096, log_px_given_z=None):
 def interpolate(model, x_a, x_b, steps=10, y_a=None, y_b=None):
     """Decode `steps` points on the line from mu(x_a) to mu(x_b): (steps, C, H, W) in [0, 1].
 
-    x_a, x_b: single images (C, H, W) in [0, 1]. The first and last images are the decoded
-    means of x_a and x_b. A conditional model takes their labels y_a, y_b (ints), and its
+    x_a, x_b: single images (C, H, W) in [0, 1]. The first and last images are decode(mu(x_a))
+    and decode(mu(x_b)). A conditional model takes their labels y_a, y_b (ints), and its
     one-hot label moves from y_a to y_b along with z.
     """
     y = None
@@ -1634,7 +1637,7 @@ def build_parser():
     g.add_argument("--seed", type=_number(int, 0, 4294967295), default=0, help="random seed")
     g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: best")
     g.add_argument("--cuda_graph", choices=("auto", "off"), default="auto", help="auto: on for CUDA")
-    g.add_argument("--grad_clip", type=_number(float, 0.0, 1e6), default=0.0, help="max gradient norm; 0 = off")
+    g.add_argument("--grad_clip", type=_number(float, 0.0, 1e6), default=0.0, help="max gradient norm")
     g.add_argument("--deterministic", action="store_true", help="repeatable CUDA runs, slower (CPU runs are)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out_dir")
