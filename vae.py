@@ -512,6 +512,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch.distributed as dist
 
 
@@ -538,6 +539,7 @@ IMAGE_SIZES = (28, 32, 64, 128)
 FOLDER_DEFAULTS = (3, 64)  # channels and side of a folder's images unless --channels / --image_size
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 FOLDER_SPLIT_SEED, FOLDER_TEST_FRACTION = 0, 0.1  # one fixed test split of a folder, whatever --seed
+MAX_PIXELS = 50_000_000  # of one decoded image: 150 MB in RGB, for each of the threads that read
 
 
 def dataset_files(name, data_dir):
@@ -649,15 +651,27 @@ def list_images(root, seen=None):
 
 
 def load_image(path, image_size, channels):
-    """One image file -> (channels, image_size, image_size) uint8: RGB or gray, its shorter side
-    resized to image_size (antialiased), centre-cropped. UserError names a file PIL cannot read."""
+    """One image file -> (channels, image_size, image_size) uint8: its centre square, resized to
+    image_size (antialiased), as RGB or gray. Pixels of more than 8 bits are scaled by their mode's
+    range (16 or 32 bits; floats as [0, 1]). A JPEG is decoded at the smallest scale that keeps
+    image_size; an image still over MAX_PIXELS is refused. UserError names a file it cannot read."""
     from PIL import Image
-    from torchvision.transforms import functional as TF
+    from torchvision.transforms.functional import pil_to_tensor, resize
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB" if channels == 3 else "L")  # also palette, alpha and 16-bit images
-        return TF.pil_to_tensor(TF.center_crop(TF.resize(im, image_size, antialias=True), image_size))
+            im.draft("RGB" if channels == 3 else "L", (image_size, image_size))
+            if im.width * im.height > MAX_PIXELS:
+                raise ValueError(f"{im.width}x{im.height} pixels, over the {MAX_PIXELS:,} that vae.py decodes")
+            side = min(im.size)  # cropped before it is resized, so that nothing long is ever made longer
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side))
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                scale = 1.0 if im.mode == "F" else 65535 if im.mode.startswith("I;16") else 2 ** 32 - 1
+                pixels = torch.from_numpy(np.asarray(im, dtype=np.float64) / scale * 255)
+                im = Image.fromarray(pixels.clamp(0, 255).round().to(torch.uint8).numpy())
+            im = im.convert("RGB" if channels == 3 else "L")  # also palette and alpha images
+        return pil_to_tensor(resize(im, [image_size, image_size], antialias=True))
     except Exception as e:  # PIL raises many types for a broken file
         raise UserError(f"cannot read the image '{path}' ({type(e).__name__}: {e}); remove or replace "
                         f"that file.") from None
