@@ -703,7 +703,7 @@ def write_image_folder(root, classes=("circle", "square", "stripes"), per_class=
         for i in range(per_class):
             h, w = (int(v) for v in torch.randint(40, 90, (2,), generator=g))
             img = torch.rand(h, w, 3, generator=g) * 60
-            img[..., c] += 150  # the class shows in its colour channel
+            img[..., c % 3] += 150  # the class shows in its colour channel
             if c == 2:
                 img[::6] = 255
             Image.fromarray(img.clamp(0, 255).to(torch.uint8).numpy()).save(folder / f"{name}{c}_{i:02d}{ext}")
@@ -909,7 +909,7 @@ def test_one_run_end_to_end(mnist_dir, tmp_path):
     args = vae.parse_args(["--data_dir", mnist_dir, "--epochs", "2", "--batch_size", "64",
                            "--latent_dim", "8", "--out_dir", str(out), "--device", "cpu"])
     model, history = vae.train(args)
-    written = sorted(os.listdir(out))
+    written = sorted(f for f in os.listdir(out) if not f.startswith("."))  # .lock: the run's lock
     assert written == ["best_worst.png", "checkpoint.pt", "class_means.png", "config.json", "evaluation.json",
                        "interpolation.png", "latent_distribution.png", "latent_pca.png", "loss_curves.png",
                        "metrics.csv", "per_class.csv", "recon_error_hist.png", "reconstructions_epoch001.png",
@@ -987,10 +987,13 @@ def test_a_run_refuses_a_folder_with_another_runs_files_and_overwrite_clears_the
 
 
 def test_collapse_warning():
-    assert vae.collapse_warning(kl=5.0, active_units=3) is None
+    assert vae.collapse_warning(kl=5.0, active_units=3, n_images=100) is None
     for kl, au in ((0.05, 3), (5.0, 0)):
-        text = vae.collapse_warning(kl, au)
+        text = vae.collapse_warning(kl, au, n_images=100)
         assert text.startswith("warning: posterior collapse") and "--kl_warmup" in text and "--free_bits" in text
+    # a handful of test images has no variance to speak of: only the KL can tell (fault kind 1)
+    assert vae.collapse_warning(kl=5.0, active_units=0, n_images=1) is None
+    assert vae.collapse_warning(kl=0.01, active_units=0, n_images=1) is not None
 
 
 def test_the_loss_curves_title_names_the_beta_of_every_epoch(tmp_path, monkeypatch):
@@ -1019,7 +1022,7 @@ def test_latent_distribution_counts_and_colours_the_same_active_units(tmp_path, 
     ax_kl = figures[0].axes[2]
     blue = [bar for bar in ax_kl.patches if bar.get_facecolor()[:3] == (0.12156862745098039, 0.4666666666666667,
                                                                         0.7058823529411765)]  # C0
-    assert len(blue) == 2 and "2 of 6 units active" in ax_kl.get_title()
+    assert len(blue) == 2 and "2 of 6 active" in ax_kl.get_title()
 
 
 def test_conditional_run_writes_a_grid_per_class_and_its_checkpoint_evaluates(mnist_dir, tmp_path):
@@ -1068,14 +1071,18 @@ def test_two_processes_train_together_and_write_one_set_of_outputs(mnist_dir, tm
     assert state["config"]["epochs"] == 3 and model.latent_dim == 4
 
 
-def test_one_process_under_torchrun_is_the_plain_run(mnist_dir, tmp_path):
-    rc, _, err = torchrun(1, quick_run(mnist_dir, tmp_path / "ddp", "--epochs", "2"), cwd=tmp_path)
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_one_process_under_torchrun_is_the_plain_run(mnist_dir, tmp_path, device):
+    rc, _, err = torchrun(1, quick_run(mnist_dir, tmp_path / "ddp", "--epochs", "2", "--device", device), cwd=tmp_path)
     assert rc == 0, err
-    vae.main(quick_run(mnist_dir, tmp_path / "plain", "--epochs", "2"))
-    assert metrics_without_timing(tmp_path / "ddp" / "metrics.csv") == \
-        metrics_without_timing(tmp_path / "plain" / "metrics.csv")
+    vae.main(quick_run(mnist_dir, tmp_path / "plain", "--epochs", "2", "--device", device))
+    ddp, plain = (metrics_without_timing(tmp_path / d / "metrics.csv") for d in ("ddp", "plain"))
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in ("ddp", "plain"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    if device == "cpu":  # the same arithmetic in the same order: the same bits
+        assert ddp == plain and all(torch.equal(a[k], b[k]) for k in a)
+    else:  # the plain run replays a CUDA graph, DDP steps eagerly: the same maths, rounded differently
+        for row_a, row_b in zip(ddp, plain):
+            assert float(row_a["test_loss"]) == pytest.approx(float(row_b["test_loss"]), rel=0.02)
 
 
 def test_torchrun_needs_a_batch_that_the_processes_can_share(mnist_dir, tmp_path):
@@ -1335,14 +1342,227 @@ def test_an_out_dir_that_cannot_be_made_gets_one_sentence(tmp_path, mnist_dir):
     assert "cannot create --out_dir" in err and "choose another folder" in err
 
 
-def test_a_full_disk_gets_one_sentence_and_keeps_the_previous_files(tmp_path, mnist_dir):
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MB file system of its own (tmpfs), mounted for the test: a disk that can really fill up."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("this machine does not let the test mount a tmpfs")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_gets_one_sentence_and_keeps_the_previous_checkpoint(small_disk, mnist_dir):
+    run = small_disk / "run"
+    vae.main(quick_run(mnist_dir, run, "--epochs", "1"))
+    before = (run / "checkpoint.pt").read_bytes()
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(b"\0" * (free - 200_000))  # room for less than one checkpoint
+    rc, out, err = cli(quick_run(mnist_dir, run, "--epochs", "2", "--resume"))
+    assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "No space left on device" in err and "previous version, if any, is intact" in err
+    assert (run / "checkpoint.pt").read_bytes() == before
+    assert not [p for p in os.listdir(run) if p.startswith(".tmp-")]
+
+
+# ----------------------------------------------------------------------------
+# The tool: the kinds of fault an outside test found, each with the case that showed it
+
+
+def test_fault_tiny_data_one_test_image_and_one_latent_dimension(tmp_path, capsys):
+    data = tmp_path / "images"
+    write_image_folder(data / "train", classes=("a", "b"), per_class=6)
+    write_image_folder(data / "val", classes=("a",), per_class=1, seed=1)  # the whole test split: one image
+    out = tmp_path / "out"
+    history = vae.main(["--dataset", "folder", "--data_dir", str(data), "--image_size", "32", "--latent_dim", "1",
+                        "--width", "4", "--epochs", "2", "--out_dir", str(out), "--device", "cpu"])
+    assert len(history) == 2
+    assert {"latent_pca.png", "latent_distribution.png", "class_means.png", "best_worst.png"} <= set(os.listdir(out))
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    if evaluation["test_kl"] >= 0.1:  # a KL worth the name: one image says nothing of the active units
+        assert "posterior collapse" not in capsys.readouterr().out
+
+
+def test_fault_class_names_that_matplotlib_would_read_as_mathematics(tmp_path, monkeypatch):
+    names = ("$x$", "a$b", "$x^$", "$\\notacommand$", "50% off_{1}")  # mathtext: italics, or a crash
+    data = write_image_folder(tmp_path / "images" / "train", classes=names, per_class=3).parent
+    write_image_folder(data / "val", classes=names, per_class=1, seed=1)
+    figures, out = capture_figures(monkeypatch), tmp_path / "out"
+    vae.main(["--dataset", "folder", "--data_dir", str(data), "--image_size", "32", "--latent_dim", "2",
+              "--width", "4", "--epochs", "1", "--out_dir", str(out), "--device", "cpu"])
+    with open(out / "per_class.csv") as f:
+        assert [row["name"] for row in csv.DictReader(f)] == sorted(names)  # the literal names
+    assert json.loads((out / "config.json").read_text())["classes"] == sorted(names)
+    shown = [t.get_text() for fig in figures for ax in fig.axes for t in ax.get_yticklabels() + ax.texts]
+    shown += [t.get_text() for fig in figures for ax in fig.axes if ax.get_legend() for t in ax.get_legend().texts]
+    assert all(name.replace("$", r"\$") in shown for name in names)  # drawn as text: every $ escaped
+
+
+def test_fault_checkpoint_mode_never_writes_into_another_runs_folder(mnist_dir, tmp_path, capsys):
+    vae.main(quick_run(mnist_dir, tmp_path / "a", "--epochs", "1"))
+    vae.main(quick_run(mnist_dir, tmp_path / "b", "--epochs", "1", "--seed", "1"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as e:
+            vae.main(["--checkpoint", str(tmp_path / "a" / "checkpoint.pt"), "--out_dir", str(tmp_path / "b"), *extra])
+        assert e.value.code == 2 and "holds a training run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
+
+
+def test_fault_advice_only_when_following_it_works(mnist_dir, tmp_path, monkeypatch, capsys):
     vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    code = ("import errno, os, sys, vae\n"
-            "def full(fd): raise OSError(errno.ENOSPC, 'No space left on device')\n"
-            "os.fsync = full\n"
-            f"vae.main({[str(a) for a in quick_run(mnist_dir, tmp_path, '--epochs', '2', '--resume')]!r})\n")
-    result = run_python(code, tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "No space left on device" in result.stderr and "previous version, if any, is intact" in result.stderr
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file left behind either
+    calls, real_step = [0], vae.train_step
+
+    def interrupted_step(*args, **kwargs):  # Ctrl-C in the second step of the new run's first epoch
+        calls[0] += 1
+        if calls[0] == 2:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(vae, "train_step", interrupted_step)
+    with pytest.raises(SystemExit) as e:
+        vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1", "--overwrite"))
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "stopped by SIGINT in epoch 1; no epoch had finished" in err
+    assert "--resume" not in err and not (tmp_path / "checkpoint.pt").exists()  # the old run is gone
+
+
+def test_fault_divergence_in_the_last_step_of_an_epoch_keeps_the_last_good_checkpoint(mnist_dir, tmp_path,
+                                                                                        monkeypatch, capsys):
+    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))  # 5 steps per epoch
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    blow_up_after(monkeypatch, 5)  # the resumed run's 5th step: the last of epoch 2; its own numbers are finite
+    with pytest.raises(SystemExit) as e:
+        vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "3", "--resume"))
+    err = capsys.readouterr().err
+    assert e.value.code == 3 and "the test loss became non-finite after epoch 2" in err
+    assert "the checkpoint of epoch 1" in err and (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert [int(r["epoch"]) for r in metrics_without_timing(tmp_path / "metrics.csv")] == [1]  # no NaN row
+
+
+@pytest.mark.parametrize("mode, value, expected", [("I;16", 32768, 128), ("I;16", 65535, 255), ("I", 2 ** 30, 128),
+                                                   ("F", 0.5, 128), ("L", 128, 128)])
+def test_fault_images_deeper_than_8_bits_are_scaled_by_their_range(tmp_path, mode, value, expected):
+    import numpy as np
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32, "L": np.uint8}[mode]
+    path = tmp_path / ("image.png" if mode in ("I;16", "L") else "image.tif")
+    Image.fromarray(np.full((20, 30), value, dtype)).save(path)
+    for channels in (1, 3):
+        x = vae.load_image(path, 16, channels)
+        assert x.shape == (channels, 16, 16) and abs(x.float().mean().item() - expected) <= 1
+
+
+def test_fault_a_very_long_image_is_never_decoded_beyond_its_size(tmp_path):
+    Image.new("L", (300_000, 1), 200).save(tmp_path / "long.png")  # a few KB on disk
+    code = ("import resource, vae; before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+            f"x = vae.load_image({str(tmp_path / 'long.png')!r}, 64, 3); "
+            "print(tuple(x.shape), int(x.float().mean()), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss "
+            "- before) // 1024)")
+    r = run_python(code, tmp_path)
+    shape, mean, grown_mb = r.stdout.rsplit(")", 1)[0] + ")", *r.stdout.rsplit(")", 1)[1].split()
+    assert r.returncode == 0 and shape == "(3, 64, 64)" and mean == "200", r.stderr
+    assert int(grown_mb) < 200  # resizing the long side first would take gigabytes
+
+
+def test_fault_a_huge_image_is_refused_with_its_name(tmp_path, monkeypatch):
+    Image.new("RGB", (300, 200)).save(tmp_path / "big.png")
+    monkeypatch.setattr(vae, "MAX_PIXELS", 50_000)
+    with pytest.raises(vae.UserError, match=r"big.png' \(ValueError: 300x200 pixels, more than the 50,000"):
+        vae.load_image(tmp_path / "big.png", 32, 3)
+
+
+def test_fault_two_runs_into_one_folder(mnist_dir, tmp_path):
+    first = subprocess.Popen([sys.executable, os.path.join(HERE, "vae.py"),
+                              *quick_run(mnist_dir, tmp_path, "--epochs", "100000")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "checkpoint.pt").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        rc, out, err = cli(quick_run(mnist_dir, tmp_path, "--epochs", "1", "--overwrite"))
+        assert rc == 2 and f"another run is writing into '{tmp_path}' now" in err
+        assert first.poll() is None and (tmp_path / "checkpoint.pt").exists()  # the first one goes on
+    finally:
+        first.kill()  # as a crash would: the lock goes with the process
+        first.wait()
+    rc, out, err = cli(quick_run(mnist_dir, tmp_path, "--epochs", str(vae.load_checkpoint(
+        tmp_path / "checkpoint.pt")[1]["epoch"] + 1), "--resume"))
+    assert rc == 0, err
+
+
+def test_fault_class_counts_that_differ_from_the_checkpoints(tmp_path, capsys):
+    three, two = (write_image_folder(tmp_path / n, classes=c, per_class=4) for n, c in
+                  (("three", ("a", "b", "c")), ("two", ("a", "b"))))
+    run = ["--dataset", "folder", "--image_size", "32", "--width", "4", "--latent_dim", "2", "--device", "cpu",
+           "--conditional"]
+    vae.main([*run, "--data_dir", str(three), "--epochs", "1", "--out_dir", str(tmp_path / "run")])
+    for argv, sentence in ((["--resume", "--out_dir", str(tmp_path / "run"), "--epochs", "2", "--data_dir", str(two)],
+                            "conditional on 3 classes, and the data in"),
+                           (["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--data_dir", str(two)],
+                            "the model is conditional on 3 classes, and the data in")):
+        with pytest.raises(SystemExit) as e:
+            vae.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and sentence in err and "has 2" in err
+
+
+def _edit(state, what):
+    if what == "no history":
+        del state["history"]
+    elif what == "epoch as text":
+        state["epoch"] = "1"
+    elif what == "latent_dim as text":
+        state["config"]["latent_dim"] = "4"
+    elif what == "no image size":
+        del state["config"]["image_size"]
+    elif what == "random state":
+        state["rng"]["cpu"] = [1, 2, 3]
+    elif what == "optimizer shapes":
+        first = next(iter(state["optimizer"]["state"].values()))
+        first["exp_avg"] = first["exp_avg"][:1]
+
+
+@pytest.mark.parametrize("what, field", [("no history", "history"), ("epoch as text", "epoch"),
+                                         ("latent_dim as text", "latent_dim"), ("no image size", "image size"),
+                                         ("random state", "random state"), ("optimizer shapes", "optimizer")])
+def test_fault_an_edited_checkpoint_names_its_first_wrong_field(good_checkpoint, tmp_path, what, field):
+    run = tmp_path / "run"
+    run.mkdir()
+    state = torch.load(good_checkpoint, weights_only=True)
+    _edit(state, what)
+    torch.save(state, run / "checkpoint.pt")
+    for argv in (["--resume", "--out_dir", run, "--epochs", "5"], ["--checkpoint", run / "checkpoint.pt"]):
+        rc, out, err = cli(argv)
+        assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert f"is not a whole checkpoint of a vae.py run: its {field} is missing" in err
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", "1e20"), ("--seed", "-1"), ("--latent_dim", "100000000000"),
+                                         ("--width", "99999"), ("--batch_size", "10000000"), ("--epochs", "1e9"),
+                                         ("--nll_samples", "100000000"), ("--free_bits", "inf")])
+def test_fault_numbers_out_of_range_are_refused_before_anything_is_made(tmp_path, flag, value):
+    rc, out, err = cli(["--data_dir", tmp_path / "none", "--out_dir", tmp_path / "out", flag, value])
+    assert rc == 2 and f"argument {flag}: expected" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fault_file_system_oddities_in_a_data_folder(tmp_path, monkeypatch):
+    data = write_image_folder(tmp_path / "images" / "train", classes=("a", "b"), per_class=5)
+    write_image_folder(tmp_path / "images" / "val", classes=("a", "b"), per_class=1, seed=1)
+    os.symlink(data / "a", data / "a" / "loop")  # a folder that contains itself
+    train_file = sorted((data / "b").iterdir())[0]
+    os.symlink(train_file, tmp_path / "images" / "val" / "b" / "leak.png")  # a training image in the test split
+    os.mkfifo(data / "a" / "pipe.png")  # reading it would wait forever
+    loaded = vae.load_folder(str(tmp_path / "images"), 32, 3)
+    assert loaded["train_x"].shape[0] == 10 and loaded["test_x"].shape[0] == 2  # each real file once
+    real_scandir = os.scandir
+
+    def unreadable(path):
+        if str(path).endswith(os.path.join("train", "b")):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", unreadable)
+    with pytest.raises(vae.UserError, match=r"cannot list the folder '.*train/b' \(Permission denied\)"):
+        vae.load_folder(str(tmp_path / "images"), 32, 3)

@@ -518,7 +518,8 @@ import torch.distributed as dist
 
 class UserError(Exception):
     """A problem with the user's input or machine: `main` prints it as one sentence, without a
-    traceback, and exits with `exit_code`: 2 bad input, 3 diverged, 130 SIGINT, 143 SIGTERM."""
+    traceback, and exits with `exit_code`: 1 a file cannot be written, 2 bad input, 3 diverged,
+    130 SIGINT, 143 SIGTERM."""
 
     def __init__(self, message, exit_code=2):
         super().__init__(message)
@@ -653,8 +654,9 @@ def list_images(root, seen=None):
 def load_image(path, image_size, channels):
     """One image file -> (channels, image_size, image_size) uint8: its centre square, resized to
     image_size (antialiased), as RGB or gray. Pixels of more than 8 bits are scaled by their mode's
-    range (16 or 32 bits; floats as [0, 1]). A JPEG is decoded at the smallest scale that keeps
-    image_size; an image still over MAX_PIXELS is refused. UserError names a file it cannot read."""
+    range (16 bits, or 32-bit signed integers; floats as [0, 1]). A JPEG is decoded at the smallest
+    scale that keeps image_size; an image still over MAX_PIXELS is refused. UserError names a file
+    it cannot read."""
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor, resize
 
@@ -662,12 +664,12 @@ def load_image(path, image_size, channels):
         with Image.open(path) as im:
             im.draft("RGB" if channels == 3 else "L", (image_size, image_size))
             if im.width * im.height > MAX_PIXELS:
-                raise ValueError(f"{im.width}x{im.height} pixels, over the {MAX_PIXELS:,} that vae.py decodes")
+                raise ValueError(f"{im.width}x{im.height} pixels, more than the {MAX_PIXELS:,} it decodes")
             side = min(im.size)  # cropped before it is resized, so that nothing long is ever made longer
             left, top = (im.width - side) // 2, (im.height - side) // 2
             im = im.crop((left, top, left + side, top + side))
             if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-                scale = 1.0 if im.mode == "F" else 65535 if im.mode.startswith("I;16") else 2 ** 32 - 1
+                scale = 1.0 if im.mode == "F" else 65535 if im.mode.startswith("I;16") else 2 ** 31 - 1
                 pixels = torch.from_numpy(np.asarray(im, dtype=np.float64) / scale * 255)
                 im = Image.fromarray(pixels.clamp(0, 255).round().to(torch.uint8).numpy())
             im = im.convert("RGB" if channels == 3 else "L")  # also palette and alpha images
@@ -959,7 +961,7 @@ def _atomic_write(path, write):
                 os.remove(tmp)
         if isinstance(e, OSError):
             raise UserError(f"cannot write '{path}' ({e.strerror or e}); its previous version, if any, is "
-                            f"intact: free some space or choose another --out_dir.") from None
+                            f"intact: free some space or choose another --out_dir.", 1) from None
         raise
 
 
@@ -998,20 +1000,32 @@ def refuse_other_run(out_dir, overwrite, training=True):
                         f"choose another --out_dir.")
 
 
-def prepare_output_dir(out_dir, overwrite=False):
-    """Create out_dir and remove a killed run's temporary files; with `overwrite`, every file of the
-    earlier run and of its evaluations in eval/, too. UserError if the folder is unusable."""
+def prepare_output_dir(out_dir, overwrite=False, resume=False, training=True):
+    """Create out_dir and lock it: returns the open lock file, which this process holds until it
+    closes it or exits (a crash leaves no stale lock), so that a second run into the folder refuses
+    at once. Then remove a killed run's temporary files and, with `overwrite`, every file of the
+    earlier run, and of its evaluations in eval/. UserError if the folder is unusable or locked."""
+    import fcntl
+
     try:
         os.makedirs(out_dir, exist_ok=True)
+        lock = open(os.path.join(out_dir, ".lock"), "a")
     except OSError as e:
         raise UserError(f"cannot create --out_dir '{out_dir}' ({e.strerror}); choose another "
                         f"folder.") from None
-    if not os.access(out_dir, os.W_OK):
-        raise UserError(f"--out_dir '{out_dir}' is not writable; choose another folder.")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise UserError(f"another run is writing into '{out_dir}' now; let it finish, or choose another "
+                        f"--out_dir.") from None
+    if not resume:  # again, now that no other run can write here
+        refuse_other_run(out_dir, overwrite, training)
     for folder in (out_dir, os.path.join(out_dir, "eval")) if overwrite else (out_dir,):
         for name in run_files(folder):
             if overwrite or name.startswith(".tmp-"):
                 os.remove(os.path.join(folder, name))
+    return lock
 
 
 def save_checkpoint(path, model, optimizer=None, **extra):
@@ -1023,7 +1037,9 @@ def save_checkpoint(path, model, optimizer=None, **extra):
     state.update(extra)
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
-    _atomic_write(path, lambda f: torch.save(state, f))
+    buffer = io.BytesIO()  # torch's zip writer turns a full disk into an unclear RuntimeError; a file doesn't
+    torch.save(state, buffer)
+    _atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path, device="cpu"):
@@ -1064,7 +1080,33 @@ def load_checkpoint(path, device="cpu"):
     except (RuntimeError, TypeError, AttributeError):
         raise UserError(f"'{path}' comes from an incompatible model: its weights do not fit the "
                         f"{type(model).__name__}({model.model_args}) that it describes.") from None
+    if "config" in state:
+        _check_run_state(state, model, path)
     return model.to(device).eval(), state
+
+
+def _check_run_state(state, model, path):
+    """UserError naming the first field of a run's checkpoint that is missing or not what vae.py wrote."""
+    def need(ok, field):
+        if not ok:
+            raise UserError(f"'{path}' is not a whole checkpoint of a vae.py run: its {field} is missing or "
+                            f"not what vae.py writes; use another checkpoint.")
+    config, history, rng, adam = (state.get(k) for k in ("config", "history", "rng", "optimizer"))
+    need(isinstance(config, dict), "config")
+    for key, default in vars(build_parser().parse_args([])).items():  # each setting has its flag's type
+        if default is not None and key in config:
+            value = config[key]
+            need(isinstance(value, type(default)) or type(default) is float and type(value) is int, f"{key}")
+    need(all(type(config.get(k)) is int for k in ("image_size", "channels")), "image size")
+    need(type(state.get("epoch")) is int, "epoch")
+    need(isinstance(history, list) and len(history) == state["epoch"] and all(
+        isinstance(row, dict) and {"epoch", "beta", "train_loss", "test_loss"} <= set(row)
+        for row in history), "history")
+    need(isinstance(rng, dict) and torch.is_tensor(rng.get("cpu")) and isinstance(rng.get("cuda"), list),
+         "random state")
+    need(isinstance(adam, dict) and isinstance(adam.get("state"), dict) and all(
+        isinstance(s, dict) and torch.is_tensor(s.get("exp_avg")) and s["exp_avg"].shape == p.shape
+        for p, s in zip(model.parameters(), adam["state"].values())), "optimizer")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1078,6 +1120,10 @@ def _figure(width, height):
     from matplotlib.figure import Figure  # imported here: only the figures need matplotlib
 
     return Figure(figsize=(width, height), layout="constrained")
+
+
+def _literal(name):
+    return str(name).replace("$", r"\$")  # matplotlib reads $...$ as mathematics; a folder name is text
 
 
 def save_grid(images, path, nrow):
@@ -1095,7 +1141,7 @@ def _grid_figure(rows, row_labels, title, path, col_labels=None):
     h, w = grid.shape[1:]
     ax = _figure(1.5 + w / 50, 0.6 + h / 50).subplots()
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_yticks([2 + (h - 2) / r * (i + 0.5) for i in range(r)], row_labels)
+    ax.set_yticks([2 + (h - 2) / r * (i + 0.5) for i in range(r)], [_literal(t) for t in row_labels])
     ax.set_xticks([] if col_labels is None else [2 + (w - 2) / n * (i + 0.5) for i in range(n)], col_labels)
     ax.tick_params(length=0)
     ax.set_title(title)
@@ -1172,7 +1218,7 @@ def save_latent_distribution(mu, logvar, stats, path):
     active = [stats["mu_var"][d] > ACTIVE_UNIT_THRESHOLD for d in order]
     ax_kl.bar(range(len(kl)), kl[order].numpy(), color=["C0" if a else "C7" for a in active])
     ax_kl.set_xticks(range(len(kl)), [str(d) for d in order], fontsize=6)
-    ax_kl.set(title=f"KL per dimension, sorted: {sum(active)} of {len(kl)} units active (blue)",
+    ax_kl.set(title=f"KL per dimension: {sum(active)} of {len(kl)} active (blue)",
               xlabel="latent dimension", ylabel="nats per image")
     ax_mu.legend()
     ax_sigma.legend()
@@ -1215,14 +1261,15 @@ def save_latent_pca(mu, labels, classes, path):
     and names; None for unlabelled images: one colour)."""
     centered = mu - mu.mean(0)
     _, s, v = torch.linalg.svd(centered, full_matrices=False)
-    proj, explained = centered @ v[:2].T, (s[:2] ** 2 / (s ** 2).sum()).tolist()  # (N, 2)
+    proj = torch.cat([centered @ v[:2].T, torch.zeros(len(mu), 2)], dim=1)  # (N, 2): 0 when D = 1
+    explained = (s ** 2 / (s ** 2).sum().clamp(min=1e-12)).tolist() + [0.0]  # 0 for one image
     ax = _figure(6.5, 5.5).subplots()
     if labels is None:
         ax.scatter(proj[:, 0], proj[:, 1], s=2, alpha=0.5)
     else:
         for c in sorted(set(labels.tolist())):
             pts = proj[labels == c]
-            ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, color=f"C{c % 10}", label=str(classes[c]))
+            ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, color=f"C{c % 10}", label=_literal(classes[c]))
         ax.legend(markerscale=6, title="class", loc="best", fontsize=8)
     ax.set(title="test-set means mu, first two principal components",
            xlabel=f"PC 1 ({explained[0]:.0%} of variance)", ylabel=f"PC 2 ({explained[1]:.0%} of variance)")
@@ -1321,10 +1368,10 @@ def evaluate_nll(model, images, k, labels=None, batch_size=100):
     return nll, nll / (images[0].numel() * math.log(2))
 
 
-def collapse_warning(kl, active_units):
-    """A warning when the posterior has collapsed onto the prior (no active unit, or a KL under 0.1
-    nats per image: the decoder ignores z; Bowman et al. 2016, Sec. 3.1), else None."""
-    if active_units > 0 and kl >= 0.1:
+def collapse_warning(kl, active_units, n_images):
+    """A warning when the posterior has collapsed onto the prior (a KL under 0.1 nats per image, or no
+    active unit among at least 10 images: the decoder ignores z; Bowman et al. 2016), else None."""
+    if kl >= 0.1 and (active_units > 0 or n_images < 10):  # fewer images tell too little of a variance
         return None
     return (f"warning: posterior collapse: the test KL is {kl:.3f} nats and {active_units} latent units are "
             f"active, so q(z|x) is the prior and the decoder ignores z; try --kl_warmup 10, --free_bits 0.5 "
@@ -1387,7 +1434,7 @@ class Run:
         self.args, self.device, self.rank, self.world = args, device, rank, world
         self.load_data()
         if rank == 0:  # the data is good: now the folder may be made, and an earlier run cleared
-            prepare_output_dir(args.out_dir, args.overwrite)
+            self.lock = prepare_output_dir(args.out_dir, args.overwrite, args.resume)
         self.build_model(state)
         if rank == 0:
             save_json(self.config, os.path.join(args.out_dir, "config.json"))
@@ -1424,6 +1471,10 @@ class Run:
         # DDP's gradient exchange would not be in the graph, so there is none under torchrun.
         graph = args.cuda_graph == "auto" and device.type == "cuda" and not distributed
         num_classes = len(self.classes) if args.conditional else 0
+        if state is not None and state["config"].get("num_classes", 0) != num_classes:
+            saved = state["config"].get("num_classes", 0)
+            raise UserError(f"the checkpoint's model is conditional on {saved} classes, and the data in "
+                            f"'{args.data_dir}' has {num_classes}; resume it on its own data.")
         model = build_model(args.model, args.image_size, args.channels, args.latent_dim, args.width,
                             num_classes)
         self.model, self.step_model, self.optimizer = setup_training(model, args.lr, device, distributed)
@@ -1483,6 +1534,10 @@ class Run:
             if self.rank > 0:  # the test set is small: rank 0 evaluates it while the others go on
                 continue
             te = evaluate(self.model, self.test_x, beta, args.recon, self.test_y)
+            if not all(map(math.isfinite, (te["loss"], te["recon"], te["kl"]))):  # the last step diverged
+                raise UserError(f"the test loss became non-finite after epoch {epoch} (recon "
+                                f"{te['recon']:.4g}, kl {te['kl']:.4g}), so training stopped; "
+                                f"{self.saved()}; try a lower --lr (now {args.lr:g}) or --grad_clip 10.", 3)
             r = dict(epoch=epoch, beta=beta, **{f"train_{k}": v for k, v in tr.items()}, test_loss=te["loss"],
                      test_recon=te["recon"], test_kl=te["kl"], test_active_units=te["active_units"],
                      seconds=time.perf_counter() - t0, images_per_sec=len(self.train_x) / train_seconds)
@@ -1491,8 +1546,9 @@ class Run:
                   f"recon {r['train_recon']:8.3f} kl {r['train_kl']:7.3f} | test loss {r['test_loss']:8.3f} "
                   f"recon {r['test_recon']:8.3f} kl {r['test_kl']:7.3f} | AU {r['test_active_units']:3d} | "
                   f"{r['seconds']:6.2f} s {r['images_per_sec']:7.0f} img/s", flush=True)
-            if collapse_warning(te["kl"], te["active_units"]):
-                print(collapse_warning(te["kl"], te["active_units"]), flush=True)
+            warning = collapse_warning(te["kl"], te["active_units"], len(self.test_x))
+            if warning:
+                print(warning, flush=True)
             if epoch in (1, 5, 15, args.epochs):
                 save_reconstructions(self.model, fixed, os.path.join(args.out_dir, f"reconstructions_epoch"
                                      f"{epoch:03d}.png"), None if self.test_y is None else self.test_y[:16])
@@ -1537,9 +1593,9 @@ def train(args, explicit=()):
                 run.fit()
             except KeyboardInterrupt as e:  # every file is written atomically: the last checkpoint is whole
                 signum = e.args[0] if e.args else signal.SIGINT
+                hint = f"; continue with: python vae.py --resume --out_dir {args.out_dir}"
                 raise UserError(f"stopped by {signal.Signals(signum).name} in epoch {len(run.history) + 1}; "
-                                f"{run.saved()}; continue with: python vae.py --resume --out_dir "
-                                f"{args.out_dir}", 128 + signum) from None
+                                f"{run.saved()}{hint if run.saved_epoch else ''}", 128 + signum) from None
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, on_sigterm)
@@ -1567,6 +1623,9 @@ def evaluate_checkpoint(args, explicit=()):
         print(f"note: --checkpoint evaluates the saved model as it was trained, so it ignores "
               f"{', '.join(ignored)}", flush=True)
     out_dir = args.out_dir or os.path.join(os.path.dirname(args.checkpoint), "eval")
+    if {"checkpoint.pt", "metrics.csv"} & set(run_files(out_dir)):  # not even with --overwrite
+        raise UserError(f"'{out_dir}' holds a training run, which an evaluation must not change; leave "
+                        f"--out_dir out (eval/ beside the checkpoint) or choose another folder.")
     refuse_other_run(out_dir, args.overwrite, training=False)
     device = select_device(args.device, args.deterministic)
     torch.manual_seed(args.seed)
@@ -1580,7 +1639,10 @@ def evaluate_checkpoint(args, explicit=()):
     c = config
     data_dir = args.data_dir or c["data_dir"] or ("./mnist" if c["dataset"] == "mnist" else "./data")
     data = load_dataset(c["dataset"], data_dir, c["image_size"], c["channels"], c["binarize"])
-    prepare_output_dir(out_dir, args.overwrite)
+    if model.num_classes != len(data["classes"] or ()) and model.num_classes:
+        raise UserError(f"the model is conditional on {model.num_classes} classes, and the data in "
+                        f"'{data_dir}' has {len(data['classes'] or ())}; give --data_dir its own data.")
+    lock = prepare_output_dir(out_dir, args.overwrite, training=False)  # noqa: F841 (held while it writes)
     print(f"{type(model).__name__} from {args.checkpoint} (epoch {state.get('epoch', '?')}), device "
           f"{device}, writing to {out_dir}", flush=True)
     return report(model, data["test_x"].to(device), data["test_y"], config, out_dir, args.nll_samples,
@@ -1699,11 +1761,11 @@ def main(argv=None):
             print(f"vae.py: error: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt:  # outside the training loop
-        print("vae.py: interrupted; the last saved checkpoint is intact.", file=sys.stderr)
+        print("vae.py: interrupted.", file=sys.stderr)
         raise SystemExit(130) from None
     except OSError as e:  # e.g. a full disk while writing a figure
         print(f"vae.py: error: {e.strerror or e} ({e.filename or 'no file name'}).", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
