@@ -1497,9 +1497,8 @@ class Run:
               f"{sum(p.numel() for p in model.parameters()):,} parameters, latent_dim {args.latent_dim}, "
               f"{len(self.train_x):,} train / {len(self.test_x):,} test {args.dataset} images of "
               f"{args.channels}x{args.image_size}x{args.image_size}{' binarized' if args.binarize else ''}, "
-              f"device {device}"
-              f"{f' x {self.world} processes' if self.world > 1 else ''}{', CUDA graph' if graph else ''}, "
-              f"writing to {args.out_dir}", flush=True)
+              f"device {device}{f' x {self.world} processes' if self.world > 1 else ''}"
+              f"{', CUDA graph' if graph else ''}, writing to {args.out_dir}", flush=True)
 
     def saved(self):
         """What the run has saved, for the sentence that stops it."""
@@ -1636,9 +1635,9 @@ def evaluate_checkpoint(args, explicit=()):
     if args.nll_samples > 0 and config["recon"] != "bce":
         raise UserError(f"--nll_samples needs a model trained with --recon bce, the Bernoulli likelihood; "
                         f"this checkpoint used --recon {config['recon']}.")
-    c = config
-    data_dir = args.data_dir or c["data_dir"] or ("./mnist" if c["dataset"] == "mnist" else "./data")
-    data = load_dataset(c["dataset"], data_dir, c["image_size"], c["channels"], c["binarize"])
+    dataset = config["dataset"]
+    data_dir = args.data_dir or config["data_dir"] or ("./mnist" if dataset == "mnist" else "./data")
+    data = load_dataset(dataset, data_dir, config["image_size"], config["channels"], config["binarize"])
     if model.num_classes != len(data["classes"] or ()) and model.num_classes:
         raise UserError(f"the model is conditional on {model.num_classes} classes, and the data in "
                         f"'{data_dir}' has {len(data['classes'] or ())}; give --data_dir its own data.")
