@@ -671,7 +671,7 @@ def test_fashion_mnist_reads_its_own_folder_and_class_names(tmp_path):
 
 def test_cifar10_layout_is_read_channels_first(tmp_path, monkeypatch):
     # torchvision checks each CIFAR-10 file's md5, so files written here pass only with that check off.
-    monkeypatch.setattr(sys.modules["torchvision.datasets.cifar"], "check_integrity", lambda *args: True)
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args: True)
     _, folder, files = vae.dataset_files("cifar10", str(tmp_path))
     os.makedirs(folder)
     g = torch.Generator().manual_seed(0)
@@ -783,7 +783,7 @@ def test_a_folder_too_big_for_memory_is_refused_before_loading(tmp_path, monkeyp
         vae.main(["--dataset", "folder", "--data_dir", str(data), "--out_dir", str(tmp_path / "out")])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "12 images of 3x64x64 need 0.0 GB of memory as bytes, and 0.0 GB is available" in err
+    assert "12 images of 3x64x64 need 0.0 GB of memory to read and hold, and 0.0 GB is available" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -1387,18 +1387,19 @@ def test_fault_tiny_data_one_test_image_and_one_latent_dimension(tmp_path, capsy
 
 
 def test_fault_class_names_that_matplotlib_would_read_as_mathematics(tmp_path, monkeypatch):
-    names = ("$x$", "a$b", "$x^$", "$\\notacommand$", "50% off_{1}")  # mathtext: italics, or a crash
+    names = ("$x$", "a$b", "$x^$", "$\\notacommand$", "50% off_{1}", os.fsdecode(b"caf\xe9"))  # not UTF-8
     data = write_image_folder(tmp_path / "images" / "train", classes=names, per_class=3).parent
     write_image_folder(data / "val", classes=names, per_class=1, seed=1)
     figures, out = capture_figures(monkeypatch), tmp_path / "out"
     vae.main(["--dataset", "folder", "--data_dir", str(data), "--image_size", "32", "--latent_dim", "2",
               "--width", "4", "--epochs", "1", "--out_dir", str(out), "--device", "cpu"])
-    with open(out / "per_class.csv") as f:
-        assert [row["name"] for row in csv.DictReader(f)] == sorted(names)  # the literal names
+    with open(out / "per_class.csv", errors="surrogateescape") as f:
+        assert [row["name"] for row in csv.DictReader(f)] == sorted(names)  # the literal names, bytes and all
     assert json.loads((out / "config.json").read_text())["classes"] == sorted(names)
     shown = [t.get_text() for fig in figures for ax in fig.axes for t in ax.get_yticklabels() + ax.texts]
     shown += [t.get_text() for fig in figures for ax in fig.axes if ax.get_legend() for t in ax.get_legend().texts]
-    assert all(name.replace("$", r"\$") in shown for name in names)  # drawn as text: every $ escaped
+    drawn = [os.fsencode(name).decode("utf-8", "replace").replace("$", r"\$") for name in names]
+    assert all(name in shown for name in drawn)  # as text: every $ escaped, undecodable bytes as U+FFFD
 
 
 def test_fault_checkpoint_mode_never_writes_into_another_runs_folder(mnist_dir, tmp_path, capsys):
@@ -1464,6 +1465,16 @@ def test_fault_a_very_long_image_is_never_decoded_beyond_its_size(tmp_path):
     shape, mean, grown_mb = r.stdout.rsplit(")", 1)[0] + ")", *r.stdout.rsplit(")", 1)[1].split()
     assert r.returncode == 0 and shape == "(3, 64, 64)" and mean == "200", r.stderr
     assert int(grown_mb) < 200  # resizing the long side first would take gigabytes
+
+
+def test_fault_memory_for_decoding_is_checked_from_the_headers(tmp_path, monkeypatch, capsys):
+    data = write_image_folder(tmp_path / "images", per_class=3)
+    Image.new("RGB", (4000, 4000)).save(data / "square" / "huge.png")  # 16 megapixels, a few KB of PNG
+    monkeypatch.setattr(vae, "available_memory", lambda: 100_000_000)  # 100 MB: for the bytes, not the decoding
+    monkeypatch.setattr(vae, "load_image", lambda *a: pytest.fail("an image was decoded"))
+    with pytest.raises(SystemExit) as e:
+        vae.main(["--dataset", "folder", "--data_dir", str(data), "--out_dir", str(tmp_path / "out")])
+    assert e.value.code == 2 and "GB of memory to read and hold, and 0.1 GB is available" in capsys.readouterr().err
 
 
 def test_fault_a_huge_image_is_refused_with_its_name(tmp_path, monkeypatch):

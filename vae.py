@@ -541,6 +541,7 @@ FOLDER_DEFAULTS = (3, 64)  # channels and side of a folder's images unless --cha
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 FOLDER_SPLIT_SEED, FOLDER_TEST_FRACTION = 0, 0.1  # one fixed test split of a folder, whatever --seed
 MAX_PIXELS = 50_000_000  # of one decoded image: 150 MB in RGB, for each of the threads that read
+WORKERS = min(8, os.cpu_count() or 1)  # threads that decode images
 
 
 def dataset_files(name, data_dir):
@@ -603,13 +604,14 @@ def available_memory():
         return int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
 
 
-def check_memory(n_images, channels, image_size, what):
-    """UserError, before anything is read, when the images would take over 80% of the free memory."""
-    need, free = n_images * channels * image_size ** 2, available_memory()
+def check_memory(n_images, channels, image_size, what, decoding=0):
+    """UserError, before anything is read, when the images (and `decoding` bytes for decoding them)
+    would take over 80% of the free memory."""
+    need, free = n_images * channels * image_size ** 2 + decoding, available_memory()
     if free is not None and need > 0.8 * free:
         raise UserError(f"{what}: {n_images:,} images of {channels}x{image_size}x{image_size} need "
-                        f"{need / 1e9:.1f} GB of memory as bytes, and {free / 1e9:.1f} GB is available; "
-                        f"use a smaller --image_size, --channels 1, or fewer images.")
+                        f"{need / 1e9:.1f} GB of memory to read and hold, and {free / 1e9:.1f} GB is "
+                        f"available; use a smaller --image_size, --channels 1, or fewer or smaller images.")
 
 
 def _image_files(folder, seen, recursive=True, dirs=False):
@@ -651,6 +653,20 @@ def list_images(root, seen=None):
     return paths, labels, classes
 
 
+def _unreadable(path, error):
+    return UserError(f"cannot read the image '{path}' ({type(error).__name__}: {error}); remove or replace "
+                     f"that file.")
+
+
+def _open_image(path, image_size, channels):
+    """PIL's lazy image of a file, a JPEG set to decode at the smallest scale that keeps image_size."""
+    from PIL import Image
+
+    im = Image.open(path)
+    im.draft("RGB" if channels == 3 else "L", (image_size, image_size))
+    return im
+
+
 def load_image(path, image_size, channels):
     """One image file -> (channels, image_size, image_size) uint8: its centre square, resized to
     image_size (antialiased), as RGB or gray. Pixels of more than 8 bits are scaled by their mode's
@@ -661,8 +677,7 @@ def load_image(path, image_size, channels):
     from torchvision.transforms.functional import pil_to_tensor, resize
 
     try:
-        with Image.open(path) as im:
-            im.draft("RGB" if channels == 3 else "L", (image_size, image_size))
+        with _open_image(path, image_size, channels) as im:
             if im.width * im.height > MAX_PIXELS:
                 raise ValueError(f"{im.width}x{im.height} pixels, more than the {MAX_PIXELS:,} it decodes")
             side = min(im.size)  # cropped before it is resized, so that nothing long is ever made longer
@@ -675,8 +690,7 @@ def load_image(path, image_size, channels):
             im = im.convert("RGB" if channels == 3 else "L")  # also palette and alpha images
         return pil_to_tensor(resize(im, [image_size, image_size], antialias=True))
     except Exception as e:  # PIL raises many types for a broken file
-        raise UserError(f"cannot read the image '{path}' ({type(e).__name__}: {e}); remove or replace "
-                        f"that file.") from None
+        raise _unreadable(path, e) from None
 
 
 def read_images(paths, image_size, channels, desc):
@@ -685,7 +699,7 @@ def read_images(paths, image_size, channels, desc):
 
     x = torch.empty(len(paths), channels, image_size, image_size, dtype=torch.uint8)
     load = functools.partial(load_image, image_size=image_size, channels=channels)
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
+    with ThreadPoolExecutor(WORKERS) as pool:  # PIL decodes without the GIL
         try:
             for i, image in enumerate(tqdm(pool.map(load, paths), total=len(paths), leave=False, unit="image",
                                            desc=desc, disable=not sys.stderr.isatty())):
@@ -736,7 +750,17 @@ def load_folder(data_dir, image_size=None, channels=None):
         if not paths:
             raise UserError(f"the {split} split of '{data_dir}' has no images in formats vae.py reads "
                             f"({', '.join(IMG_EXTENSIONS)}).")
-    check_memory(len(train[0]) + len(test[0]), channels, image_size, f"'{data_dir}'")
+    paths = train[0] + test[0]
+
+    def pixels(path):  # of the image as it will be decoded, from the file's header
+        try:
+            with _open_image(path, image_size, channels) as im:
+                return im.width * im.height
+        except Exception as e:  # PIL raises many types for a broken file
+            raise _unreadable(path, e) from None
+    with ThreadPoolExecutor(WORKERS) as pool:  # each of the threads that decode holds one image at a time
+        largest = max(pool.map(pixels, paths))
+    check_memory(len(paths), channels, image_size, f"'{data_dir}'", WORKERS * 4 * min(largest, MAX_PIXELS))
     out = dict(classes=classes, note=note + ("" if classes else "; no class subfolders, so no labels"))
     for split, (paths, labels) in (("train", train), ("test", test)):
         out[f"{split}_x"] = read_images(paths, image_size, channels, f"reading {split}")
@@ -974,7 +998,7 @@ def save_csv(rows, path):
     writer = csv.DictWriter(text, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+    _atomic_write(path, lambda f: f.write(text.getvalue().encode(errors="surrogateescape")))  # bytes of names
 
 
 RUN_FILES = re.compile(r"checkpoint\.pt|config\.json|metrics\.csv|evaluation\.json|per_class\.csv|\.tmp-.*|"
@@ -1123,7 +1147,9 @@ def _figure(width, height):
 
 
 def _literal(name):
-    return str(name).replace("$", r"\$")  # matplotlib reads $...$ as mathematics; a folder name is text
+    """A folder name as matplotlib should draw it: '$' escaped (it would start mathematics), and bytes
+    that are not UTF-8 (a file system allows them) as U+FFFD, which a font can show."""
+    return os.fsencode(str(name)).decode("utf-8", "replace").replace("$", r"\$")
 
 
 def save_grid(images, path, nrow):
