@@ -306,7 +306,8 @@ def vae_loss(recon_logits, x, mu, logvar, beta=1.0, recon="bce", free_bits=0.0):
     when free_bits is 0, and kl is always the true KL. Raises ValueError: x is uint8, or (on
     the CPU) outside [0, 1]; recon is unknown.
     """
-    if x.dtype == torch.uint8 or (x.device.type == "cpu" and (x.min() < 0 or x.max() > 1)):
+    low, high = torch.aminmax(x) if x.device.type == "cpu" else (0, 1)  # one pass; a GPU is not asked
+    if x.dtype == torch.uint8 or low < 0 or high > 1:
         raise ValueError("vae_loss needs targets x in [0, 1]; divide 0-255 images by 255")
     rec = reconstruction_loss(recon_logits, x, recon).mean()
     kl_dims = kl_per_dimension(mu, logvar).mean(0)  # (D,) batch means
@@ -990,10 +991,12 @@ def _atomic_write(path, write):
 
 
 def save_json(obj, path):
+    """Write obj as JSON to path, atomically (see `_atomic_write`)."""
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
 
 
 def save_csv(rows, path):
+    """Write a list of dicts with the same keys to path as CSV with a header, atomically."""
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -1153,6 +1156,7 @@ def _literal(name):
 
 
 def save_grid(images, path, nrow):
+    """Save images (N, C, H, W) in [0, 1] as one PNG grid of nrow images per row."""
     from torchvision.utils import save_image
 
     save_image(images, path, nrow=nrow, padding=2, pad_value=0.5)
