@@ -508,13 +508,13 @@ import pickle
 import re
 import signal
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch.distributed as dist
+from torch.utils.data import DistributedSampler
 
 
 class UserError(Exception):
@@ -534,8 +534,8 @@ class UserError(Exception):
 # conversion (channels, size) happens here, once. Two sources: the datasets torchvision knows, in its
 # file layout, and any folder of images.
 
-TORCHVISION_DATASETS = {"mnist": ("MNIST", 1), "fashion-mnist": ("FashionMNIST", 1),
-                        "kmnist": ("KMNIST", 1), "cifar10": ("CIFAR10", 3)}  # class name, channels
+TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST",
+                        "cifar10": "CIFAR10"}  # torchvision's class names
 DATASETS = (*TORCHVISION_DATASETS, "folder")
 IMAGE_SIZES = (28, 32, 64, 128)
 FOLDER_DEFAULTS = (3, 64)  # channels and side of a folder's images unless --channels / --image_size
@@ -549,7 +549,7 @@ def dataset_files(name, data_dir):
     """(torchvision class, folder, file names) that torchvision reads for dataset `name`."""
     from torchvision import datasets  # imported here: importing torchvision takes a second
 
-    cls = getattr(datasets, TORCHVISION_DATASETS[name][0])
+    cls = getattr(datasets, TORCHVISION_DATASETS[name])
     if name == "cifar10":
         files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         return cls, os.path.join(data_dir, cls.base_folder), files
@@ -605,16 +605,6 @@ def available_memory():
         return int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
 
 
-def check_memory(n_images, channels, image_size, what, decoding=0):
-    """UserError, before anything is read, when the images (and `decoding` bytes for decoding them)
-    would take over 80% of the free memory."""
-    need, free = n_images * channels * image_size ** 2 + decoding, available_memory()
-    if free is not None and need > 0.8 * free:
-        raise UserError(f"{what}: {n_images:,} images of {channels}x{image_size}x{image_size} need "
-                        f"{need / 1e9:.1f} GB of memory to read and hold, and {free / 1e9:.1f} GB is "
-                        f"available; use a smaller --image_size, --channels 1, or fewer or smaller images.")
-
-
 def _image_files(folder, seen, recursive=True, dirs=False):
     """The image files in folder (and below it), by name, hidden ones skipped, each real file or folder
     once (`seen` holds real paths, whatever symbolic links point to); with dirs, its subfolders' names."""
@@ -654,18 +644,19 @@ def list_images(root, seen=None):
     return paths, labels, classes
 
 
-def _unreadable(path, error):
-    return UserError(f"cannot read the image '{path}' ({type(error).__name__}: {error}); remove or replace "
-                     f"that file.")
-
-
+@contextlib.contextmanager
 def _open_image(path, image_size, channels):
-    """PIL's lazy image of a file, a JPEG set to decode at the smallest scale that keeps image_size."""
+    """PIL's lazy image of a file, a JPEG set to decode at the smallest scale that keeps image_size;
+    UserError naming the file when it, or the code using it, fails to read it."""
     from PIL import Image
 
-    im = Image.open(path)
-    im.draft("RGB" if channels == 3 else "L", (image_size, image_size))
-    return im
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB" if channels == 3 else "L", (image_size, image_size))
+            yield im
+    except Exception as e:  # PIL raises many types for a broken file
+        raise UserError(f"cannot read the image '{path}' ({type(e).__name__}: {e}); remove or replace "
+                        f"that file.") from None
 
 
 def load_image(path, image_size, channels):
@@ -677,21 +668,18 @@ def load_image(path, image_size, channels):
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor, resize
 
-    try:
-        with _open_image(path, image_size, channels) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ValueError(f"{im.width}x{im.height} pixels, more than the {MAX_PIXELS:,} it decodes")
-            side = min(im.size)  # cropped before it is resized, so that nothing long is ever made longer
-            left, top = (im.width - side) // 2, (im.height - side) // 2
-            im = im.crop((left, top, left + side, top + side))
-            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-                scale = 1.0 if im.mode == "F" else 65535 if im.mode.startswith("I;16") else 2 ** 31 - 1
-                pixels = torch.from_numpy(np.asarray(im, dtype=np.float64) / scale * 255)
-                im = Image.fromarray(pixels.clamp(0, 255).round().to(torch.uint8).numpy())
-            im = im.convert("RGB" if channels == 3 else "L")  # also palette and alpha images
+    with _open_image(path, image_size, channels) as im:
+        if im.width * im.height > MAX_PIXELS:
+            raise ValueError(f"{im.width}x{im.height} pixels, more than the {MAX_PIXELS:,} it decodes")
+        side = min(im.size)  # cropped before it is resized, so that nothing long is ever made longer
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.crop((left, top, left + side, top + side))
+        if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+            scale = 1.0 if im.mode == "F" else 65535 if im.mode.startswith("I;16") else 2 ** 31 - 1
+            pixels = torch.from_numpy(np.asarray(im, dtype=np.float64) / scale * 255)
+            im = Image.fromarray(pixels.clamp(0, 255).round().to(torch.uint8).numpy())
+        im = im.convert("RGB" if channels == 3 else "L")  # also palette and alpha images
         return pil_to_tensor(resize(im, [image_size, image_size], antialias=True))
-    except Exception as e:  # PIL raises many types for a broken file
-        raise _unreadable(path, e) from None
 
 
 def read_images(paths, image_size, channels, desc):
@@ -754,14 +742,16 @@ def load_folder(data_dir, image_size=None, channels=None):
     paths = train[0] + test[0]
 
     def pixels(path):  # of the image as it will be decoded, from the file's header
-        try:
-            with _open_image(path, image_size, channels) as im:
-                return im.width * im.height
-        except Exception as e:  # PIL raises many types for a broken file
-            raise _unreadable(path, e) from None
-    with ThreadPoolExecutor(WORKERS) as pool:  # each of the threads that decode holds one image at a time
-        largest = max(pool.map(pixels, paths))
-    check_memory(len(paths), channels, image_size, f"'{data_dir}'", WORKERS * 4 * min(largest, MAX_PIXELS))
+        with _open_image(path, image_size, channels) as im:
+            return im.width * im.height
+    with ThreadPoolExecutor(WORKERS) as pool:
+        largest = min(max(pool.map(pixels, paths)), MAX_PIXELS)
+    # The images as they are held, and one decoded image (4 bytes a pixel) for each thread that decodes.
+    need, free = len(paths) * channels * image_size ** 2 + WORKERS * 4 * largest, available_memory()
+    if free is not None and need > 0.8 * free:  # checked before any image is decoded
+        raise UserError(f"'{data_dir}': {len(paths):,} images of {channels}x{image_size}x{image_size} need "
+                        f"{need / 1e9:.1f} GB of memory to read and hold, and {free / 1e9:.1f} GB is "
+                        f"available; use a smaller --image_size, --channels 1, or fewer or smaller images.")
     out = dict(classes=classes, note=note + ("" if classes else "; no class subfolders, so no labels"))
     for split, (paths, labels) in (("train", train), ("test", test)):
         out[f"{split}_x"] = read_images(paths, image_size, channels, f"reading {split}")
@@ -905,16 +895,6 @@ def init_distributed(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def shard_order(n, device):
-    """This process's share (ceil(n / W),) of one random order of range(n), as DistributedSampler
-    makes it: every W-th index of rank 0's permutation, padded so that all take as many steps."""
-    perm = torch.randperm(n, device=device)
-    dist.broadcast(perm, src=0)  # one order for all, so that the shares do not overlap
-    world = dist.get_world_size()
-    pad = -n % world  # the first few again, so that every process takes as many steps
-    return torch.cat([perm, perm[:pad]])[dist.get_rank()::world]
-
-
 # ---------------------------------------------------------------------------------------------
 # Faults: a signal or a diverging step stops a run with one sentence, its checkpoint intact
 
@@ -968,22 +948,17 @@ class StepCheck:
 def _atomic_write(path, write):
     """Write `path` through write(f), atomically. UserError when the disk is full or the folder
     unwritable; `path` then keeps its previous content."""
-    tmp = None
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")  # one writer per process and file
     try:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
-                                   suffix=os.path.basename(path))
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600); give it a normal file's mode
         os.replace(tmp, path)
     except BaseException as e:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
         if isinstance(e, OSError):
             raise UserError(f"cannot write '{path}' ({e.strerror or e}); its previous version, if any, is "
                             f"intact: free some space or choose another --out_dir.", 1) from None
@@ -1090,16 +1065,11 @@ def load_checkpoint(path, device="cpu"):
                             f"weights_only=True.") from None
         raise UserError(f"'{path}' is not a checkpoint written by vae.py (not a PyTorch file, "
                         f"or a truncated one).") from None
-    if not isinstance(state, dict) or "model" not in state or not {"model_class", "config"} & set(state):
-        raise UserError(f"'{path}' is a PyTorch file but not a checkpoint written by vae.py "
-                        f"(it has no model and no description of one).")
+    if not isinstance(state, dict) or "model" not in state or "model_class" not in state:
+        raise UserError(f"'{path}' is a PyTorch file but not a checkpoint written by vae.py: it names no "
+                        f"model_class (an older vae.py's checkpoint does not; train it again with this one).")
     try:
-        if "model_class" in state:
-            model = {"ConvVAE": ConvVAE, "MLPVAE": MLPVAE}[state["model_class"]](**state["model_args"])
-        else:  # a run's checkpoint from before models described themselves: its config does
-            c = state["config"]
-            model = build_model(c["model"], c["image_size"], c["channels"], c["latent_dim"],
-                                c.get("width", 32), c.get("num_classes", 0))
+        model = {"ConvVAE": ConvVAE, "MLPVAE": MLPVAE}[state["model_class"]](**state["model_args"])
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"'{path}' describes no model vae.py can build ({type(e).__name__}: {e}).") from None
     try:
@@ -1331,20 +1301,14 @@ def save_error_analysis(images, enc, labels, classes, out_dir, n=16):
 
 
 def interpolation_ends(test_y, n, classes_ab):
-    """Indices (i, j) of the two test images to interpolate between, and a note or None: the first of
-    classes classes_ab = (A, B) if both exist, else of the first two classes present; images 0 and 1
-    of n unlabelled ones (test_y None)."""
-    if test_y is None:
-        return (0, min(1, n - 1)), None
-    first = {}
-    for i, c in enumerate(test_y.tolist()):
-        first.setdefault(c, i)
+    """Indices (i, j) of the two test images to interpolate between, and a note or None: the first
+    images of classes classes_ab = (A, B) when both are there, else the first two of the n images."""
     a, b = classes_ab
-    if a in first and b in first and a != b:
-        return (first[a], first[b]), None
-    c = sorted(first)[:2]
-    ends = (first[c[0]], first[c[-1]] if len(c) > 1 else min(1, n - 1))
-    return ends, f"note: no test image of class {a} or {b}, so interpolation.png goes from {c[0]} to {c[-1]}"
+    labels = [] if test_y is None else test_y.tolist()
+    if a != b and a in labels and b in labels:
+        return (labels.index(a), labels.index(b)), None
+    note = f"note: no test images of two classes {a} and {b}, so interpolation.png joins test images 0 and 1"
+    return (0, min(1, n - 1)), note if labels else None
 
 
 @in_eval_mode
@@ -1438,13 +1402,13 @@ RESUMABLE = ("epochs", "lr", "grad_clip", "data_dir", "device", "cuda_graph", "n
 
 
 def resume_config(args, explicit):
-    """(configuration, checkpoint) of a resumed run: the saved config, with the flags of RESUMABLE
-    that the command line gives (`explicit`)."""
+    """(configuration, model, checkpoint) of a resumed run: the saved config, with the flags of
+    RESUMABLE that the command line gives (`explicit`)."""
     path = os.path.join(args.out_dir, "checkpoint.pt")
     if not os.path.exists(path):
         raise UserError(f"--resume found no checkpoint.pt in '{args.out_dir}'; start the run without "
                         f"--resume, or point --out_dir at the run's folder.")
-    state = load_checkpoint(path)[1]
+    model, state = load_checkpoint(path)
     if "config" not in state:
         raise UserError(f"'{path}' holds a model but no training run to resume.")
     defaults = vars(build_parser().parse_args([]))  # for the flags newer than the checkpoint
@@ -1453,19 +1417,26 @@ def resume_config(args, explicit):
     if state["epoch"] >= config["epochs"]:
         raise UserError(f"the run in '{args.out_dir}' has finished epoch {state['epoch']} of "
                         f"{config['epochs']}; give --resume a larger --epochs to train further.")
-    return argparse.Namespace(**config), state
+    return argparse.Namespace(**config), model, state
+
+
+def check_classes(model, classes, data_dir):
+    """UserError when a conditional model was trained on another number of classes than `classes`."""
+    if model.num_classes and model.num_classes != len(classes or ()):
+        raise UserError(f"the model is conditional on {model.num_classes} classes, and the data in "
+                        f"'{data_dir}' has {len(classes or ())}; give it the data it was trained on.")
 
 
 class Run:
     """A training run of the command line, in one process: its data and model on the device, its
     epochs, their log line and files. Under torchrun, rank 0 alone evaluates, prints and writes."""
 
-    def __init__(self, args, state, device, rank, world):
+    def __init__(self, args, device, rank, world, model=None, state=None):
         self.args, self.device, self.rank, self.world = args, device, rank, world
         self.load_data()
         if rank == 0:  # the data is good: now the folder may be made, and an earlier run cleared
             self.lock = prepare_output_dir(args.out_dir, args.overwrite, args.resume)
-        self.build_model(state)
+        self.build_model(model, state)
         if rank == 0:
             save_json(self.config, os.path.join(args.out_dir, "config.json"))
 
@@ -1494,29 +1465,26 @@ class Run:
             self.train_y, self.test_y = data["train_y"].to(device), data["test_y"].to(device)
         self.labels, self.classes = data["test_y"], data["classes"]
 
-    def build_model(self, state):
-        """The model, its optimizer and step, the metrics so far and the first epoch (from the
-        checkpoint `state` when the run resumes). Prints what it trains."""
+    def build_model(self, model, state):
+        """The model (a new one, or a resumed run's `model` and checkpoint `state`), its optimizer and
+        step, the metrics so far and the first epoch. Prints what it trains."""
         args, device, distributed = self.args, self.device, dist.is_initialized()  # torchrun, even with 1
         # DDP's gradient exchange would not be in the graph, so there is none under torchrun.
         graph = args.cuda_graph == "auto" and device.type == "cuda" and not distributed
         num_classes = len(self.classes) if args.conditional else 0
-        if state is not None and state["config"].get("num_classes", 0) != num_classes:
-            saved = state["config"].get("num_classes", 0)
-            raise UserError(f"the checkpoint's model is conditional on {saved} classes, and the data in "
-                            f"'{args.data_dir}' has {num_classes}; resume it on its own data.")
-        model = build_model(args.model, args.image_size, args.channels, args.latent_dim, args.width,
-                            num_classes)
+        if model is None:
+            model = build_model(args.model, args.image_size, args.channels, args.latent_dim, args.width,
+                                num_classes)
+        check_classes(model, self.classes, args.data_dir)
         self.model, self.step_model, self.optimizer = setup_training(model, args.lr, device, distributed)
         self.config = dict(vars(args), num_classes=num_classes, classes=self.classes)
         self.history, self.first_epoch, self.saved_epoch = [], 1, None
         if state is not None:
-            self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             for group in self.optimizer.param_groups:
                 group["lr"] = args.lr  # --lr may change on resume
             self.history, self.saved_epoch = state["history"], state["epoch"]
-            self.first_epoch = state["epoch"] + 1
+            self.first_epoch = self.saved_epoch + 1
         self.step_args = dict(recon=args.recon, free_bits=args.free_bits, grad_clip=args.grad_clip)
         self.step = train_step
         if graph:
@@ -1529,6 +1497,14 @@ class Run:
               f"{args.channels}x{args.image_size}x{args.image_size}{' binarized' if args.binarize else ''}, "
               f"device {device}{f' x {self.world} processes' if self.world > 1 else ''}"
               f"{', CUDA graph' if graph else ''}, writing to {args.out_dir}", flush=True)
+        if state is not None:  # the generators go on from the saved epoch: on a CPU, bit for bit
+            torch.set_rng_state(state["rng"]["cpu"])
+            if device.type == "cuda" and state["rng"]["cuda"]:
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            if self.rank > 0:  # the checkpoint holds rank 0's generators; the others get streams of their own
+                torch.manual_seed(args.seed + self.rank + self.world * self.first_epoch)
+            print(f"resuming at epoch {self.first_epoch} of {args.epochs}; the other settings come from the "
+                  f"checkpoint", flush=True)
 
     def saved(self):
         """What the run has saved, for the sentence that stops it."""
@@ -1538,8 +1514,11 @@ class Run:
 
     def train_one_epoch(self, epoch, beta):
         """One epoch of Part 1's `train_epoch`, with this run's hooks: (its dict, seconds)."""
-        n, world = len(self.train_x), self.world
-        order = shard_order(n, self.device) if world > 1 else None
+        n, world, order = len(self.train_x), self.world, None
+        if world > 1:  # this process's share of one shuffled order, padded so that all take as many steps
+            sampler = DistributedSampler(range(n), seed=self.args.seed)
+            sampler.set_epoch(epoch)
+            order = torch.tensor(list(sampler), device=self.device)
         check = StepCheck(-(-n // self.args.batch_size), epoch, self.args, self.saved())
         t0 = time.perf_counter()
         tr = train_epoch(self.step_model, self.optimizer, self.train_x, self.args.batch_size // world, beta,
@@ -1597,9 +1576,9 @@ def train(args, explicit=()):
     prints and writes. Returns (the model in eval mode, the rows of metrics.csv). Raises UserError: bad
     input; a non-finite value (exit code 3); SIGINT or SIGTERM (130, 143).
     """
-    state = None
+    model = state = None
     if args.resume:
-        args, state = resume_config(args, explicit)
+        args, model, state = resume_config(args, explicit)
     else:
         refuse_other_run(args.out_dir, args.overwrite)
     device = select_device(args.device, args.deterministic)
@@ -1609,15 +1588,7 @@ def train(args, explicit=()):
     try:
         with contextlib.redirect_stdout(sys.stdout if rank == 0 else io.StringIO()):  # rank 0 speaks for all
             torch.manual_seed(args.seed + rank)  # rank 0 draws what a single process would
-            run = Run(args, state, device, rank, world)
-            if state is not None:  # the generators go on from the saved epoch: on a CPU, bit for bit
-                torch.set_rng_state(state["rng"]["cpu"])
-                if device.type == "cuda" and state["rng"]["cuda"]:
-                    torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-                if rank > 0:  # the checkpoint holds rank 0's generators; the others get streams of their own
-                    torch.manual_seed(args.seed + rank + world * run.first_epoch)
-                print(f"resuming at epoch {run.first_epoch} of {args.epochs}; the other settings come from "
-                      f"the checkpoint", flush=True)
+            run = Run(args, device, rank, world, model, state)
             try:
                 run.fit()
             except KeyboardInterrupt as e:  # every file is written atomically: the last checkpoint is whole
@@ -1668,9 +1639,7 @@ def evaluate_checkpoint(args, explicit=()):
     dataset = config["dataset"]
     data_dir = args.data_dir or config["data_dir"] or ("./mnist" if dataset == "mnist" else "./data")
     data = load_dataset(dataset, data_dir, config["image_size"], config["channels"], config["binarize"])
-    if model.num_classes != len(data["classes"] or ()) and model.num_classes:
-        raise UserError(f"the model is conditional on {model.num_classes} classes, and the data in "
-                        f"'{data_dir}' has {len(data['classes'] or ())}; give --data_dir its own data.")
+    check_classes(model, data["classes"], data_dir)
     lock = prepare_output_dir(out_dir, args.overwrite, training=False)  # noqa: F841 (held while it writes)
     print(f"{type(model).__name__} from {args.checkpoint} (epoch {state.get('epoch', '?')}), device "
           f"{device}, writing to {out_dir}", flush=True)
