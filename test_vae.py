@@ -485,6 +485,19 @@ def test_interpolate_runs_between_the_decoded_means():
     torch.testing.assert_close(path[3], middle[0])  # the path is the straight line between the means
 
 
+def test_interpolate_and_log_likelihood_take_uint8_images_as_the_loop_does():
+    torch.manual_seed(0)
+    model = vae.MLPVAE(latent_dim=3, hidden=(32,))
+    images = fake_digits(4, seed=5)[0][:, None]  # (4, 1, 28, 28) uint8
+    x = vae.to_float(images)
+    assert torch.equal(vae.interpolate(model, images[0], images[1], 5), vae.interpolate(model, x[0], x[1], 5))
+    estimates = []
+    for batch in (images, x):
+        torch.manual_seed(1)  # the same z_k for both
+        estimates.append(vae.log_likelihood(model, batch, 8))
+    assert estimates[0].shape == (4,) and torch.equal(*estimates)
+
+
 def test_part_one_copied_alone_trains_samples_and_interpolates(tmp_path):
     source = open(os.path.join(HERE, "vae.py")).read()
     part1 = source[:source.index("\n# Part 2:")]

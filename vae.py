@@ -12,15 +12,17 @@ GPUs, checkpoints, figures, the command line. README.md has the commands, pictur
 
 The model (Kingma & Welling 2013). An image x is generated from a code z of latent_dim
 numbers: z ~ p(z) = N(0, I), then x ~ p(x|z), a decoder network giving each pixel's
-probability. The posterior p(z|x) is intractable, so an encoder network approximates it by
-q(z|x) = N(mu(x), diag(exp(logvar(x)))), logvar = log sigma^2. Both are trained by maximising, for each image,
-the evidence lower bound (ELBO) on its log-likelihood:
+probability. The posterior p(z|x) has no closed form (it needs an integral over all z), so an
+encoder network approximates it by q(z|x) = N(mu(x), diag(exp(logvar(x)))), logvar = log sigma^2.
+Both are trained by maximising, for each image, the evidence lower bound (ELBO) on its log-likelihood:
 
     log p(x) >= ELBO(x) = E_q(z|x)[log p(x|z)] - KL(q(z|x) || p(z))
 
+KL is the Kullback-Leibler divergence, E_q[log q(z|x) - log p(z)] >= 0: how far q is from the prior.
 We minimise loss = recon + beta * kl: recon = -log p(x|z) for one z ~ q(z|x) (an unbiased
-estimate of minus the first term), kl the second in closed form, both in nats per image. beta = 1
-is the negative ELBO; another beta is the beta-VAE of Higgins et al. (2017), not a bound.
+estimate of minus the first term), kl the second in closed form, both in nats per image (natural
+logarithms; divide by ln 2 for bits). beta = 1 is the negative ELBO; another beta is the beta-VAE
+of Higgins et al. (2017), not a bound.
 
 References: Kingma & Welling, "Auto-Encoding Variational Bayes", 2013, arXiv:1312.6114;
 Higgins et al., "beta-VAE: Learning Basic Visual Concepts with a Constrained Variational
@@ -243,8 +245,8 @@ def kl_per_dimension(mu, logvar):
         E_q[log q(z)] = -1/2 (log 2 pi + log sigma^2 + 1)     since E_q[(z - mu)^2] = sigma^2
         E_q[log p(z)] = -1/2 (log 2 pi + mu^2 + sigma^2)       since E_q[z^2] = mu^2 + sigma^2
         KL = -1/2 (1 + log sigma^2 - mu^2 - sigma^2)
-    The paper writes the bracket without the minus, as the -KL inside the ELBO. Each KL_j is
-    >= 0 (s - 1 - log s >= 0 for s = sigma^2), and 0 exactly at mu_j = 0, logvar_j = 0.
+    The paper's eq. 10 has +1/2 (1 + log sigma^2 - mu^2 - sigma^2), which is -KL, the term as it
+    enters the ELBO. Each KL_j >= 0 (s - 1 - log s >= 0 for s = sigma^2), 0 at mu_j = logvar_j = 0.
     """
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
 
@@ -441,12 +443,13 @@ def log_likelihood(model, x, k, y=None, max_decodes=4096, log_px_given_z=None):
     is concave), so
         log p(x) = log E[(1/K) sum_k w_k] >= E[log (1/K) sum_k w_k]   (the estimate)
                                           >= E[(1/K) sum_k log w_k] = E_q[log w] = ELBO.
-    K = 1 is the ELBO. The first gap (Jensen's) is as large as the spread of the average of the w_k,
-    which shrinks as K grows: the bound rises with K (Burda et al., Thm. 1) and reaches log p(x).
+    K = 1 is the ELBO. The gap in the first inequality comes from the randomness of the average
+    (1/K) sum_k w_k: its variance falls as 1/K, so the estimate rises with K (Burda et al., Thm. 1)
+    and reaches log p(x) as K -> infinity.
 
     Args:
         model: a module with `encode`, `decode_logits` and `latent_dim`; it runs in eval mode.
-        x: (B, C, H, W) in [0, 1]; binary for a true Bernoulli likelihood.
+        x: (B, C, H, W) in [0, 1], or uint8; binary for a true Bernoulli likelihood.
         k: the number of importance samples, >= 1; decoded `max_decodes` images at a time.
         y: (B,) labels for a conditional model, whose estimate is then of log p(x|y).
         log_px_given_z: function (logits, x) -> (N,) log p(x|z); default Bernoulli.
@@ -456,7 +459,7 @@ def log_likelihood(model, x, k, y=None, max_decodes=4096, log_px_given_z=None):
     """
     if log_px_given_z is None:
         log_px_given_z = lambda logits, target: -reconstruction_loss(logits, target, "bce")  # noqa: E731
-    b = len(x)
+    x, b = to_float(x), len(x)
     cond = () if y is None else (y,)  # so that a model with encode(x) and decode_logits(z) works
     mu, logvar = (t.float() for t in model.encode(x, *cond))  # (B, D)
     std = torch.exp(0.5 * logvar)
@@ -480,14 +483,14 @@ def log_likelihood(model, x, k, y=None, max_decodes=4096, log_px_given_z=None):
 def interpolate(model, x_a, x_b, steps=10, y_a=None, y_b=None):
     """Decode `steps` points on the line from mu(x_a) to mu(x_b): (steps, C, H, W) in [0, 1].
 
-    x_a, x_b: single images (C, H, W) in [0, 1]. The first and last images are decode(mu(x_a))
-    and decode(mu(x_b)). A conditional model takes their labels y_a, y_b (ints), and its
-    one-hot label moves from y_a to y_b along with z.
+    x_a, x_b: single images (C, H, W) in [0, 1], or uint8. The first and last images are
+    decode(mu(x_a)) and decode(mu(x_b)). A conditional model takes their labels y_a, y_b (ints),
+    and its one-hot label moves from y_a to y_b along with z.
     """
     y = None
     if model.num_classes:
         y = F.one_hot(torch.tensor([y_a, y_b], device=x_a.device), model.num_classes).float()  # (2, K)
-    mu = model.encode(torch.stack([x_a, x_b]), y)[0]  # (2, D)
+    mu = model.encode(to_float(torch.stack([x_a, x_b])), y)[0]  # (2, D)
     t = torch.linspace(0, 1, steps, device=x_a.device).unsqueeze(1)  # (steps, 1)
     z = (1 - t) * mu[0] + t * mu[1]  # (steps, D)
     return model.decode(z, None if y is None else (1 - t) * y[0] + t * y[1])
