@@ -498,6 +498,12 @@ def test_interpolate_and_log_likelihood_take_uint8_images_as_the_loop_does():
     assert estimates[0].shape == (4,) and torch.equal(*estimates)
 
 
+def test_part_one_is_at_most_500_lines_and_the_readme_says_how_many():
+    part1 = open(os.path.join(HERE, "vae.py")).read().split("\n# Part 2:")[0].count("\n") + 1
+    readme = open(os.path.join(HERE, "README.md")).read()
+    assert part1 <= 500 and readme.count(f"first {part1} lines") == 2
+
+
 def test_part_one_copied_alone_trains_samples_and_interpolates(tmp_path):
     source = open(os.path.join(HERE, "vae.py")).read()
     part1 = source[:source.index("\n# Part 2:")]

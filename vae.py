@@ -791,8 +791,7 @@ def select_device(name, deterministic=False):
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
         torch.use_deterministic_algorithms(True)
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available()}
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
         name = next(d for d in ("cuda", "mps", "cpu") if available[d])
     elif not available[name]:
@@ -1196,10 +1195,9 @@ def encode_split(model, images, recon="bce", labels=None, batch_size=1000):
         y = None if labels is None else labels[start:start + batch_size]
         mu, logvar = model.encode(x, y)
         logits = model.decode_logits(mu, y)
-        out["mu"].append(mu.cpu())
-        out["logvar"].append(logvar.cpu())
-        out["recon_error"].append(reconstruction_loss(logits, x, recon).cpu())
-        out["x_hat"].append((torch.sigmoid(logits) * 255).round().to(torch.uint8).cpu())
+        x_hat = (torch.sigmoid(logits) * 255).round().to(torch.uint8)
+        for key, value in zip(out, (mu, logvar, reconstruction_loss(logits, x, recon), x_hat)):
+            out[key].append(value.cpu())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
