@@ -1193,7 +1193,7 @@ def test_checkpoint_mode_writes_beside_the_checkpoint_and_names_what_it_ignores(
                         "--interpolate", "42", "43"])  # no --epochs 0 needed; the data: the run's own
     out = capsys.readouterr().out
     assert "so it ignores --epochs, --lr" in out
-    assert "no test images of two classes 42 and 43" in out  # --interpolate is honoured
+    assert "--interpolate 42 43 does not name two classes that the test set has" in out  # --interpolate is honoured
     assert results["epoch"] == 1 and (tmp_path / "run" / "eval" / "evaluation.json").exists()
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
     with pytest.raises(SystemExit):  # its own folder now holds an evaluation

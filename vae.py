@@ -1308,7 +1308,8 @@ def interpolation_ends(test_y, n, classes_ab):
     labels = [] if test_y is None else test_y.tolist()
     if a != b and a in labels and b in labels:
         return (labels.index(a), labels.index(b)), None
-    note = f"note: no test images of two classes {a} and {b}, so interpolation.png joins test images 0 and 1"
+    note = (f"note: --interpolate {a} {b} does not name two classes that the test set has, so "
+            f"interpolation.png joins test images 0 and 1")
     return (0, min(1, n - 1)), note if labels else None
 
 
