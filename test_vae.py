@@ -5,6 +5,7 @@ the command line, runs end to end on small data the tests write themselves, chec
 and 2 processes under torchrun (gloo). CPU only where no GPU is present; run with
 `python -m pytest -q -n 2`."""
 
+import ast
 import csv
 import json
 import math
@@ -502,6 +503,17 @@ def test_part_one_is_at_most_500_lines_and_the_readme_says_how_many():
     part1 = open(os.path.join(HERE, "vae.py")).read().split("\n# Part 2:")[0].count("\n") + 1
     readme = open(os.path.join(HERE, "README.md")).read()
     assert part1 <= 500 and readme.count(f"first {part1} lines") == 2
+
+
+def test_the_file_keeps_its_size_budget():
+    # The design's limits: the whole file at most 1,700 lines, no line over 110 characters, no
+    # function or method over 50 lines.
+    source = open(os.path.join(HERE, "vae.py")).read()
+    lines = source.splitlines()
+    assert len(lines) <= 1700 and max(map(len, lines)) <= 110
+    functions = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.FunctionDef)]
+    longest = max(functions, key=lambda f: f.end_lineno - f.lineno)
+    assert longest.end_lineno - longest.lineno + 1 <= 50, longest.name
 
 
 def test_part_one_copied_alone_trains_samples_and_interpolates(tmp_path):
@@ -1453,6 +1465,26 @@ def test_fault_advice_only_when_following_it_works(mnist_dir, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert e.value.code == 130 and "stopped by SIGINT in epoch 1; no epoch had finished" in err
     assert "--resume" not in err and not (tmp_path / "checkpoint.pt").exists()  # the old run is gone
+
+
+def test_fault_out_of_gpu_memory_is_one_sentence_and_keeps_the_checkpoint(mnist_dir, tmp_path, monkeypatch,
+                                                                          capsys):
+    # Whatever runs out of GPU memory (the images, the model, a batch) raises torch.OutOfMemoryError;
+    # here the second epoch's first step does, as a too large --batch_size would on a GPU.
+    calls, real_step = [0], vae.train_step
+
+    def step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 6:  # 5 steps per epoch: the first of epoch 2
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(vae, "train_step", step)
+    with pytest.raises(SystemExit) as e:
+        vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "2"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "the GPU ran out of memory; use a smaller --batch_size, --image_size or --width." in err
+    assert vae.load_checkpoint(tmp_path / "checkpoint.pt")[1]["epoch"] == 1  # the good epoch is kept
 
 
 def test_fault_divergence_in_the_last_step_of_an_epoch_keeps_the_last_good_checkpoint(mnist_dir, tmp_path,

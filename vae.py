@@ -533,9 +533,8 @@ class UserError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Data
 #
-# Each split is read once into one uint8 tensor (N, C, S, S), the form Part 1's loop takes, and every
-# conversion (channels, size) happens here, once. Two sources: the datasets torchvision knows, in its
-# file layout, and any folder of images.
+# Each split is read once into one uint8 tensor (N, C, S, S), the form Part 1's loop takes, with every
+# conversion (channels, size) done here. Two sources: torchvision's datasets, and any folder of images.
 
 TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST",
                         "cifar10": "CIFAR10"}  # torchvision's class names
@@ -551,7 +550,6 @@ WORKERS = min(8, os.cpu_count() or 1)  # threads that decode images
 def dataset_files(name, data_dir):
     """(torchvision class, folder, file names) that torchvision reads for dataset `name`."""
     from torchvision import datasets  # imported here: importing torchvision takes a second
-
     cls = getattr(datasets, TORCHVISION_DATASETS[name])
     if name == "cifar10":
         files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
@@ -560,36 +558,26 @@ def dataset_files(name, data_dir):
     return cls, os.path.join(data_dir, cls.__name__, "raw"), files
 
 
-def _download(cls, data_dir, folder, files):
-    # torchvision prints every mirror it tries; the user gets one sentence instead.
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        try:
-            for train in (True, False):
-                cls(data_dir, train=train, download=True)
-            return
-        except Exception as e:
-            reason = ([ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__])[-1]
-    how = "extracted from cifar-10-python.tar.gz" if cls.__name__ == "CIFAR10" else "uncompressed"
-    raise UserError(f"{cls.__name__} is not in '{folder}' and could not be downloaded ({reason}); put the "
-                    f"{len(files)} files {', '.join(files)} ({how}) in that folder, or point --data_dir "
-                    f"at a folder whose {os.path.relpath(folder, data_dir)}/ has them.")
-
-
 def load_torchvision(name, data_dir, image_size=None, channels=None):
     """Dataset `name` of TORCHVISION_DATASETS from data_dir, downloaded if its files are missing (see
     `load_dataset`). image_size, channels: None keeps the dataset's own."""
     from torchvision.transforms.functional import resize, rgb_to_grayscale
-
     cls, folder, files = dataset_files(name, data_dir)
-    if not all(os.path.isfile(os.path.join(folder, f)) for f in files):
-        _download(cls, data_dir, folder, files)
-    out = dict(note=None)
+    present, out = all(os.path.isfile(os.path.join(folder, f)) for f in files), dict(note=None)
     for split, train in (("train", True), ("test", False)):
-        try:
-            ds = cls(data_dir, train=train, download=False)
-        except Exception as e:  # a truncated or corrupt file fails inside torchvision
-            raise UserError(f"cannot read the {cls.__name__} files in '{folder}' ({type(e).__name__}: {e}); "
-                            f"replace them with the original files.") from None
+        try:  # torchvision prints every mirror it tries: kept quiet
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                ds = cls(data_dir, train=train, download=not present)
+        except Exception as e:
+            reason = ([ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__])[-1]
+            if present:  # a truncated or corrupt file
+                raise UserError(f"cannot read the {cls.__name__} files in '{folder}' ({type(e).__name__}: "
+                                f"{reason}); replace them with the original files.") from None
+            how = "extracted from cifar-10-python.tar.gz" if name == "cifar10" else "uncompressed"
+            raise UserError(f"{cls.__name__} is not in '{folder}' and could not be downloaded ({reason}); "
+                            f"put the {len(files)} files {', '.join(files)} ({how}) in that folder, or point "
+                            f"--data_dir at a folder whose {os.path.relpath(folder, data_dir)}/ has "
+                            f"them.") from None
         x = torch.as_tensor(ds.data)
         x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, H, W) or (N, H, W, C) -> NCHW
         if channels == 3 and x.shape[1] == 1:  # gray repeated into RGB
@@ -652,14 +640,13 @@ def _open_image(path, image_size, channels):
     """PIL's lazy image of a file, a JPEG set to decode at the smallest scale that keeps image_size;
     UserError naming the file when it, or the code using it, fails to read it."""
     from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.draft("RGB" if channels == 3 else "L", (image_size, image_size))
             yield im
     except Exception as e:  # PIL raises many types for a broken file
-        raise UserError(f"cannot read the image '{path}' ({type(e).__name__}: {e}); remove or replace "
-                        f"that file.") from None
+        raise UserError(f"cannot read the image '{path}' ({type(e).__name__}: {e}); remove or replace that "
+                        f"file.") from None
 
 
 def load_image(path, image_size, channels):
@@ -670,7 +657,6 @@ def load_image(path, image_size, channels):
     it cannot read."""
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor, resize
-
     with _open_image(path, image_size, channels) as im:
         if im.width * im.height > MAX_PIXELS:
             raise ValueError(f"{im.width}x{im.height} pixels, more than the {MAX_PIXELS:,} it decodes")
@@ -679,8 +665,8 @@ def load_image(path, image_size, channels):
         im = im.crop((left, top, left + side, top + side))
         if im.mode in ("I", "F") or im.mode.startswith("I;16"):
             scale = 1.0 if im.mode == "F" else 65535 if im.mode.startswith("I;16") else 2 ** 31 - 1
-            pixels = torch.from_numpy(np.asarray(im, dtype=np.float64) / scale * 255)
-            im = Image.fromarray(pixels.clamp(0, 255).round().to(torch.uint8).numpy())
+            pixels = np.asarray(im, np.float64) * (255 / scale)
+            im = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
         im = im.convert("RGB" if channels == 3 else "L")  # also palette and alpha images
         return pil_to_tensor(resize(im, [image_size, image_size], antialias=True))
 
@@ -688,7 +674,6 @@ def load_image(path, image_size, channels):
 def read_images(paths, image_size, channels, desc):
     """Decode image files into one (N, channels, image_size, image_size) uint8 tensor."""
     from tqdm import tqdm
-
     x = torch.empty(len(paths), channels, image_size, image_size, dtype=torch.uint8)
     load = functools.partial(load_image, image_size=image_size, channels=channels)
     with ThreadPoolExecutor(WORKERS) as pool:  # PIL decodes without the GIL
@@ -742,13 +727,10 @@ def load_folder(data_dir, image_size=None, channels=None):
         if not paths:
             raise UserError(f"the {split} split of '{data_dir}' has no images in formats vae.py reads "
                             f"({', '.join(IMG_EXTENSIONS)}).")
-    paths = train[0] + test[0]
-
-    def pixels(path):  # of the image as it will be decoded, from the file's header
+    paths, largest = train[0] + test[0], 0
+    for path in paths:  # the largest image as it will be decoded, from the files' headers
         with _open_image(path, image_size, channels) as im:
-            return im.width * im.height
-    with ThreadPoolExecutor(WORKERS) as pool:
-        largest = min(max(pool.map(pixels, paths)), MAX_PIXELS)
+            largest = max(largest, min(im.width * im.height, MAX_PIXELS))
     # The images as they are held, and one decoded image (4 bytes a pixel) for each thread that decodes.
     need, free = len(paths) * channels * image_size ** 2 + WORKERS * 4 * largest, available_memory()
     if free is not None and need > 0.8 * free:  # checked before any image is decoded
@@ -798,12 +780,8 @@ def select_device(name, deterministic=False):
         raise UserError(f"--device {name} was asked for but is not available here; use --device auto or cpu.")
     if name == "cuda":
         torch.backends.cudnn.benchmark = not deterministic  # fixed shapes: let cuDNN pick its fastest kernels
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (10-bit mantissa)
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores, as cuDNN's convolutions
     return torch.device(name)
-
-
-MODELS = {"conv": ConvVAE, "mlp": MLPVAE}
 
 
 def build_model(model, image_size, channels, latent_dim, width=32, num_classes=0):
@@ -827,22 +805,20 @@ def setup_training(model, lr, device, distributed=False):
     # step count on the GPU, so that a CUDA graph can record it.
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cuda", "cpu"),
                                  capturable=device.type == "cuda")
-    if not distributed:
-        return model, model, optimizer
     ids = [device] if device.type == "cuda" else None
-    return model, nn.parallel.DistributedDataParallel(model, device_ids=ids), optimizer  # rank 0's weights
+    step_model = nn.parallel.DistributedDataParallel(model, device_ids=ids) if distributed else model
+    return model, step_model, optimizer  # DDP starts from rank 0's weights
 
 
 class CUDAGraphStep:
     """`train_step` captured once as a CUDA graph and replayed: a `step` for `train_epoch`.
 
-    An MNIST VAE is so small that on a GPU an eager step is bound by the CPU launching its ~100
-    kernels one by one. A CUDA graph records the kernels of a whole step (forward, backward, Adam)
-    once, and a call replays them with one launch ("whole-network capture" in PyTorch's CUDA Graphs
-    notes). A call copies its batch and beta into the buffers the graph reads; recon, free_bits and
-    grad_clip are fixed here; a batch of another size (an epoch's last) runs eagerly. x, y: an
-    example batch (B, C, H, W) on the GPU, with labels (B,) for a conditional model. The optimizer
-    must be Adam(capturable=True). The warm-up steps that capture needs are undone.
+    On a GPU, an MNIST VAE's eager step is bound by the CPU launching its ~100 kernels one by one;
+    a replay launches the whole step (forward, backward, Adam) at once ("whole-network capture" in
+    PyTorch's CUDA Graphs notes). A call copies its batch and beta into the graph's buffers (recon,
+    free_bits, grad_clip are fixed here); a batch of another size (an epoch's last) runs eagerly.
+    x, y: an example batch (B, C, H, W) on the GPU, and labels (B,) for a conditional model; the
+    optimizer must be Adam(capturable=True). The warm-up steps that capture needs are undone.
     """
 
     def __init__(self, model, optimizer, x, y=None, **step_args):
@@ -859,9 +835,8 @@ class CUDAGraphStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = step()  # (4,) loss, recon, kl, gradient norm: rewritten by every replay
+        model.load_state_dict(before)  # copies into the tensors that the graph reads
         with torch.no_grad():
-            for k, v in model.state_dict().items():
-                v.copy_(before[k])
             for p in (p for group in optimizer.param_groups for p in group["params"]):
                 for k, v in optimizer.state[p].items():
                     v.copy_(opt_before[p][k]) if p in opt_before else v.zero_()  # zero = a fresh Adam
@@ -897,49 +872,6 @@ def init_distributed(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-# ---------------------------------------------------------------------------------------------
-# Faults: a signal or a diverging step stops a run with one sentence, its checkpoint intact
-
-
-def _stop_on_sigterm(signum, frame):
-    raise KeyboardInterrupt(signum)  # SIGTERM stops a run as Ctrl-C does
-
-
-class StepCheck:
-    """A run's `on_step` for `train_epoch`: it draws the progress bar, and stops the run (UserError,
-    exit code 3) at the first step whose loss, recon, KL or gradient norm is not finite. Reading those
-    makes the CPU wait for the GPU, so each step's are read once the next step is queued: the GPU
-    never idles, and the sentence names the step that went wrong. `close()` checks the last step."""
-
-    NAMES = ("loss", "reconstruction term", "KL term", "gradient")
-
-    def __init__(self, steps, epoch, args, saved):
-        from tqdm import tqdm
-
-        self.epoch, self.args, self.saved, self.pending = epoch, args, saved, None
-        self.bar = tqdm(total=steps, desc=f"epoch {epoch}/{args.epochs}", leave=False, unit="batch",
-                        disable=not sys.stderr.isatty())
-
-    def check(self, step, stats):
-        if torch.isfinite(stats).all():  # waits for that step only
-            return
-        self.bar.close()
-        values = stats.tolist()
-        bad = [name for name, v in zip(self.NAMES, values) if not math.isfinite(v)]
-        shown = ", ".join(f"{v:.4g}" for v in values)
-        raise UserError(f"the {bad[1] if len(bad) > 1 else bad[0]} became non-finite at epoch {self.epoch}, "
-                        f"step {step} (loss, recon, kl, gradient norm = {shown}), so training stopped; "
-                        f"{self.saved}; try a lower --lr (now {self.args.lr:g}) or --grad_clip 10.", 3)
-
-    def __call__(self, step, stats):
-        self.bar.update()
-        if self.pending is not None:
-            self.check(*self.pending)
-        self.pending = (step, stats)
-
-    def close(self):
-        self.bar.close()
-        self.check(*self.pending)
 # ---------------------------------------------------------------------------------------------
 # Files: atomic writes, run folders, checkpoints
 #
@@ -1010,7 +942,6 @@ def prepare_output_dir(out_dir, overwrite=False, resume=False, training=True):
     at once. Then remove a killed run's temporary files and, with `overwrite`, every file of the
     earlier run, and of its evaluations in eval/. UserError if the folder is unusable or locked."""
     import fcntl
-
     try:
         os.makedirs(out_dir, exist_ok=True)
         lock = open(os.path.join(out_dir, ".lock"), "a")
@@ -1047,13 +978,11 @@ def save_checkpoint(path, model, optimizer=None, **extra):
 
 
 def load_checkpoint(path, device="cpu"):
-    """Rebuild a checkpoint's model: (model on `device` in eval mode, the checkpoint's dict).
-
-    Any file of `save_checkpoint` (a ConvVAE or MLPVAE of any size, conditional or not), as a run
-    writes them. torch.load(weights_only=True) refuses pickles that carry Python objects (they
-    could run code when loaded). UserError, one sentence for each way it can fail: no file, not a
-    PyTorch file, a pickle with code, not vae.py's, a model it cannot build or whose weights differ.
-    """
+    """Rebuild the model of a `save_checkpoint` file (a ConvVAE or MLPVAE of any size, conditional or
+    not): (model on `device` in eval mode, the checkpoint's dict). torch.load(weights_only=True) refuses
+    pickles that carry Python objects (they could run code when loaded). UserError, one sentence for
+    each way it can fail: no file, not a PyTorch file, a pickle with code, not vae.py's, a model it
+    cannot build or whose weights differ, a run's field that is missing or of the wrong type."""
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
@@ -1093,9 +1022,8 @@ def _check_run_state(state, model, path):
     config, history, rng, adam = (state.get(k) for k in ("config", "history", "rng", "optimizer"))
     need(isinstance(config, dict), "config")
     for key, default in vars(build_parser().parse_args([])).items():  # each setting has its flag's type
-        if default is not None and key in config:
-            value = config[key]
-            need(isinstance(value, type(default)) or type(default) is float and type(value) is int, f"{key}")
+        value = config.get(key, default)  # a float flag's value may be an int
+        need(default is None or type(value) in (type(default), int if type(default) is float else None), key)
     need(all(type(config.get(k)) is int for k in ("image_size", "channels")), "image size")
     need(type(state.get("epoch")) is int, "epoch")
     need(isinstance(history, list) and len(history) == state["epoch"] and all(
@@ -1117,7 +1045,6 @@ def _check_run_state(state, model, path):
 
 def _figure(width, height):
     from matplotlib.figure import Figure  # imported here: only the figures need matplotlib
-
     return Figure(figsize=(width, height), layout="constrained")
 
 
@@ -1130,14 +1057,12 @@ def _literal(name):
 def save_grid(images, path, nrow):
     """Save images (N, C, H, W) in [0, 1] as one PNG grid of nrow images per row."""
     from torchvision.utils import save_image
-
     save_image(images, path, nrow=nrow, padding=2, pad_value=0.5)
 
 
 def _grid_figure(rows, row_labels, title, path, col_labels=None):
     """Draw rows of images (R, n, C, H, W) as one grid, with a label per row (and per column)."""
     from torchvision.utils import make_grid
-
     r, n = rows.shape[:2]
     grid = make_grid(rows.flatten(0, 1).float().cpu(), nrow=n, padding=2, pad_value=1.0)  # (3, h, w)
     h, w = grid.shape[1:]
@@ -1262,15 +1187,14 @@ def save_latent_pca(mu, labels, classes, path):
     and names; None for unlabelled images: one colour)."""
     centered = mu - mu.mean(0)
     _, s, v = torch.linalg.svd(centered, full_matrices=False)
-    proj = torch.cat([centered @ v[:2].T, torch.zeros(len(mu), 2)], dim=1)  # (N, 2): 0 when D = 1
+    proj = torch.cat([centered @ v[:2].T, torch.zeros(len(mu), 2)], dim=1)[:, :2]  # (N, 2): 0 when D = 1
     explained = (s ** 2 / (s ** 2).sum().clamp(min=1e-12)).tolist() + [0.0]  # 0 for one image
     ax = _figure(6.5, 5.5).subplots()
     if labels is None:
-        ax.scatter(proj[:, 0], proj[:, 1], s=2, alpha=0.5)
+        ax.scatter(*proj.T, s=2, alpha=0.5)
     else:
         for c in sorted(set(labels.tolist())):
-            pts = proj[labels == c]
-            ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, color=f"C{c % 10}", label=_literal(classes[c]))
+            ax.scatter(*proj[labels == c].T, s=2, alpha=0.5, color=f"C{c % 10}", label=_literal(classes[c]))
         ax.legend(markerscale=6, title="class", loc="best", fontsize=8)
     ax.set(title="test-set means mu, first two principal components",
            xlabel=f"PC 1 ({explained[0]:.0%} of variance)", ylabel=f"PC 2 ({explained[1]:.0%} of variance)")
@@ -1301,34 +1225,24 @@ def save_error_analysis(images, enc, labels, classes, out_dir, n=16):
     return rows
 
 
-def interpolation_ends(test_y, n, classes_ab):
-    """Indices (i, j) of the two test images to interpolate between, and a note or None: the first
-    images of classes classes_ab = (A, B) when both are there, else the first two of the n images."""
-    a, b = classes_ab
-    labels = [] if test_y is None else test_y.tolist()
-    if a != b and a in labels and b in labels:
-        return (labels.index(a), labels.index(b)), None
-    note = (f"note: --interpolate {a} {b} does not name two classes that the test set has, so "
-            f"interpolation.png joins test images 0 and 1")
-    return (0, min(1, n - 1)), note if labels else None
-
-
 @in_eval_mode
-def write_analysis(model, test_x, test_y, stats, out_dir, recon="bce", classes_ab=(4, 9), seed=0,
-                   classes=None):
+def write_analysis(model, test_x, test_y, stats, out_dir, recon="bce", ends=(4, 9), seed=0, classes=None):
     """Write every figure of a trained model into out_dir, in eval mode; returns the per-class rows.
     test_x: (N, C, H, W) uint8 on the model's device; test_y: (N,) on the CPU, or None (no class
-    figures then); stats: `evaluate`'s dict; classes_ab: the classes of interpolation.png."""
+    figures then), and `classes` their names; stats: `evaluate`'s dict; ends = (A, B): the
+    interpolation joins the first test images of classes A and B (else test images 0 and 1)."""
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     conditional = model.num_classes > 0
-    if test_y is not None and classes is None:
-        classes = [str(c) for c in range(int(test_y.max()) + 1)]
     label = (lambda i: int(test_y[i])) if conditional else (lambda i: None)
     enc = encode_split(model, test_x, recon, labels=test_y.to(test_x.device) if conditional else None)
     save_samples(model, path("samples_per_class.png" if conditional else "samples.png"), classes, seed)
-    (i, j), note = interpolation_ends(test_y, len(test_x), classes_ab)
-    if note:
-        print(note)
+    (a, b), labels = ends, [] if test_y is None else test_y.tolist()
+    i, j = 0, min(1, len(test_x) - 1)
+    if a != b and a in labels and b in labels:
+        i, j = labels.index(a), labels.index(b)
+    elif labels:
+        print(f"note: --interpolate {a} {b} does not name two classes that the test set has, so "
+              f"interpolation.png joins test images 0 and 1")
     x_i, x_j = to_float(test_x[i]), to_float(test_x[j])
     save_grid(torch.cat([x_i[None], interpolate(model, x_i, x_j, 10, label(i), label(j)), x_j[None]]),
               path("interpolation.png"), nrow=12)
@@ -1341,9 +1255,8 @@ def write_analysis(model, test_x, test_y, stats, out_dir, recon="bce", classes_a
         save_class_means(model, enc["mu"], test_y, classes, path("class_means.png"), seed=seed)
     save_latent_pca(enc["mu"], test_y, classes, path("latent_pca.png"))
     if model.latent_dim == 2 and not conditional:  # the decoded grid over [-3, 3]^2, z1 rightwards, z2 up
-        z2, z1 = torch.meshgrid(torch.linspace(3, -3, 20), torch.linspace(-3, 3, 20), indexing="ij")
-        z = torch.stack([z1.flatten(), z2.flatten()], dim=1).to(test_x.device)  # (400, 2)
-        save_grid(model.decode(z), path("manifold.png"), nrow=20)
+        z = torch.cartesian_prod(torch.linspace(3, -3, 20), torch.linspace(-3, 3, 20)).flip(1)  # (400, 2)
+        save_grid(model.decode(z.to(test_x.device)), path("manifold.png"), nrow=20)
     return save_error_analysis(test_x.cpu(), enc, test_y, classes, out_dir)
 
 
@@ -1455,11 +1368,6 @@ class Run:
         if args.conditional and data["train_y"] is None:
             raise UserError("--conditional needs class labels, and these images have none; use a dataset "
                             "with classes, or a folder with one subfolder per class.")
-        if device.type == "cuda":
-            need, free = data["train_x"].numel() + data["test_x"].numel(), torch.cuda.mem_get_info(device)[0]
-            if need > 0.5 * free:
-                raise UserError(f"the images need {need / 1e9:.1f} GB on the GPU and {free / 1e9:.1f} GB is "
-                                f"free (half is kept for training); use a smaller --image_size.")
         args.channels, args.image_size = data["train_x"].shape[1], data["train_x"].shape[-1]
         self.train_x, self.test_x = data["train_x"].to(device), data["test_x"].to(device)
         self.train_y = self.test_y = None
@@ -1505,27 +1413,49 @@ class Run:
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
             if self.rank > 0:  # the checkpoint holds rank 0's generators; the others get streams of their own
                 torch.manual_seed(args.seed + self.rank + self.world * self.first_epoch)
-            print(f"resuming at epoch {self.first_epoch} of {args.epochs}; the other settings come from the "
-                  f"checkpoint", flush=True)
+            print(f"resuming at epoch {self.first_epoch} of {args.epochs} with saved settings", flush=True)
 
     def saved(self):
         """What the run has saved, for the sentence that stops it."""
-        if self.saved_epoch is None:
-            return "no epoch had finished, so no checkpoint was written"
-        return f"the checkpoint of epoch {self.saved_epoch} in '{self.args.out_dir}' is intact"
+        if self.saved_epoch:
+            return f"the checkpoint of epoch {self.saved_epoch} in '{self.args.out_dir}' is intact"
+        return "no epoch had finished, so no checkpoint was written"
+
+    def check_step(self, epoch, step, stats):
+        """Stop the run (UserError, exit code 3) when a step's [loss, recon, kl, gradient norm] are not
+        all finite, naming the first term that went (the loss follows the others)."""
+        if torch.isfinite(stats).all():  # waits for that step only
+            return
+        values = dict(zip(("loss", "reconstruction term", "KL term", "gradient"), stats.tolist()))
+        bad = [name for name, v in values.items() if not math.isfinite(v)]
+        shown = ", ".join(f"{v:.4g}" for v in values.values())
+        raise UserError(f"the {bad[1] if len(bad) > 1 else bad[0]} became non-finite at epoch {epoch}, step "
+                        f"{step} (loss, recon, kl, gradient norm = {shown}), so training stopped; "
+                        f"{self.saved()}; try a lower --lr (now {self.args.lr:g}) or --grad_clip 10.", 3)
 
     def train_one_epoch(self, epoch, beta):
-        """One epoch of Part 1's `train_epoch`, with this run's hooks: (its dict, seconds)."""
-        n, world, order = len(self.train_x), self.world, None
+        """One epoch of Part 1's `train_epoch`, with this run's hooks: (its dict, seconds). Its `on_step`
+        draws the progress bar and checks each step once the next one is queued: reading a step's
+        numbers makes the CPU wait for the GPU, which this way never idles."""
+        from tqdm import tqdm
+        args, n, world, order, pending = self.args, len(self.train_x), self.world, None, []
         if world > 1:  # this process's share of one shuffled order, padded so that all take as many steps
-            sampler = DistributedSampler(range(n), seed=self.args.seed)
+            sampler = DistributedSampler(range(n), seed=args.seed)
             sampler.set_epoch(epoch)
             order = torch.tensor(list(sampler), device=self.device)
-        check = StepCheck(-(-n // self.args.batch_size), epoch, self.args, self.saved())
+        bar = tqdm(total=-(-n // args.batch_size), desc=f"epoch {epoch}/{args.epochs}", leave=False,
+                   unit="batch", disable=not sys.stderr.isatty())
+
+        def on_step(step, stats):
+            bar.update()
+            if pending:
+                self.check_step(epoch, *pending.pop())
+            pending.append((step, stats))
         t0 = time.perf_counter()
-        tr = train_epoch(self.step_model, self.optimizer, self.train_x, self.args.batch_size // world, beta,
-                         self.train_y, self.args.binarize, self.step, order, check, **self.step_args)
-        check.close()
+        with bar:
+            tr = train_epoch(self.step_model, self.optimizer, self.train_x, args.batch_size // world, beta,
+                             self.train_y, args.binarize, self.step, order, on_step, **self.step_args)
+            self.check_step(epoch, *pending.pop())
         seconds = time.perf_counter() - t0  # train_epoch has read its sums: the device is done
         if world > 1:  # every process took as many images: the mean of the processes' means
             means = torch.tensor([tr["loss"], tr["recon"], tr["kl"]], device=self.device)
@@ -1556,8 +1486,7 @@ class Run:
                   f"recon {r['train_recon']:8.3f} kl {r['train_kl']:7.3f} | test loss {r['test_loss']:8.3f} "
                   f"recon {r['test_recon']:8.3f} kl {r['test_kl']:7.3f} | AU {r['test_active_units']:3d} | "
                   f"{r['seconds']:6.2f} s {r['images_per_sec']:7.0f} img/s", flush=True)
-            warning = collapse_warning(te["kl"], te["active_units"], len(self.test_x))
-            if warning:
+            if warning := collapse_warning(te["kl"], te["active_units"], len(self.test_x)):
                 print(warning, flush=True)
             if epoch in (1, 5, 15, args.epochs):
                 save_reconstructions(self.model, fixed, os.path.join(args.out_dir, f"reconstructions_epoch"
@@ -1570,14 +1499,16 @@ class Run:
             self.saved_epoch = epoch
 
 
-def train(args, explicit=()):
-    """Train, evaluate each epoch, and write every output into args.out_dir.
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt(signum)  # SIGTERM stops a run as Ctrl-C does
 
-    args: `parse_args`'s namespace; explicit: the flags written on the command line (a resumed run takes
-    those of RESUMABLE over its saved config). Under torchrun each process runs this, and rank 0 alone
-    prints and writes. Returns (the model in eval mode, the rows of metrics.csv). Raises UserError: bad
-    input; a non-finite value (exit code 3); SIGINT or SIGTERM (130, 143).
-    """
+
+def train(args, explicit=()):
+    """Train, evaluate each epoch, and write every output into args.out_dir: (the model in eval mode,
+    the rows of metrics.csv). args: `parse_args`'s namespace; explicit: the flags written on the command
+    line (a resumed run takes those of RESUMABLE over its saved config). Under torchrun each process
+    runs this, and rank 0 alone prints and writes. UserError: bad input; a non-finite value (exit code
+    3); SIGINT or SIGTERM (130, 143)."""
     model = state = None
     if args.resume:
         args, model, state = resume_config(args, explicit)
@@ -1659,38 +1590,31 @@ def evaluate_checkpoint(args, explicit=()):
 
 def _number(kind, low, high):
     """An argparse type: a number of `kind` (int or float) from low to high."""
-    what = f"{'an integer' if kind is int else 'a number'} from {low} to {high}"
-
     def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'") from None
-        if not low <= value <= high:  # also false for nan
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
-        return value
+        with contextlib.suppress(ValueError):  # not a number
+            if low <= kind(text) <= high:  # also false for nan
+                return kind(text)
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {what} from {low} to {high}, got '{text}'")
     parse.range = f"{low} to {high}"  # for --help
     return parse
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's help with its range and '(default: X)', except where the default is None (the help
-    says what it depends on) or False (a switch)."""
+    """Each flag's help with its range and '(default: X)', unless the default is None or False."""
 
     def _get_help_string(self, action):
         text = action.help + (f"; {action.type.range}" if hasattr(action.type, "range") else "")
-        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
-            return text
-        return text + " (default: %(default)s)"
+        shown = not any(action.default is d for d in (None, False, argparse.SUPPRESS))
+        return text + (" (default: %(default)s)" if shown else "")
 
 
 def build_parser():
     """The command line: every flag with its default and range, in one place (README.md says more)."""
-    p = argparse.ArgumentParser(
-        prog="vae.py", formatter_class=HelpFormatter, allow_abbrev=False,
-        description="Train a variational autoencoder on MNIST, another dataset or your own images and "
-                    "write its figures, or evaluate a saved one (--checkpoint). Under torchrun, on several "
-                    "processes.")
+    p = argparse.ArgumentParser(prog="vae.py", formatter_class=HelpFormatter, allow_abbrev=False,
+                                description="Train a variational autoencoder on MNIST, another dataset or "
+                                "your own images and write its figures, or evaluate a saved one "
+                                "(--checkpoint). Under torchrun, on several processes.")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="mnist", help="or folder: your images")
     g.add_argument("--data_dir", help="default ./mnist, ./data for the others")
@@ -1698,7 +1622,7 @@ def build_parser():
     g.add_argument("--channels", type=int, choices=(1, 3), help="default: the dataset's own, 3 for a folder")
     g.add_argument("--binarize", action="store_true", help="the binary likelihood protocol")
     g = p.add_argument_group("model and objective")
-    g.add_argument("--model", choices=sorted(MODELS), default="conv", help="ConvVAE or MLPVAE")
+    g.add_argument("--model", choices=("conv", "mlp"), default="conv", help="ConvVAE or MLPVAE")
     g.add_argument("--latent_dim", type=_number(int, 1, 4096), default=32, help="size of z")
     g.add_argument("--width", type=_number(int, 1, 1024), default=32, help="conv: 1st block; MLP: 16x, 8x")
     g.add_argument("--recon", choices=("bce", "mse"), default="bce", help="Bernoulli, or unit Gaussian")
@@ -1766,6 +1690,10 @@ def main(argv=None):
     except OSError as e:  # e.g. a full disk while writing a figure
         print(f"vae.py: error: {e.strerror or e} ({e.filename or 'no file name'}).", file=sys.stderr)
         raise SystemExit(1) from None
+    except torch.OutOfMemoryError:  # the images, the model or a batch: the last checkpoint is intact
+        print("vae.py: error: the GPU ran out of memory; use a smaller --batch_size, --image_size or "
+              "--width.", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
