@@ -1423,7 +1423,7 @@ class Run:
 
     def check_step(self, epoch, step, stats):
         """Stop the run (UserError, exit code 3) when a step's [loss, recon, kl, gradient norm] are not
-        all finite, naming the first term that went (the loss follows the others)."""
+        all finite, naming a part that went (recon, KL, gradient) rather than the loss that follows it."""
         if torch.isfinite(stats).all():  # waits for that step only
             return
         values = dict(zip(("loss", "reconstruction term", "KL term", "gradient"), stats.tolist()))
