@@ -42,7 +42,7 @@ def matmul_rate(device, dtype, n=2048, reps=10):
     for _ in range(reps):
         a @ b
     sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def flops_per_image(model, x):
@@ -57,8 +57,10 @@ def flops_per_image(model, x):
 
 def peak_memory_mb(device):
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; the process's peak
+        return torch.cuda.max_memory_allocated() / 2**20
+    return (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )  # Linux: KiB; the process's peak
 
 
 def time_steps(step_model, optimizer, train_x, batch_size, step, device, steps):
@@ -76,8 +78,13 @@ def time_dataloader_epoch(step_model, optimizer, data_dir, batch_size, device, w
     from torchvision import datasets, transforms
 
     ds = datasets.MNIST(data_dir, train=True, download=False, transform=transforms.ToTensor())
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
     step_model.train()
     sync(device)
     t0 = time.perf_counter()
@@ -102,13 +109,18 @@ def profile_steps(step_model, optimizer, train_x, batch_size, step, device, step
 def bench_model(name, data, args, device, rate):
     torch.manual_seed(0)
     train_x, test_x = data["train_x"].to(device), data["test_x"].to(device)
-    model, step_model, optimizer = vae.setup_training(vae.build_model(name, 28, 1, args.latent_dim), 1e-3, device)
+    model, step_model, optimizer = vae.setup_training(
+        vae.build_model(name, 28, 1, args.latent_dim), 1e-3, device
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    flops = flops_per_image(model, vae.to_float(train_x[:args.batch_size]))
+    flops = flops_per_image(model, vae.to_float(train_x[: args.batch_size]))
     use_graph = args.cuda_graph == "auto" and device.type == "cuda"
-    step = (vae.CUDAGraphStep(step_model, optimizer, vae.to_float(train_x[:args.batch_size])) if use_graph
-            else vae.train_step)
+    step = (
+        vae.CUDAGraphStep(step_model, optimizer, vae.to_float(train_x[: args.batch_size]))
+        if use_graph
+        else vae.train_step
+    )
 
     # Warm-up: one full epoch and a test pass, so that cuDNN's autotuning and the allocator's caches
     # are behind us.
@@ -121,41 +133,62 @@ def bench_model(name, data, args, device, rate):
     epoch_times, total_times = [], []
     for _ in range(args.epochs):
         t0 = time.perf_counter()
-        vae.train_epoch(step_model, optimizer, train_x, args.batch_size, step=step)  # reads its sums: syncs
+        vae.train_epoch(
+            step_model, optimizer, train_x, args.batch_size, step=step
+        )  # reads its sums: syncs
         t1 = time.perf_counter()
         vae.evaluate(model, test_x)
         epoch_times.append(t1 - t0)
         total_times.append(time.perf_counter() - t0)
     epoch, total = min(epoch_times), min(total_times)
-    row = dict(model=name, flops=flops, step_ms=1000 * step_s, img_s=len(train_x) / epoch, epoch_s=epoch,
-               total_s=total, limit_s=flops * len(train_x) / rate, warmup_s=warmup,
-               mem_mb=peak_memory_mb(device))
+    row = dict(
+        model=name,
+        flops=flops,
+        step_ms=1000 * step_s,
+        img_s=len(train_x) / epoch,
+        epoch_s=epoch,
+        total_s=total,
+        limit_s=flops * len(train_x) / rate,
+        warmup_s=warmup,
+        mem_mb=peak_memory_mb(device),
+    )
     row["util"] = flops * args.batch_size / step_s / rate
     if args.profile:
         print(f"--- where the time of a {name} training step goes (torch.profiler, 20 steps)")
         profile_steps(step_model, optimizer, train_x, args.batch_size, step, device)
     if args.loader:
-        row["loader_s"] = time_dataloader_epoch(step_model, optimizer, args.data_dir, args.batch_size, device,
-                                                args.workers)
+        row["loader_s"] = time_dataloader_epoch(
+            step_model, optimizer, args.data_dir, args.batch_size, device, args.workers
+        )
     return row
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--data_dir", default="./mnist", help="folder holding MNIST/raw/")
     p.add_argument("--model", choices=("conv", "mlp", "both"), default="both")
-    p.add_argument("--latent_dim", type=int, default=20, help="20 as in pytorch/examples, for comparison")
+    p.add_argument(
+        "--latent_dim", type=int, default=20, help="20 as in pytorch/examples, for comparison"
+    )
     p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--profile", action="store_true", help="also print torch.profiler's operator table")
+    p.add_argument(
+        "--profile", action="store_true", help="also print torch.profiler's operator table"
+    )
     p.add_argument("--cuda_graph", choices=("auto", "off"), default="auto", help="as in vae.py")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up; the best is kept")
+    p.add_argument(
+        "--epochs", type=int, default=2, help="timed epochs after the warm-up; the best is kept"
+    )
     p.add_argument("--steps", type=int, default=100, help="timed single steps on one fixed batch")
-    p.add_argument("--no_loader", dest="loader", action="store_false",
-                   help="skip the DataLoader comparison")
+    p.add_argument(
+        "--no_loader", dest="loader", action="store_false", help="skip the DataLoader comparison"
+    )
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)"
+    )
     args = p.parse_args(argv)
 
     if args.threads:
@@ -163,20 +196,35 @@ def main(argv=None):
     device = vae.select_device(args.device)
     data = vae.load_dataset("mnist", args.data_dir)
     rate = matmul_rate(device, torch.float32)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device {device} ({name}), torch {torch.__version__}, batch {args.batch_size}, fp32, "
-          f"cuda_graph {args.cuda_graph}, fp32 matmul rate {rate / 1e9:,.0f} GFLOP/s")
+    name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"device {device} ({name}), torch {torch.__version__}, batch {args.batch_size}, fp32, "
+        f"cuda_graph {args.cuda_graph}, fp32 matmul rate {rate / 1e9:,.0f} GFLOP/s"
+    )
 
     models = ("conv", "mlp") if args.model == "both" else (args.model,)
-    header = (f"{'model':5} {'MFLOP/img':>9} {'step ms':>8} {'img/s':>9} {'epoch s':>8} {'+test s':>8} "
-              f"{'limit s':>8} {'of peak':>8} {'loader s':>9} {'speed-up':>8} {'warm-up s':>9} {'peak MB':>8}")
+    header = (
+        f"{'model':5} {'MFLOP/img':>9} {'step ms':>8} {'img/s':>9} {'epoch s':>8} {'+test s':>8} "
+        f"{'limit s':>8} {'of peak':>8} {'loader s':>9} {'speed-up':>8} {'warm-up s':>9} {'peak MB':>8}"
+    )
     print(header)
     for name in models:
         r = bench_model(name, data, args, device, rate)
-        loader = f"{r['loader_s']:9.2f} {r['loader_s'] / r['epoch_s']:7.1f}x" if args.loader else f"{'-':>9} {'-':>8}"
-        print(f"{name:5} {r['flops'] / 1e6:9.1f} {r['step_ms']:8.2f} {r['img_s']:9,.0f} {r['epoch_s']:8.2f} "
-              f"{r['total_s']:8.2f} {r['limit_s']:8.3f} {r['util']:8.1%} {loader} {r['warmup_s']:9.1f} "
-              f"{r['mem_mb']:8.0f}", flush=True)
+        loader = (
+            f"{r['loader_s']:9.2f} {r['loader_s'] / r['epoch_s']:7.1f}x"
+            if args.loader
+            else f"{'-':>9} {'-':>8}"
+        )
+        print(
+            f"{name:5} {r['flops'] / 1e6:9.1f} {r['step_ms']:8.2f} {r['img_s']:9,.0f} {r['epoch_s']:8.2f} "
+            f"{r['total_s']:8.2f} {r['limit_s']:8.3f} {r['util']:8.1%} {loader} {r['warmup_s']:9.1f} "
+            f"{r['mem_mb']:8.0f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

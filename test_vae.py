@@ -155,7 +155,9 @@ def test_conditional_shapes_and_the_label_changes_the_image(cls):
     assert x_hat.shape == x.shape and mu.shape == logvar.shape == (5, 6)
     assert model.fc_mu.in_features == model.fc_logvar.in_features == model.encoder(x).shape[1] + 4
     assert model.sample(4, torch.arange(4)).shape == (4, 3, 32, 32)
-    torch.testing.assert_close(model.encode(x, y.int())[0], model.encode(x, y)[0])  # any integer labels
+    torch.testing.assert_close(
+        model.encode(x, y.int())[0], model.encode(x, y)[0]
+    )  # any integer labels
     with pytest.raises(ValueError, match="needs the class labels y"):
         model.encode(x)
     z = torch.randn(1, 6).repeat(4, 1)
@@ -191,7 +193,9 @@ def test_bce_reconstruction_is_the_bernoulli_log_likelihood():
     logits, x = torch.randn(4, 1, 28, 28) * 3, torch.rand(4, 1, 28, 28)
     # Bernoulli.log_prob is -BCE for x in [0, 1] too; validation would insist on x in {0, 1}
     expected = -Bernoulli(logits=logits, validate_args=False).log_prob(x).flatten(1).sum(1)
-    torch.testing.assert_close(vae.reconstruction_loss(logits, x, "bce"), expected, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(
+        vae.reconstruction_loss(logits, x, "bce"), expected, rtol=1e-5, atol=1e-3
+    )
 
 
 def test_bce_from_logits_is_finite_where_the_sigmoid_saturates():
@@ -216,8 +220,11 @@ def test_unknown_recon_is_rejected():
 
 def test_vae_loss_refuses_targets_outside_0_1():
     logits, mu, logvar = torch.zeros(2, 1, 4, 4), torch.zeros(2, 3), torch.zeros(2, 3)
-    for x in (torch.full((2, 1, 4, 4), 255, dtype=torch.uint8), torch.full((2, 1, 4, 4), 255.0),
-              torch.full((2, 1, 4, 4), -0.5)):
+    for x in (
+        torch.full((2, 1, 4, 4), 255, dtype=torch.uint8),
+        torch.full((2, 1, 4, 4), 255.0),
+        torch.full((2, 1, 4, 4), -0.5),
+    ):
         with pytest.raises(ValueError, match=r"targets x in \[0, 1\]; divide 0-255 images by 255"):
             vae.vae_loss(logits, x, mu, logvar)
     vae.vae_loss(logits, torch.rand(2, 1, 4, 4), mu, logvar)  # in range: no error
@@ -241,7 +248,9 @@ def test_loss_parts_add_up_and_beta_scales_only_the_kl():
 def test_free_bits_change_the_gradient_only_under_the_floor():
     torch.manual_seed(0)
     logits, x = torch.randn(16, 1, 4, 4), torch.rand(16, 1, 4, 4)
-    mu = torch.cat([torch.randn(16, 2) * 2, torch.randn(16, 2) * 0.05], dim=1)  # dims 2, 3 near the prior
+    mu = torch.cat(
+        [torch.randn(16, 2) * 2, torch.randn(16, 2) * 0.05], dim=1
+    )  # dims 2, 3 near the prior
     logvar = torch.cat([torch.full((16, 2), -2.0), torch.full((16, 2), -0.01)], dim=1)
     kl_dims = vae.kl_per_dimension(mu, logvar).mean(0)
     floor = 0.5
@@ -288,7 +297,9 @@ def test_reparameterize_passes_gradients_to_mu_and_logvar():
     torch.manual_seed(7)
     eps = torch.randn(4, 3)
     torch.testing.assert_close(mu.grad, torch.ones(4, 3))  # dz/dmu = 1
-    torch.testing.assert_close(logvar.grad, 0.5 * torch.exp(0.5 * logvar.detach()) * eps)  # dz/dlogvar
+    torch.testing.assert_close(
+        logvar.grad, 0.5 * torch.exp(0.5 * logvar.detach()) * eps
+    )  # dz/dlogvar
 
 
 @pytest.mark.parametrize("cls", [vae.ConvVAE, vae.MLPVAE])
@@ -327,14 +338,25 @@ def test_grad_clip_bounds_the_update_and_reports_the_norm():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     x = torch.rand(8, 1, 28, 28)
     stats = vae.train_step(model, optimizer, x, beta=1.0, grad_clip=1e-3)
-    clipped = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]) if hasattr(
-        torch.nn.utils, "get_total_norm") else torch.norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    clipped = (
+        torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+        if hasattr(torch.nn.utils, "get_total_norm")
+        else torch.norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    )
     assert stats[3].item() > 1e-3  # the norm before clipping
     assert clipped.item() == pytest.approx(1e-3, rel=1e-3)
 
 
 def test_kl_warmup_schedule():
-    assert [vae.beta_schedule(e, 0.5, kl_warmup=4) for e in range(1, 8)] == [0, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
+    assert [vae.beta_schedule(e, 0.5, kl_warmup=4) for e in range(1, 8)] == [
+        0,
+        0.125,
+        0.25,
+        0.375,
+        0.5,
+        0.5,
+        0.5,
+    ]
     assert [vae.beta_schedule(e, 2.0) for e in (1, 5)] == [2.0, 2.0]
 
 
@@ -347,9 +369,17 @@ def test_train_epoch_takes_other_steps_orders_and_callbacks():
     def step(model, optimizer, x, beta, y=None, **kwargs):
         seen.append(x.clone())
         return vae.train_step(model, optimizer, x, beta, y, **kwargs)
+
     order = torch.tensor([9, 8, 7, 6, 5])  # half the images, in this order
-    stats = vae.train_epoch(model, optimizer, images, batch_size=2, step=step, order=order,
-                            on_step=lambda i, s: calls.append((i, s.shape)))
+    stats = vae.train_epoch(
+        model,
+        optimizer,
+        images,
+        batch_size=2,
+        step=step,
+        order=order,
+        on_step=lambda i, s: calls.append((i, s.shape)),
+    )
     assert [len(x) for x in seen] == [2, 2, 1] and calls == [(1, (4,)), (2, (4,)), (3, (4,))]
     assert torch.equal(torch.cat(seen), vae.to_float(images[order]))
     assert set(stats) == {"loss", "recon", "kl"} and all(math.isfinite(v) for v in stats.values())
@@ -371,7 +401,10 @@ def test_conditional_decoder_learns_what_the_label_means():
         opt.step()
     z = torch.randn(16, 2)
     with torch.no_grad():
-        dark, bright = model.decode(z, torch.zeros(16, dtype=torch.long)), model.decode(z, torch.ones(16, dtype=torch.long))
+        dark, bright = (
+            model.decode(z, torch.zeros(16, dtype=torch.long)),
+            model.decode(z, torch.ones(16, dtype=torch.long)),
+        )
     assert dark.mean() < 0.25 and bright.mean() > 0.75
 
 
@@ -425,7 +458,10 @@ def test_log_likelihood_rises_with_k():
     torch.manual_seed(0)
     model = vae.ConvVAE(latent_dim=4).eval()
     x = torch.bernoulli(to_float_batch(fake_digits(16, seed=8)[0]))
-    estimates = [vae.log_likelihood(model, x, k=k, max_decodes=16 * 7).mean().item() for k in (1, 10, 100, 400)]
+    estimates = [
+        vae.log_likelihood(model, x, k=k, max_decodes=16 * 7).mean().item()
+        for k in (1, 10, 100, 400)
+    ]
     assert all(a < b for a, b in zip(estimates, estimates[1:])), estimates
 
 
@@ -435,10 +471,15 @@ class LinearGaussian(torch.nn.Module):
     def __init__(self, d_x=6, d_z=2, s=0.5):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.W, self.b, self.s, self.latent_dim = torch.randn(d_x, d_z, generator=g), torch.randn(d_x, generator=g), s, d_z
+        self.W, self.b, self.s, self.latent_dim = (
+            torch.randn(d_x, d_z, generator=g),
+            torch.randn(d_x, generator=g),
+            s,
+            d_z,
+        )
         # the exact posterior is N(A (x - b), S): encode returns a deliberately wrong q instead
-        cov = torch.linalg.inv(torch.eye(d_z) + self.W.T @ self.W / s ** 2)
-        self.A, self.cov = cov @ self.W.T / s ** 2, cov
+        cov = torch.linalg.inv(torch.eye(d_z) + self.W.T @ self.W / s**2)
+        self.A, self.cov = cov @ self.W.T / s**2, cov
 
     def encode(self, x):
         x = x.flatten(1)
@@ -453,7 +494,7 @@ class LinearGaussian(torch.nn.Module):
         return Normal(mean, self.s).log_prob(x).flatten(1).sum(1)
 
     def exact(self, x):
-        cov = self.W @ self.W.T + self.s ** 2 * torch.eye(len(self.b))
+        cov = self.W @ self.W.T + self.s**2 * torch.eye(len(self.b))
         return torch.distributions.MultivariateNormal(self.b, cov).log_prob(x.flatten(1))
 
 
@@ -462,9 +503,12 @@ def test_log_likelihood_converges_to_the_exact_value_on_a_linear_gaussian_model(
     model = LinearGaussian()
     x = (torch.randn(5, 2) @ model.W.T + model.b + 0.5 * torch.randn(5, 6))[:, None, None, :]
     exact = model.exact(x)
-    elbo = torch.stack([vae.log_likelihood(model, x, k=1, log_px_given_z=model.log_px_given_z)
-                        for _ in range(200)]).mean(0)  # the expected single-sample bound
-    many = vae.log_likelihood(model, x, k=20000, max_decodes=4096, log_px_given_z=model.log_px_given_z)
+    elbo = torch.stack(
+        [vae.log_likelihood(model, x, k=1, log_px_given_z=model.log_px_given_z) for _ in range(200)]
+    ).mean(0)  # the expected single-sample bound
+    many = vae.log_likelihood(
+        model, x, k=20000, max_decodes=4096, log_px_given_z=model.log_px_given_z
+    )
     assert (exact - many).abs().max() < 0.02
     assert (exact - elbo > 0.1).all()  # the ELBO is a visibly looser lower bound
 
@@ -482,7 +526,9 @@ def test_interpolate_runs_between_the_decoded_means():
         ends, middle = model.decode(mu), model.decode(mu.mean(0, keepdim=True))
     torch.testing.assert_close(path[0], ends[0])
     torch.testing.assert_close(path[-1], ends[1])
-    torch.testing.assert_close(path[3], middle[0])  # the path is the straight line between the means
+    torch.testing.assert_close(
+        path[3], middle[0]
+    )  # the path is the straight line between the means
 
 
 def test_interpolate_and_log_likelihood_take_uint8_images_as_the_loop_does():
@@ -490,7 +536,9 @@ def test_interpolate_and_log_likelihood_take_uint8_images_as_the_loop_does():
     model = vae.MLPVAE(latent_dim=3, hidden=(32,))
     images = fake_digits(4, seed=5)[0][:, None]  # (4, 1, 28, 28) uint8
     x = vae.to_float(images)
-    assert torch.equal(vae.interpolate(model, images[0], images[1], 5), vae.interpolate(model, x[0], x[1], 5))
+    assert torch.equal(
+        vae.interpolate(model, images[0], images[1], 5), vae.interpolate(model, x[0], x[1], 5)
+    )
     estimates = []
     for batch in (images, x):
         torch.manual_seed(1)  # the same z_k for both
@@ -500,7 +548,7 @@ def test_interpolate_and_log_likelihood_take_uint8_images_as_the_loop_does():
 
 def test_part_one_copied_alone_trains_samples_and_interpolates(tmp_path):
     source = open(os.path.join(HERE, "vae.py")).read()
-    part1 = source[:source.index("\n# Part 2:")]
+    part1 = source[: source.index("\n# Part 2:")]
     (tmp_path / "myvae.py").write_text(part1)
     torch.save(fake_digits(256, seed=13)[0][:, None], tmp_path / "images.pt")
     code = """
@@ -526,13 +574,21 @@ path = myvae.interpolate(model, myvae.to_float(images[0]), myvae.to_float(images
 print(json.dumps(dict(losses=losses, test=test["loss"], nll=nll.tolist(), samples=list(model.sample(3).shape),
                       path=list(path.shape), loaded=sorted({"torchvision", "PIL", "matplotlib", "tqdm"} & set(sys.modules)))))
 """
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["losses"][-1] < 0.7 * out["losses"][0], out["losses"]
     assert math.isfinite(out["test"]) and all(v < 0 for v in out["nll"])
-    assert out["samples"] == [3, 1, 28, 28] and out["path"] == [5, 1, 28, 28] and out["loaded"] == []
+    assert (
+        out["samples"] == [3, 1, 28, 28] and out["path"] == [5, 1, 28, 28] and out["loaded"] == []
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -541,34 +597,73 @@ print(json.dumps(dict(losses=losses, test=test["loss"], nll=nll.tolist(), sample
 
 def run_python(code, cwd):
     env = dict(os.environ, PYTHONPATH=HERE)
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def cli(args, cwd=None, timeout=300):
     """Run `python vae.py ARGS` in a subprocess: (exit code, stdout, stderr)."""
-    r = subprocess.run([sys.executable, os.path.join(HERE, "vae.py"), *map(str, args)], cwd=cwd,
-                       capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, os.path.join(HERE, "vae.py"), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return r.returncode, r.stdout, r.stderr
 
 
 def quick_run(mnist_dir, out, *extra):
-    return [str(a) for a in ("--data_dir", mnist_dir, "--out_dir", out, "--model", "mlp", "--latent_dim", "4",
-                             "--width", "4", "--batch_size", "64", "--device", "cpu", *extra)]
+    return [
+        str(a)
+        for a in (
+            "--data_dir",
+            mnist_dir,
+            "--out_dir",
+            out,
+            "--model",
+            "mlp",
+            "--latent_dim",
+            "4",
+            "--width",
+            "4",
+            "--batch_size",
+            "64",
+            "--device",
+            "cpu",
+            *extra,
+        )
+    ]
 
 
 def metrics_without_timing(path):
     with open(path) as f:
-        return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_sec")}
-                for row in csv.DictReader(f)]
+        return [
+            {k: v for k, v in row.items() if k not in ("seconds", "images_per_sec")}
+            for row in csv.DictReader(f)
+        ]
 
 
 def torchrun(nproc, args, cwd):
     """Run `torchrun --standalone --nproc_per_node=N vae.py ARGS`: (exit code, stdout, stderr)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")  # N processes on a small machine
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        os.path.join(HERE, "vae.py"), *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            os.path.join(HERE, "vae.py"),
+            *map(str, args),
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return r.returncode, r.stdout, r.stderr
 
 
@@ -592,6 +687,7 @@ def blow_up_after(monkeypatch, n):
                 for p in model.parameters():
                     p.fill_(1e30)
         return stats
+
     monkeypatch.setattr(vae, "train_step", step)
 
 
@@ -608,7 +704,9 @@ def test_load_mnist_reads_idx_files_and_resizes_once(mnist_dir):
     big = vae.load_dataset("mnist", mnist_dir, image_size=32)
     assert big["train_x"].shape == (320, 1, 32, 32) and big["train_x"].dtype == torch.uint8
     # resizing keeps the brightness: mean intensity within 2%
-    assert big["train_x"].float().mean().item() == pytest.approx(data["train_x"].float().mean().item(), rel=0.02)
+    assert big["train_x"].float().mean().item() == pytest.approx(
+        data["train_x"].float().mean().item(), rel=0.02
+    )
 
 
 def test_binarization():
@@ -626,9 +724,11 @@ def test_binarization():
 
 def test_missing_data_offline_exits_2_with_one_sentence(tmp_path):
     # Point torchvision's mirrors at a closed local port: the download fails at once, as offline.
-    code = ("import torchvision, vae; "
-            "torchvision.datasets.MNIST.mirrors = ['http://127.0.0.1:9/']; "
-            f"vae.main(['--data_dir', {str(tmp_path / 'empty')!r}, '--out_dir', {str(tmp_path / 'out')!r}])")
+    code = (
+        "import torchvision, vae; "
+        "torchvision.datasets.MNIST.mirrors = ['http://127.0.0.1:9/']; "
+        f"vae.main(['--data_dir', {str(tmp_path / 'empty')!r}, '--out_dir', {str(tmp_path / 'out')!r}])"
+    )
     result = run_python(code, tmp_path)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
@@ -658,7 +758,9 @@ def damage_magic(raw):
 def test_a_damaged_idx_file_is_named_in_one_sentence(tmp_path, damage):
     raw = write_small_mnist(tmp_path / "data")
     damage(raw)
-    rc, out, err = cli(["--data_dir", tmp_path / "data", "--out_dir", tmp_path / "out", "--epochs", "1"])
+    rc, out, err = cli(
+        ["--data_dir", tmp_path / "data", "--out_dir", tmp_path / "out", "--epochs", "1"]
+    )
     assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert f"cannot read the MNIST files in '{raw}'" in err
     assert not (tmp_path / "out").exists()
@@ -668,10 +770,27 @@ def test_a_damaged_idx_file_is_named_in_one_sentence(tmp_path, damage):
 def test_other_datasets_offline_name_their_files_and_folder(tmp_path, dataset):
     # A closed local port as the proxy: every download fails at once, as offline.
     env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")
-    r = subprocess.run([sys.executable, os.path.join(HERE, "vae.py"), "--dataset", dataset, "--data_dir",
-                        str(tmp_path / "empty"), "--out_dir", str(tmp_path / "out")],
-                       capture_output=True, text=True, timeout=120, env=env)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(HERE, "vae.py"),
+            "--dataset",
+            dataset,
+            "--data_dir",
+            str(tmp_path / "empty"),
+            "--out_dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert (
+        r.returncode == 2
+        and "Traceback" not in r.stderr
+        and len(r.stderr.strip().splitlines()) == 1
+    )
     _, folder, files = vae.dataset_files(dataset, str(tmp_path / "empty"))
     assert f"is not in '{folder}' and could not be downloaded" in r.stderr
     assert all(f in r.stderr for f in files) and not (tmp_path / "out").exists()
@@ -693,7 +812,10 @@ def test_cifar10_layout_is_read_channels_first(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)  # (N, C, H, W)
     for name in files[:-1]:
-        batch = {"data": images.flatten(1).numpy(), "labels": [0, 1, 2, 3, 4, 5]}  # the file's (N, 3072) rows
+        batch = {
+            "data": images.flatten(1).numpy(),
+            "labels": [0, 1, 2, 3, 4, 5],
+        }  # the file's (N, 3072) rows
         with open(os.path.join(folder, name), "wb") as f:
             pickle.dump(batch, f)
     with open(os.path.join(folder, files[-1]), "wb") as f:
@@ -701,14 +823,27 @@ def test_cifar10_layout_is_read_channels_first(tmp_path, monkeypatch):
     data = vae.load_dataset("cifar10", str(tmp_path))
     assert data["train_x"].shape == (30, 3, 32, 32) and data["test_x"].shape == (6, 3, 32, 32)
     assert torch.equal(data["test_x"], images) and data["classes"][3] == "class3"
-    gray = vae.load_dataset("cifar10", str(tmp_path), channels=1)  # the luma of each pixel, as PIL computes it
-    pil = torch.tensor([list(Image.fromarray(im.permute(1, 2, 0).numpy()).convert("L").tobytes())
-                        for im in images]).view(6, 1, 32, 32)
-    assert gray["test_x"].shape == (6, 1, 32, 32) and (gray["test_x"].int() - pil.int()).abs().max() <= 1
-    assert vae.load_dataset("cifar10", str(tmp_path), image_size=64)["test_x"].shape == (6, 3, 64, 64)
+    gray = vae.load_dataset(
+        "cifar10", str(tmp_path), channels=1
+    )  # the luma of each pixel, as PIL computes it
+    pil = torch.tensor(
+        [list(Image.fromarray(im.permute(1, 2, 0).numpy()).convert("L").tobytes()) for im in images]
+    ).view(6, 1, 32, 32)
+    assert (
+        gray["test_x"].shape == (6, 1, 32, 32)
+        and (gray["test_x"].int() - pil.int()).abs().max() <= 1
+    )
+    assert vae.load_dataset("cifar10", str(tmp_path), image_size=64)["test_x"].shape == (
+        6,
+        3,
+        64,
+        64,
+    )
 
 
-def write_image_folder(root, classes=("circle", "square", "stripes"), per_class=12, seed=0, ext=".png"):
+def write_image_folder(
+    root, classes=("circle", "square", "stripes"), per_class=12, seed=0, ext=".png"
+):
     """Write per_class RGB images per class, of varied sizes and aspect ratios, each class
     a different colour and pattern; with classes None, a flat folder of 3 * per_class."""
     g = torch.Generator().manual_seed(seed)
@@ -722,36 +857,54 @@ def write_image_folder(root, classes=("circle", "square", "stripes"), per_class=
             img[..., c % 3] += 150  # the class shows in its colour channel
             if c == 2:
                 img[::6] = 255
-            Image.fromarray(img.clamp(0, 255).to(torch.uint8).numpy()).save(folder / f"{name}{c}_{i:02d}{ext}")
+            Image.fromarray(img.clamp(0, 255).to(torch.uint8).numpy()).save(
+                folder / f"{name}{c}_{i:02d}{ext}"
+            )
     return root
 
 
 def test_load_image_resizes_the_shorter_side_and_centre_crops(tmp_path):
-    img = torch.zeros(96, 32, 3, dtype=torch.uint8)  # tall: red above, green in the middle, blue below
+    img = torch.zeros(
+        96, 32, 3, dtype=torch.uint8
+    )  # tall: red above, green in the middle, blue below
     img[:32, :, 0], img[32:64, :, 1], img[64:, :, 2] = 255, 255, 255
     Image.fromarray(img.numpy()).save(tmp_path / "tall.png")
     rgb = vae.load_image(tmp_path / "tall.png", 32, 3)
     assert rgb.shape == (3, 32, 32) and rgb.dtype == torch.uint8
-    assert rgb[1].min() == 255 and rgb[0].max() == 0 and rgb[2].max() == 0  # only the green middle is kept
+    assert (
+        rgb[1].min() == 255 and rgb[0].max() == 0 and rgb[2].max() == 0
+    )  # only the green middle is kept
     gray = vae.load_image(tmp_path / "tall.png", 16, 1)
     assert gray.shape == (1, 16, 16)
-    assert gray[0, 4:12].float().mean().item() == pytest.approx(0.587 * 255, abs=1)  # luma of green, away from the edges
+    assert gray[0, 4:12].float().mean().item() == pytest.approx(
+        0.587 * 255, abs=1
+    )  # luma of green, away from the edges
 
 
 def test_folder_splits_labels_and_sizes(tmp_path):
     write_image_folder(tmp_path / "split" / "train", per_class=6)
-    write_image_folder(tmp_path / "split" / "val", classes=("square", "stripes"), per_class=2, seed=1)
-    write_image_folder(tmp_path / "split" / "train" / ".ipynb_checkpoints", classes=None, per_class=1)  # not a class
+    write_image_folder(
+        tmp_path / "split" / "val", classes=("square", "stripes"), per_class=2, seed=1
+    )
+    write_image_folder(
+        tmp_path / "split" / "train" / ".ipynb_checkpoints", classes=None, per_class=1
+    )  # not a class
     data = vae.load_folder(str(tmp_path / "split"), 32, 3)
     assert data["classes"] == ["circle", "square", "stripes"]
     assert data["train_x"].shape == (18, 3, 32, 32) and data["test_x"].shape == (4, 3, 32, 32)
     assert data["train_y"].tolist() == [0] * 6 + [1] * 6 + [2] * 6
     assert data["test_y"].tolist() == [1, 1, 2, 2]  # named by the training split's class indices
-    assert data["train_x"][:6, 0].float().mean() > data["train_x"][:6, 1].float().mean() + 50  # circles are red
+    assert (
+        data["train_x"][:6, 0].float().mean() > data["train_x"][:6, 1].float().mean() + 50
+    )  # circles are red
 
     write_image_folder(tmp_path / "flat", classes=None, per_class=10)
     first = vae.load_folder(str(tmp_path / "flat"), 64, 1)
-    assert first["classes"] is None and first["train_y"] is None and "fixed random 10%" in first["note"]
+    assert (
+        first["classes"] is None
+        and first["train_y"] is None
+        and "fixed random 10%" in first["note"]
+    )
     assert first["train_x"].shape == (27, 1, 64, 64) and first["test_x"].shape == (3, 1, 64, 64)
     again = vae.load_folder(str(tmp_path / "flat"), 64, 1)
     assert torch.equal(again["test_x"], first["test_x"])  # the same split every time
@@ -759,19 +912,56 @@ def test_folder_splits_labels_and_sizes(tmp_path):
     assert not any(bytes(x.flatten().tolist()) in train_set for x in first["test_x"])
 
 
-@pytest.mark.parametrize("layout, size, channels, model", [
-    ("classes", 32, 3, "conv"), ("classes", 64, 1, "mlp"), ("flat", 64, 3, "conv"), ("flat", 32, 1, "conv")])
+@pytest.mark.parametrize(
+    "layout, size, channels, model",
+    [
+        ("classes", 32, 3, "conv"),
+        ("classes", 64, 1, "mlp"),
+        ("flat", 64, 3, "conv"),
+        ("flat", 32, 1, "conv"),
+    ],
+)
 def test_a_folder_of_images_trains_one_epoch_end_to_end(tmp_path, layout, size, channels, model):
-    data = write_image_folder(tmp_path / "images", classes=None if layout == "flat" else ("a", "b", "c"),
-                              ext=".jpg" if channels == 3 else ".png")
+    data = write_image_folder(
+        tmp_path / "images",
+        classes=None if layout == "flat" else ("a", "b", "c"),
+        ext=".jpg" if channels == 3 else ".png",
+    )
     out = tmp_path / "out"
-    history = vae.main(["--dataset", "folder", "--data_dir", str(data), "--image_size", str(size),
-                        "--channels", str(channels), "--model", model, "--epochs", "1", "--batch_size", "16",
-                        "--latent_dim", "4", "--width", "8", "--out_dir", str(out), "--device", "cpu"])
+    history = vae.main(
+        [
+            "--dataset",
+            "folder",
+            "--data_dir",
+            str(data),
+            "--image_size",
+            str(size),
+            "--channels",
+            str(channels),
+            "--model",
+            model,
+            "--epochs",
+            "1",
+            "--batch_size",
+            "16",
+            "--latent_dim",
+            "4",
+            "--width",
+            "8",
+            "--out_dir",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert len(history) == 1 and math.isfinite(history[0]["test_loss"])
     model_, state = vae.load_checkpoint(out / "checkpoint.pt")
     config = state["config"]
-    assert (config["dataset"], config["image_size"], config["channels"]) == ("folder", size, channels)
+    assert (config["dataset"], config["image_size"], config["channels"]) == (
+        "folder",
+        size,
+        channels,
+    )
     assert model_.sample(2).shape == (2, channels, size, size)
     written = set(os.listdir(out))
     assert {"samples.png", "interpolation.png", "latent_pca.png", "best_worst.png"} <= written
@@ -784,8 +974,20 @@ def test_an_unreadable_image_is_named_and_nothing_is_written(tmp_path):
     data = write_image_folder(tmp_path / "images", per_class=4)
     bad = data / "square" / "broken.jpg"
     bad.write_bytes(b"not a JPEG at all")
-    rc, out, err = cli(["--dataset", "folder", "--data_dir", data, "--out_dir", tmp_path / "out", "--epochs", "1",
-                        "--device", "cpu"])
+    rc, out, err = cli(
+        [
+            "--dataset",
+            "folder",
+            "--data_dir",
+            data,
+            "--out_dir",
+            tmp_path / "out",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert f"cannot read the image '{bad}'" in err and "remove or replace that file" in err
     assert not (tmp_path / "out").exists()
@@ -793,18 +995,27 @@ def test_an_unreadable_image_is_named_and_nothing_is_written(tmp_path):
 
 def test_a_folder_too_big_for_memory_is_refused_before_loading(tmp_path, monkeypatch, capsys):
     data = write_image_folder(tmp_path / "images", per_class=4)
-    monkeypatch.setattr(vae, "available_memory", lambda: 100_000)  # bytes: less than 12 images of 3x64x64
+    monkeypatch.setattr(
+        vae, "available_memory", lambda: 100_000
+    )  # bytes: less than 12 images of 3x64x64
     monkeypatch.setattr(vae, "load_image", lambda *a: pytest.fail("an image was read"))
     with pytest.raises(SystemExit) as e:
-        vae.main(["--dataset", "folder", "--data_dir", str(data), "--out_dir", str(tmp_path / "out")])
+        vae.main(
+            ["--dataset", "folder", "--data_dir", str(data), "--out_dir", str(tmp_path / "out")]
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "12 images of 3x64x64 need 0.0 GB of memory to read and hold, and 0.0 GB is available" in err
+    assert (
+        "12 images of 3x64x64 need 0.0 GB of memory to read and hold, and 0.0 GB is available"
+        in err
+    )
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("problem, sentence", [
-    ("missing", "is not a folder"), ("empty", "holds 0 images"), ("mismatch", "do not match")])
+@pytest.mark.parametrize(
+    "problem, sentence",
+    [("missing", "is not a folder"), ("empty", "holds 0 images"), ("mismatch", "do not match")],
+)
 def test_a_bad_folder_gets_one_sentence(tmp_path, problem, sentence):
     data = tmp_path / "images"
     if problem == "empty":
@@ -819,7 +1030,17 @@ def test_a_bad_folder_gets_one_sentence(tmp_path, problem, sentence):
 def test_conditional_needs_labels(tmp_path, capsys):
     data = write_image_folder(tmp_path / "flat", classes=None, per_class=4)
     with pytest.raises(SystemExit) as e:
-        vae.main(["--dataset", "folder", "--data_dir", str(data), "--conditional", "--out_dir", str(tmp_path / "o")])
+        vae.main(
+            [
+                "--dataset",
+                "folder",
+                "--data_dir",
+                str(data),
+                "--conditional",
+                "--out_dir",
+                str(tmp_path / "o"),
+            ]
+        )
     assert e.value.code == 2 and "--conditional needs class labels" in capsys.readouterr().err
 
 
@@ -841,19 +1062,22 @@ def test_default_out_dir_follows_the_model():
     assert vae.parse_args([]).out_dir == os.path.join("runs", "conv")
 
 
-@pytest.mark.parametrize("flag, value, allowed", [
-    ("--epochs", "-1", "expected an integer from 0 to 100000"),
-    ("--epochs", "ten", "expected an integer from 0 to 100000"),
-    ("--nll_samples", "-5", "expected an integer from 0 to 100000"),
-    ("--kl_warmup", "-1", "expected an integer from 0 to 100000"),
-    ("--free_bits", "-0.1", "expected a number from 0.0 to 100.0"),
-    ("--batch_size", "-1", "expected an integer from 1 to 65536"),
-    ("--lr", "0", "expected a number from 1e-08 to 10.0"),
-    ("--lr", "nan", "expected a number from 1e-08 to 10.0"),
-    ("--latent_dim", "0", "expected an integer from 1 to 4096"),
-    ("--beta", "-0.5", "expected a number from 0.0 to 10000.0"),
-    ("--image_size", "30", "invalid choice: 30 (choose from 28, 32, 64, 128)"),
-])
+@pytest.mark.parametrize(
+    "flag, value, allowed",
+    [
+        ("--epochs", "-1", "expected an integer from 0 to 100000"),
+        ("--epochs", "ten", "expected an integer from 0 to 100000"),
+        ("--nll_samples", "-5", "expected an integer from 0 to 100000"),
+        ("--kl_warmup", "-1", "expected an integer from 0 to 100000"),
+        ("--free_bits", "-0.1", "expected a number from 0.0 to 100.0"),
+        ("--batch_size", "-1", "expected an integer from 1 to 65536"),
+        ("--lr", "0", "expected a number from 1e-08 to 10.0"),
+        ("--lr", "nan", "expected a number from 1e-08 to 10.0"),
+        ("--latent_dim", "0", "expected an integer from 1 to 4096"),
+        ("--beta", "-0.5", "expected a number from 0.0 to 10000.0"),
+        ("--image_size", "30", "invalid choice: 30 (choose from 28, 32, 64, 128)"),
+    ],
+)
 def test_parser_rejects_bad_values_with_a_sentence(flag, value, allowed, capsys):
     with pytest.raises(SystemExit) as e:
         vae.parse_args([flag, value])
@@ -862,12 +1086,21 @@ def test_parser_rejects_bad_values_with_a_sentence(flag, value, allowed, capsys)
     assert f"argument {flag}: {allowed}" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("argv, sentence", [
-    (["--epochs", "0"], "--epochs 0 trains nothing; to evaluate a saved model, give --checkpoint PATH"),
-    (["--nll_samples", "10", "--recon", "mse"], "--nll_samples needs --recon bce"),
-    (["--resume", "--overwrite"], "--resume continues the run in --out_dir: it goes with neither --overwrite"),
-    (["--epoch", "40"], "unrecognized arguments: --epoch 40"),  # no abbreviations
-])
+@pytest.mark.parametrize(
+    "argv, sentence",
+    [
+        (
+            ["--epochs", "0"],
+            "--epochs 0 trains nothing; to evaluate a saved model, give --checkpoint PATH",
+        ),
+        (["--nll_samples", "10", "--recon", "mse"], "--nll_samples needs --recon bce"),
+        (
+            ["--resume", "--overwrite"],
+            "--resume continues the run in --out_dir: it goes with neither --overwrite",
+        ),
+        (["--epoch", "40"], "unrecognized arguments: --epoch 40"),  # no abbreviations
+    ],
+)
 def test_parser_rejects_bad_combinations(argv, sentence, capsys):
     with pytest.raises(SystemExit) as e:
         vae.parse_args(argv)
@@ -883,20 +1116,43 @@ def test_a_bad_flag_from_the_shell_gets_one_sentence(tmp_path):
 
 
 def test_help_lists_every_flag_with_its_range_and_default():
-    text = " ".join(vae.build_parser().format_help().split("options:")[1].split())  # argparse wraps anywhere
-    for flag, default in (("--epochs", "30"), ("--batch_size", "128"), ("--dataset", "mnist"),
-                          ("--latent_dim", "32"), ("--lr", "0.001"), ("--beta", "1.0"), ("--model", "conv"),
-                          ("--recon", "bce"), ("--seed", "0"), ("--device", "auto"), ("--interpolate", "[4, 9]")):
+    text = " ".join(
+        vae.build_parser().format_help().split("options:")[1].split()
+    )  # argparse wraps anywhere
+    for flag, default in (
+        ("--epochs", "30"),
+        ("--batch_size", "128"),
+        ("--dataset", "mnist"),
+        ("--latent_dim", "32"),
+        ("--lr", "0.001"),
+        ("--beta", "1.0"),
+        ("--model", "conv"),
+        ("--recon", "bce"),
+        ("--seed", "0"),
+        ("--device", "auto"),
+        ("--interpolate", "[4, 9]"),
+    ):
         assert f"{flag} " in text and f"(default: {default})" in text, flag
-    for flag, (low, high) in (("--epochs", (0, 100000)), ("--latent_dim", (1, 4096)), ("--lr", ("1e-08", "10.0")),
-                              ("--seed", (0, 4294967295)), ("--beta", ("0.0", "10000.0"))):
+    for flag, (low, high) in (
+        ("--epochs", (0, 100000)),
+        ("--latent_dim", (1, 4096)),
+        ("--lr", ("1e-08", "10.0")),
+        ("--seed", (0, 4294967295)),
+        ("--beta", ("0.0", "10000.0")),
+    ):
         assert f"{low} to {high}" in text.split(f"{flag} ")[1].split("--")[0], flag
-    assert "default runs/<model>, and eval/ beside a --checkpoint" in text and "(default: False)" not in text
+    assert (
+        "default runs/<model>, and eval/ beside a --checkpoint" in text
+        and "(default: False)" not in text
+    )
 
 
 def test_importing_vae_has_no_side_effects(tmp_path):
     # nor loads what only the tool needs, which would double the time `import vae` takes (torch loads tqdm)
-    result = run_python("import sys, vae; assert not {'torchvision', 'matplotlib', 'PIL'} & set(sys.modules)", tmp_path)
+    result = run_python(
+        "import sys, vae; assert not {'torchvision', 'matplotlib', 'PIL'} & set(sys.modules)",
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and result.stderr == ""
     assert os.listdir(tmp_path) == []
@@ -904,7 +1160,9 @@ def test_importing_vae_has_no_side_effects(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_asking_for_a_missing_gpu_gets_one_sentence():
-    with pytest.raises(vae.UserError, match="--device cuda was asked for but is not available here"):
+    with pytest.raises(
+        vae.UserError, match="--device cuda was asked for but is not available here"
+    ):
         vae.select_device("cuda")
 
 
@@ -922,23 +1180,63 @@ def test_deterministic_flag_turns_on_deterministic_algorithms():
 
 def test_one_run_end_to_end(mnist_dir, tmp_path):
     out = tmp_path / "run"
-    args = vae.parse_args(["--data_dir", mnist_dir, "--epochs", "2", "--batch_size", "64",
-                           "--latent_dim", "8", "--out_dir", str(out), "--device", "cpu"])
+    args = vae.parse_args(
+        [
+            "--data_dir",
+            mnist_dir,
+            "--epochs",
+            "2",
+            "--batch_size",
+            "64",
+            "--latent_dim",
+            "8",
+            "--out_dir",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     model, history = vae.train(args)
     written = sorted(f for f in os.listdir(out) if not f.startswith("."))  # .lock: the run's lock
-    assert written == ["best_worst.png", "checkpoint.pt", "class_means.png", "config.json", "evaluation.json",
-                       "interpolation.png", "latent_distribution.png", "latent_pca.png", "loss_curves.png",
-                       "metrics.csv", "per_class.csv", "recon_error_hist.png", "reconstructions_epoch001.png",
-                       "reconstructions_epoch002.png", "samples.png", "traversals.png"]
+    assert written == [
+        "best_worst.png",
+        "checkpoint.pt",
+        "class_means.png",
+        "config.json",
+        "evaluation.json",
+        "interpolation.png",
+        "latent_distribution.png",
+        "latent_pca.png",
+        "loss_curves.png",
+        "metrics.csv",
+        "per_class.csv",
+        "recon_error_hist.png",
+        "reconstructions_epoch001.png",
+        "reconstructions_epoch002.png",
+        "samples.png",
+        "traversals.png",
+    ]
 
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    for key in ("train_loss", "train_recon", "train_kl", "test_loss", "test_recon", "test_kl",
-                "test_active_units", "seconds", "images_per_sec", "beta"):
+    for key in (
+        "train_loss",
+        "train_recon",
+        "train_kl",
+        "test_loss",
+        "test_recon",
+        "test_kl",
+        "test_active_units",
+        "seconds",
+        "images_per_sec",
+        "beta",
+    ):
         assert all(math.isfinite(float(r[key])) for r in rows), key
     for r in rows:
-        assert float(r["test_loss"]) == pytest.approx(float(r["test_recon"]) + float(r["test_kl"]), rel=1e-5)
+        assert float(r["test_loss"]) == pytest.approx(
+            float(r["test_recon"]) + float(r["test_kl"]), rel=1e-5
+        )
     assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
     assert history[-1]["test_loss"] == pytest.approx(float(rows[-1]["test_loss"]))
 
@@ -959,8 +1257,24 @@ def test_one_run_end_to_end(mnist_dir, tmp_path):
 
 
 def test_main_trains_the_mlp_at_another_size(mnist_dir, tmp_path):
-    history = vae.main(["--data_dir", mnist_dir, "--epochs", "1", "--model", "mlp", "--image_size", "32",
-                        "--out_dir", str(tmp_path), "--device", "cpu", "--beta", "0.5"])
+    history = vae.main(
+        [
+            "--data_dir",
+            mnist_dir,
+            "--epochs",
+            "1",
+            "--model",
+            "mlp",
+            "--image_size",
+            "32",
+            "--out_dir",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            "--beta",
+            "0.5",
+        ]
+    )
     assert len(history) == 1 and history[0]["beta"] == 0.5
     model, state = vae.load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["config"]["image_size"] == 32 and state["config"]["model"] == "mlp"
@@ -970,11 +1284,22 @@ def test_main_trains_the_mlp_at_another_size(mnist_dir, tmp_path):
 def test_the_users_command_in_a_clone_leaves_git_status_empty(tmp_path):
     if not os.path.isdir(os.path.join(HERE, ".git")):
         pytest.skip("needs the git repository of vae.py")
-    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path / "clone", capture_output=True, text=True,  # noqa
-                                    check=True).stdout
+    git = lambda *a: (
+        subprocess.run(
+            ["git", *a],
+            cwd=tmp_path / "clone",
+            capture_output=True,
+            text=True,  # noqa
+            check=True,
+        ).stdout
+    )
     (tmp_path / "clone").mkdir()
-    tracked = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True, check=True).stdout
-    for name in tracked.splitlines():  # the working tree's tracked files, as a clone of them would hold
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=HERE, capture_output=True, text=True, check=True
+    ).stdout
+    for (
+        name
+    ) in tracked.splitlines():  # the working tree's tracked files, as a clone of them would hold
         if os.path.exists(os.path.join(HERE, name)):
             os.makedirs(os.path.dirname(tmp_path / "clone" / name), exist_ok=True)
             shutil.copy(os.path.join(HERE, name), tmp_path / "clone" / name)
@@ -982,23 +1307,34 @@ def test_the_users_command_in_a_clone_leaves_git_status_empty(tmp_path):
     git("add", "-A")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone")
     write_small_mnist(tmp_path / "clone" / "mnist", n_train=64, n_test=32)
-    rc, out, err = cli(["--data_dir", "./mnist", "--epochs", "30", "--beta", "0.5"], cwd=tmp_path / "clone")
+    rc, out, err = cli(
+        ["--data_dir", "./mnist", "--epochs", "30", "--beta", "0.5"], cwd=tmp_path / "clone"
+    )
     assert rc == 0, err
     assert (tmp_path / "clone" / "runs" / "conv" / "reconstructions_epoch030.png").exists()
     assert git("status", "--porcelain") == ""
 
 
-def test_a_run_refuses_a_folder_with_another_runs_files_and_overwrite_clears_them(mnist_dir, tmp_path, capsys):
+def test_a_run_refuses_a_folder_with_another_runs_files_and_overwrite_clears_them(
+    mnist_dir, tmp_path, capsys
+):
     (tmp_path / "samples.png").write_bytes(b"a figure of an evaluation")
     with pytest.raises(SystemExit) as e:
         vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))
-    assert e.value.code == 2 and "already holds the files of another run (samples.png)" in capsys.readouterr().err
+    assert (
+        e.value.code == 2
+        and "already holds the files of another run (samples.png)" in capsys.readouterr().err
+    )
     (tmp_path / "notes.txt").write_text("the user's own file")
     vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "2", "--latent_dim", "2", "--overwrite"))
-    assert (tmp_path / "manifold.png").exists() and (tmp_path / "reconstructions_epoch002.png").exists()
+    assert (tmp_path / "manifold.png").exists() and (
+        tmp_path / "reconstructions_epoch002.png"
+    ).exists()
     vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1", "--overwrite"))
     left = set(os.listdir(tmp_path))
-    assert "manifold.png" not in left and "reconstructions_epoch002.png" not in left  # the earlier run's
+    assert (
+        "manifold.png" not in left and "reconstructions_epoch002.png" not in left
+    )  # the earlier run's
     assert "notes.txt" in left and "reconstructions_epoch001.png" in left
 
 
@@ -1006,7 +1342,11 @@ def test_collapse_warning():
     assert vae.collapse_warning(kl=5.0, active_units=3, n_images=100) is None
     for kl, au in ((0.05, 3), (5.0, 0)):
         text = vae.collapse_warning(kl, au, n_images=100)
-        assert text.startswith("warning: posterior collapse") and "--kl_warmup" in text and "--free_bits" in text
+        assert (
+            text.startswith("warning: posterior collapse")
+            and "--kl_warmup" in text
+            and "--free_bits" in text
+        )
     # a handful of test images has no variance to speak of: only the KL can tell (fault kind 1)
     assert vae.collapse_warning(kl=5.0, active_units=0, n_images=1) is None
     assert vae.collapse_warning(kl=0.01, active_units=0, n_images=1) is not None
@@ -1014,8 +1354,14 @@ def test_collapse_warning():
 
 def test_the_loss_curves_title_names_the_beta_of_every_epoch(tmp_path, monkeypatch):
     figures = capture_figures(monkeypatch)
-    rows = [dict(epoch=e, beta=b, **{f"{s}_{k}": 1.0 for s in ("train", "test") for k in ("loss", "recon", "kl")})
-            for e, b in ((1, 0.0), (2, 0.25), (3, 0.5), (4, 0.5))]
+    rows = [
+        dict(
+            epoch=e,
+            beta=b,
+            **{f"{s}_{k}": 1.0 for s in ("train", "test") for k in ("loss", "recon", "kl")},
+        )
+        for e, b in ((1, 0.0), (2, 0.25), (3, 0.5), (4, 0.5))
+    ]
     vae.plot_losses(rows, tmp_path / "warmup.png")
     vae.plot_losses(rows[2:], tmp_path / "constant.png")
     assert figures[0].axes[0].get_title() == "loss = recon + beta (from 0 to 0.5) * KL"
@@ -1026,18 +1372,25 @@ def test_latent_distribution_counts_and_colours_the_same_active_units(tmp_path, 
     torch.manual_seed(0)
     model = vae.MLPVAE(latent_dim=6)
     with torch.no_grad():
-        model.fc_mu.weight[2:] = 0  # mu_2..5 = the bias for every image: no variance across images...
+        model.fc_mu.weight[2:] = (
+            0  # mu_2..5 = the bias for every image: no variance across images...
+        )
         model.fc_mu.bias[2:] = 2.0  # ...yet far from the prior, so their KL is large
         model.fc_mu.weight[:2] *= 50
     images = fake_digits(100, seed=11)[0][:, None]
     stats = vae.evaluate(model, images)
-    assert stats["active_units"] == 2 and min(stats["kl_per_dim"][2:]) > 1.0  # the KL alone would say 6
+    assert (
+        stats["active_units"] == 2 and min(stats["kl_per_dim"][2:]) > 1.0
+    )  # the KL alone would say 6
     enc = vae.encode_split(model, images)
     figures = capture_figures(monkeypatch)
     vae.save_latent_distribution(enc["mu"], enc["logvar"], stats, tmp_path / "latent.png")
     ax_kl = figures[0].axes[2]
-    blue = [bar for bar in ax_kl.patches if bar.get_facecolor()[:3] == (0.12156862745098039, 0.4666666666666667,
-                                                                        0.7058823529411765)]  # C0
+    blue = [
+        bar
+        for bar in ax_kl.patches
+        if bar.get_facecolor()[:3] == (0.12156862745098039, 0.4666666666666667, 0.7058823529411765)
+    ]  # C0
     assert len(blue) == 2 and "2 of 6 active" in ax_kl.get_title()
 
 
@@ -1047,10 +1400,25 @@ def test_conditional_run_writes_a_grid_per_class_and_its_checkpoint_evaluates(mn
     written = set(os.listdir(out))
     assert "samples_per_class.png" in written and "samples.png" not in written
     model, state = vae.load_checkpoint(out / "checkpoint.pt")
-    assert model.num_classes == 10 and state["config"]["num_classes"] == 10 and len(state["config"]["classes"]) == 10
-    results = vae.main(["--checkpoint", str(out / "checkpoint.pt"),  # data: the run's own
-                        "--out_dir", str(tmp_path / "eval"), "--nll_samples", "4"])
-    assert math.isfinite(results["test_nll"]) and (tmp_path / "eval" / "samples_per_class.png").exists()
+    assert (
+        model.num_classes == 10
+        and state["config"]["num_classes"] == 10
+        and len(state["config"]["classes"]) == 10
+    )
+    results = vae.main(
+        [
+            "--checkpoint",
+            str(out / "checkpoint.pt"),  # data: the run's own
+            "--out_dir",
+            str(tmp_path / "eval"),
+            "--nll_samples",
+            "4",
+        ]
+    )
+    assert (
+        math.isfinite(results["test_nll"])
+        and (tmp_path / "eval" / "samples_per_class.png").exists()
+    )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -1062,38 +1430,54 @@ def test_cuda_graph_step_leaves_the_model_untouched_and_trains_like_eager():
         torch.manual_seed(0)
         model, _, optimizer = vae.setup_training(vae.ConvVAE(latent_dim=8), 1e-3, device)
         start = {k: v.clone() for k, v in model.state_dict().items()}
-        step = vae.CUDAGraphStep(model, optimizer, vae.to_float(images[:64])) if use_graph else vae.train_step
+        step = (
+            vae.CUDAGraphStep(model, optimizer, vae.to_float(images[:64]))
+            if use_graph
+            else vae.train_step
+        )
         for k, v in model.state_dict().items():  # the capture's warm-up steps were undone
             assert torch.equal(v, start[k]), k
-        history = [vae.train_epoch(model, optimizer, images, 64, 1.0, step=step)["loss"] for _ in range(5)]
+        history = [
+            vae.train_epoch(model, optimizer, images, 64, 1.0, step=step)["loss"] for _ in range(5)
+        ]
         assert history[-1] < history[0]
         losses[use_graph] = history[-1]
     assert losses[True] == pytest.approx(losses[False], rel=0.05)  # only the draws of eps differ
 
 
 def test_two_processes_train_together_and_write_one_set_of_outputs(mnist_dir, tmp_path):
-    rc, out, err = torchrun(2, quick_run(mnist_dir, tmp_path / "run", "--epochs", "3"), cwd=tmp_path)
+    rc, out, err = torchrun(
+        2, quick_run(mnist_dir, tmp_path / "run", "--epochs", "3"), cwd=tmp_path
+    )
     assert rc == 0, err
     assert "device cpu x 2 processes" in out
-    assert [line.split("|")[0].split()[1] for line in out.splitlines() if line.startswith("epoch")] == \
-        ["1/3", "2/3", "3/3"]  # rank 0 prints, once
+    assert [
+        line.split("|")[0].split()[1] for line in out.splitlines() if line.startswith("epoch")
+    ] == ["1/3", "2/3", "3/3"]  # rank 0 prints, once
     assert sorted(os.listdir(tmp_path)) == ["run"]
     rows = metrics_without_timing(tmp_path / "run" / "metrics.csv")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     losses = [float(r["train_loss"]) for r in rows]
     assert losses[2] < losses[1] < losses[0]
     assert not [f for f in os.listdir(tmp_path / "run") if f.startswith(".tmp-")]
-    model, state = vae.load_checkpoint(tmp_path / "run" / "checkpoint.pt")  # the single-process format
+    model, state = vae.load_checkpoint(
+        tmp_path / "run" / "checkpoint.pt"
+    )  # the single-process format
     assert state["config"]["epochs"] == 3 and model.latent_dim == 4
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_one_process_under_torchrun_is_the_plain_run(mnist_dir, tmp_path, device):
-    rc, _, err = torchrun(1, quick_run(mnist_dir, tmp_path / "ddp", "--epochs", "2", "--device", device), cwd=tmp_path)
+    rc, _, err = torchrun(
+        1, quick_run(mnist_dir, tmp_path / "ddp", "--epochs", "2", "--device", device), cwd=tmp_path
+    )
     assert rc == 0, err
     vae.main(quick_run(mnist_dir, tmp_path / "plain", "--epochs", "2", "--device", device))
     ddp, plain = (metrics_without_timing(tmp_path / d / "metrics.csv") for d in ("ddp", "plain"))
-    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in ("ddp", "plain"))
+    a, b = (
+        torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"]
+        for d in ("ddp", "plain")
+    )
     if device == "cpu":  # the same arithmetic in the same order: the same bits
         assert ddp == plain and all(torch.equal(a[k], b[k]) for k in a)
     else:  # the plain run replays a CUDA graph, DDP steps eagerly: the same maths, rounded differently
@@ -1102,8 +1486,11 @@ def test_one_process_under_torchrun_is_the_plain_run(mnist_dir, tmp_path, device
 
 
 def test_torchrun_needs_a_batch_that_the_processes_can_share(mnist_dir, tmp_path):
-    rc, out, err = torchrun(2, quick_run(mnist_dir, tmp_path / "run", "--epochs", "1", "--batch_size", "63"),
-                            cwd=tmp_path)
+    rc, out, err = torchrun(
+        2,
+        quick_run(mnist_dir, tmp_path / "run", "--epochs", "1", "--batch_size", "63"),
+        cwd=tmp_path,
+    )
     assert rc != 0 and "--batch_size 63 is the batch of all 2 processes together" in err
     assert err.count("vae.py: error:") == 1  # said by rank 0 only
     assert not (tmp_path / "run").exists()
@@ -1122,14 +1509,26 @@ def test_evaluate_nll_reports_nats_and_bits_per_dim():
     assert model.training  # restored
 
 
-@pytest.mark.parametrize("model", [vae.MLPVAE(hidden=(300,), latent_dim=5), vae.ConvVAE(base_channels=8, latent_dim=3),
-                                   vae.MLPVAE(image_size=8, channels=3, hidden=(16, 8, 4), num_classes=4)])
+@pytest.mark.parametrize(
+    "model",
+    [
+        vae.MLPVAE(hidden=(300,), latent_dim=5),
+        vae.ConvVAE(base_channels=8, latent_dim=3),
+        vae.MLPVAE(image_size=8, channels=3, hidden=(16, 8, 4), num_classes=4),
+    ],
+)
 def test_a_checkpoint_describes_its_model(tmp_path, model):
     optimizer = torch.optim.Adam(model.parameters())
     vae.save_checkpoint(tmp_path / "model.pt", model, optimizer, note="any plain value")
     loaded, state = vae.load_checkpoint(tmp_path / "model.pt")
-    assert type(loaded) is type(model) and loaded.model_args == model.model_args and not loaded.training
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert (
+        type(loaded) is type(model)
+        and loaded.model_args == model.model_args
+        and not loaded.training
+    )
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values())
+    )
     assert state["note"] == "any plain value" and "optimizer" in state
     vae.save_checkpoint(tmp_path / "weights.pt", model)  # the optimizer is optional
     assert "optimizer" not in vae.load_checkpoint(tmp_path / "weights.pt")[1]
@@ -1142,51 +1541,109 @@ def good_checkpoint(mnist_dir, tmp_path_factory):
     return out / "checkpoint.pt"
 
 
-def test_a_checkpoint_from_before_self_description_is_refused_with_a_sentence(good_checkpoint, tmp_path, capsys):
+def test_a_checkpoint_from_before_self_description_is_refused_with_a_sentence(
+    good_checkpoint, tmp_path, capsys
+):
     state = torch.load(good_checkpoint, weights_only=True)
-    del state["model_class"], state["model_args"]  # as vae.py wrote them before: a run's config only
+    del (
+        state["model_class"],
+        state["model_args"],
+    )  # as vae.py wrote them before: a run's config only
     torch.save(state, tmp_path / "old.pt")
     with pytest.raises(SystemExit) as e:
         vae.main(["--checkpoint", str(tmp_path / "old.pt"), "--out_dir", str(tmp_path / "eval")])
-    assert e.value.code == 2 and "names no model_class (an older vae.py's" in capsys.readouterr().err
+    assert (
+        e.value.code == 2 and "names no model_class (an older vae.py's" in capsys.readouterr().err
+    )
     assert not (tmp_path / "eval").exists()
 
 
 def test_checkpoint_mode_reproduces_the_run_without_touching_it(mnist_dir, tmp_path):
     run = tmp_path / "run"
-    history = vae.main(["--data_dir", mnist_dir, "--epochs", "2", "--model", "mlp", "--latent_dim", "2",
-                        "--binarize", "--nll_samples", "20", "--out_dir", str(run), "--device", "cpu",
-                        "--kl_warmup", "1"])
+    history = vae.main(
+        [
+            "--data_dir",
+            mnist_dir,
+            "--epochs",
+            "2",
+            "--model",
+            "mlp",
+            "--latent_dim",
+            "2",
+            "--binarize",
+            "--nll_samples",
+            "20",
+            "--out_dir",
+            str(run),
+            "--device",
+            "cpu",
+            "--kl_warmup",
+            "1",
+        ]
+    )
     assert [row["beta"] for row in history] == [0.0, 1.0]
     ckpt = run / "checkpoint.pt"
     before = ckpt.read_bytes()
     trained = json.loads((run / "evaluation.json").read_text())
-    assert trained["test_nll"] < trained["test_loss"] + 1.0  # the K=20 bound is tighter than the ELBO
-    assert trained["test_nll_bits_per_dim"] == pytest.approx(trained["test_nll"] / (784 * math.log(2)))
+    assert (
+        trained["test_nll"] < trained["test_loss"] + 1.0
+    )  # the K=20 bound is tighter than the ELBO
+    assert trained["test_nll_bits_per_dim"] == pytest.approx(
+        trained["test_nll"] / (784 * math.log(2))
+    )
     assert len(trained["per_class"]) == 10
 
     again = tmp_path / "again"
-    results = vae.main(["--checkpoint", str(ckpt), "--data_dir", mnist_dir,
-                        "--out_dir", str(again), "--nll_samples", "20", "--device", "cpu"])
+    results = vae.main(
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--data_dir",
+            mnist_dir,
+            "--out_dir",
+            str(again),
+            "--nll_samples",
+            "20",
+            "--device",
+            "cpu",
+        ]
+    )
     assert ckpt.read_bytes() == before
     assert not (again / "checkpoint.pt").exists() and not (again / "metrics.csv").exists()
     assert (again / "manifold.png").exists() and (again / "traversals.png").exists()  # latent_dim 2
     assert results["epoch"] == 2
     # the same binary test set and weights: the ELBO agrees within Monte Carlo error
     assert results["test_loss"] == pytest.approx(trained["test_loss"], rel=0.01)
-    assert results["test_kl"] == pytest.approx(trained["test_kl"], rel=1e-4)  # closed form: no noise
+    assert results["test_kl"] == pytest.approx(
+        trained["test_kl"], rel=1e-4
+    )  # closed form: no noise
     assert results["test_nll"] == pytest.approx(trained["test_nll"], rel=0.01)
 
 
-def test_checkpoint_mode_writes_beside_the_checkpoint_and_names_what_it_ignores(mnist_dir, tmp_path, capsys):
+def test_checkpoint_mode_writes_beside_the_checkpoint_and_names_what_it_ignores(
+    mnist_dir, tmp_path, capsys
+):
     vae.main(quick_run(mnist_dir, tmp_path / "run", "--epochs", "1"))
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
     capsys.readouterr()
-    results = vae.main(["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--epochs", "5", "--lr", "0.1",
-                        "--interpolate", "42", "43"])  # no --epochs 0 needed; the data: the run's own
+    results = vae.main(
+        [
+            "--checkpoint",
+            str(tmp_path / "run" / "checkpoint.pt"),
+            "--epochs",
+            "5",
+            "--lr",
+            "0.1",
+            "--interpolate",
+            "42",
+            "43",
+        ]
+    )  # no --epochs 0 needed; the data: the run's own
     out = capsys.readouterr().out
     assert "so it ignores --epochs, --lr" in out
-    assert "--interpolate 42 43 does not name two classes that the test set has" in out  # --interpolate is honoured
+    assert (
+        "--interpolate 42 43 does not name two classes that the test set has" in out
+    )  # --interpolate is honoured
     assert results["epoch"] == 1 and (tmp_path / "run" / "eval" / "evaluation.json").exists()
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
     with pytest.raises(SystemExit):  # its own folder now holds an evaluation
@@ -1197,7 +1654,9 @@ def test_checkpoint_mode_writes_beside_the_checkpoint_and_names_what_it_ignores(
 def test_a_model_saved_from_python_evaluates_from_the_command_line(mnist_dir, tmp_path):
     torch.manual_seed(0)
     vae.save_checkpoint(tmp_path / "mine.pt", vae.MLPVAE(latent_dim=2, hidden=(32,)))
-    results = vae.main(["--checkpoint", str(tmp_path / "mine.pt"), "--data_dir", mnist_dir, "--nll_samples", "3"])
+    results = vae.main(
+        ["--checkpoint", str(tmp_path / "mine.pt"), "--data_dir", mnist_dir, "--nll_samples", "3"]
+    )
     assert math.isfinite(results["test_nll"]) and results["epoch"] is None
     assert (tmp_path / "eval" / "manifold.png").exists()
 
@@ -1205,7 +1664,10 @@ def test_a_model_saved_from_python_evaluates_from_the_command_line(mnist_dir, tm
 def test_checkpoint_mode_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")
-    for path, sentence in ((bad, "is not a checkpoint written by vae.py"), (tmp_path / "none.pt", "there is no checkpoint at")):
+    for path, sentence in (
+        (bad, "is not a checkpoint written by vae.py"),
+        (tmp_path / "none.pt", "there is no checkpoint at"),
+    ):
         with pytest.raises(SystemExit) as e:
             vae.main(["--checkpoint", str(path), "--out_dir", str(tmp_path / "o")])
         assert e.value.code == 2
@@ -1231,14 +1693,17 @@ def make_bad_checkpoint(kind, tmp_path, good):
     return path
 
 
-@pytest.mark.parametrize("kind, sentence", [
-    ("random bytes", "is not a checkpoint written by vae.py"),
-    ("text", "is not a checkpoint written by vae.py"),
-    ("truncated", "is not a checkpoint written by vae.py"),
-    ("pickle with code", "was refused: it holds Python objects beyond tensors and plain data"),
-    ("tensors only", "is a PyTorch file but not a checkpoint written by vae.py"),
-    ("incompatible model", "comes from an incompatible model"),
-])
+@pytest.mark.parametrize(
+    "kind, sentence",
+    [
+        ("random bytes", "is not a checkpoint written by vae.py"),
+        ("text", "is not a checkpoint written by vae.py"),
+        ("truncated", "is not a checkpoint written by vae.py"),
+        ("pickle with code", "was refused: it holds Python objects beyond tensors and plain data"),
+        ("tensors only", "is a PyTorch file but not a checkpoint written by vae.py"),
+        ("incompatible model", "comes from an incompatible model"),
+    ],
+)
 def test_a_bad_checkpoint_gets_one_sentence(tmp_path, good_checkpoint, mnist_dir, kind, sentence):
     path = make_bad_checkpoint(kind, tmp_path, good_checkpoint)
     rc, out, err = cli(["--checkpoint", path, "--data_dir", mnist_dir, "--out_dir", tmp_path / "o"])
@@ -1260,21 +1725,33 @@ def test_resume_continues_bit_for_bit_and_seeded_runs_repeat(mnist_dir, tmp_path
     a = metrics_without_timing(tmp_path / "a" / "metrics.csv")
     assert len(a) == 3 and [float(r["beta"]) for r in a] == [0.0, 0.5, 1.0]
     assert metrics_without_timing(tmp_path / "b" / "metrics.csv") == a  # same seed, same numbers
-    assert metrics_without_timing(tmp_path / "c" / "metrics.csv") == a  # stopped after 1, resumed to 3
+    assert (
+        metrics_without_timing(tmp_path / "c" / "metrics.csv") == a
+    )  # stopped after 1, resumed to 3
     weights = [torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in "ac"]
     for k in weights[0]:
         assert torch.equal(weights[0][k], weights[1][k]), k
 
 
-def test_resume_accepts_a_checkpoint_older_than_some_flags_and_a_moved_data_folder(mnist_dir, tmp_path):
+def test_resume_accepts_a_checkpoint_older_than_some_flags_and_a_moved_data_folder(
+    mnist_dir, tmp_path
+):
     vae.main(quick_run(mnist_dir, tmp_path / "run", "--epochs", "1"))
     ckpt = tmp_path / "run" / "checkpoint.pt"
     state = torch.load(ckpt, weights_only=True)
-    for key in ("kl_warmup", "free_bits", "binarize", "grad_clip", "nll_samples"):  # as an older vae.py wrote
+    for key in (
+        "kl_warmup",
+        "free_bits",
+        "binarize",
+        "grad_clip",
+        "nll_samples",
+    ):  # as an older vae.py wrote
         del state["config"][key]
     state["config"]["data_dir"] = str(tmp_path / "moved-away")
     torch.save(state, ckpt)
-    history = vae.main(["--resume", "--out_dir", str(tmp_path / "run"), "--epochs", "2", "--data_dir", mnist_dir])
+    history = vae.main(
+        ["--resume", "--out_dir", str(tmp_path / "run"), "--epochs", "2", "--data_dir", mnist_dir]
+    )
     assert [row["epoch"] for row in history] == [1, 2]
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["data_dir"] == mnist_dir and config["free_bits"] == 0.0 and config["epochs"] == 2
@@ -1287,10 +1764,16 @@ def test_a_new_run_never_replaces_another_silently(mnist_dir, tmp_path, capsys):
         vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "already holds the files of another run" in err and "--resume" in err and "--overwrite" in err
+    assert (
+        "already holds the files of another run" in err
+        and "--resume" in err
+        and "--overwrite" in err
+    )
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
-    for argv, sentence in ((["--resume", "--epochs", "1"], "has finished epoch 1 of 1"),
-                           (["--resume", "--out_dir", str(tmp_path / "none")], "found no checkpoint.pt")):
+    for argv, sentence in (
+        (["--resume", "--epochs", "1"], "has finished epoch 1 of 1"),
+        (["--resume", "--out_dir", str(tmp_path / "none")], "found no checkpoint.pt"),
+    ):
         with pytest.raises(SystemExit):
             vae.main(quick_run(mnist_dir, tmp_path) + argv)
         assert sentence in capsys.readouterr().err
@@ -1302,9 +1785,14 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(mnist_dir, t
     rng = random.Random(0)
     ckpt = tmp_path / "checkpoint.pt"
     for _ in range(4):
-        argv = quick_run(mnist_dir, tmp_path, "--epochs", "100000", *(["--resume"] if ckpt.exists() else []))
-        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vae.py"), *argv],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        argv = quick_run(
+            mnist_dir, tmp_path, "--epochs", "100000", *(["--resume"] if ckpt.exists() else [])
+        )
+        proc = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "vae.py"), *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         # wait for the first checkpoint (a generous deadline, for a loaded machine), then kill it
         # somewhere among the saves that follow
         deadline = time.time() + 120
@@ -1319,15 +1807,25 @@ def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(mnist_dir, t
     assert saved >= 2  # the kills did interrupt a run that was making progress
     rc, out, err = cli(quick_run(mnist_dir, tmp_path, "--epochs", saved + 2, "--resume"))
     assert rc == 0, err
-    assert [int(r["epoch"]) for r in metrics_without_timing(tmp_path / "metrics.csv")] == list(range(1, saved + 3))
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]  # cleaned up by the next run
+    assert [int(r["epoch"]) for r in metrics_without_timing(tmp_path / "metrics.csv")] == list(
+        range(1, saved + 3)
+    )
+    assert not [
+        p for p in os.listdir(tmp_path) if p.startswith(".tmp-")
+    ]  # cleaned up by the next run
 
 
-@pytest.mark.parametrize("sig, code, name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")])
+@pytest.mark.parametrize(
+    "sig, code, name", [(signal.SIGINT, 130, "SIGINT"), (signal.SIGTERM, 143, "SIGTERM")]
+)
 def test_a_signal_stops_training_with_the_last_epoch_saved(mnist_dir, tmp_path, sig, code, name):
     argv = quick_run(mnist_dir, tmp_path, "--epochs", "500")
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vae.py"), *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "vae.py"), *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while not (tmp_path / "checkpoint.pt").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -1340,7 +1838,9 @@ def test_a_signal_stops_training_with_the_last_epoch_saved(mnist_dir, tmp_path, 
     assert state["epoch"] >= 1 and len(state["history"]) == state["epoch"]
 
 
-def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(mnist_dir, tmp_path, monkeypatch, capsys):
+def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(
+    mnist_dir, tmp_path, monkeypatch, capsys
+):
     vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))  # 5 steps of 64 images per epoch
     before = (tmp_path / "checkpoint.pt").read_bytes()
     blow_up_after(monkeypatch, 2)
@@ -1367,10 +1867,15 @@ def small_disk(tmp_path):
         pytest.skip("mounting a small tmpfs needs root")
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)]).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)]).returncode
+        != 0
+    ):
         pytest.skip("this machine does not let the test mount a tmpfs")
     yield disk
-    subprocess.run(["umount", "--lazy", str(disk)], check=True)  # also when a failed test left a file open
+    subprocess.run(
+        ["umount", "--lazy", str(disk)], check=True
+    )  # also when a failed test left a file open
 
 
 def test_a_full_disk_gets_one_sentence_and_keeps_the_previous_checkpoint(small_disk, mnist_dir):
@@ -1378,7 +1883,9 @@ def test_a_full_disk_gets_one_sentence_and_keeps_the_previous_checkpoint(small_d
     vae.main(quick_run(mnist_dir, run, "--epochs", "1"))
     before = (run / "checkpoint.pt").read_bytes()
     free = shutil.disk_usage(small_disk).free
-    (small_disk / "filler").write_bytes(b"\0" * (free - 200_000))  # room for less than one checkpoint
+    (small_disk / "filler").write_bytes(
+        b"\0" * (free - 200_000)
+    )  # room for less than one checkpoint
     rc, out, err = cli(quick_run(mnist_dir, run, "--epochs", "2", "--resume"))
     assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "No space left on device" in err and "previous version, if any, is intact" in err
@@ -1393,31 +1900,95 @@ def test_a_full_disk_gets_one_sentence_and_keeps_the_previous_checkpoint(small_d
 def test_fault_tiny_data_one_test_image_and_one_latent_dimension(tmp_path, capsys):
     data = tmp_path / "images"
     write_image_folder(data / "train", classes=("a", "b"), per_class=6)
-    write_image_folder(data / "val", classes=("a",), per_class=1, seed=1)  # the whole test split: one image
+    write_image_folder(
+        data / "val", classes=("a",), per_class=1, seed=1
+    )  # the whole test split: one image
     out = tmp_path / "out"
-    history = vae.main(["--dataset", "folder", "--data_dir", str(data), "--image_size", "32", "--latent_dim", "1",
-                        "--width", "4", "--epochs", "2", "--out_dir", str(out), "--device", "cpu"])
+    history = vae.main(
+        [
+            "--dataset",
+            "folder",
+            "--data_dir",
+            str(data),
+            "--image_size",
+            "32",
+            "--latent_dim",
+            "1",
+            "--width",
+            "4",
+            "--epochs",
+            "2",
+            "--out_dir",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert len(history) == 2
-    assert {"latent_pca.png", "latent_distribution.png", "class_means.png", "best_worst.png"} <= set(os.listdir(out))
+    assert {
+        "latent_pca.png",
+        "latent_distribution.png",
+        "class_means.png",
+        "best_worst.png",
+    } <= set(os.listdir(out))
     evaluation = json.loads((out / "evaluation.json").read_text())
-    if evaluation["test_kl"] >= 0.1:  # a KL worth the name: one image says nothing of the active units
+    if (
+        evaluation["test_kl"] >= 0.1
+    ):  # a KL worth the name: one image says nothing of the active units
         assert "posterior collapse" not in capsys.readouterr().out
 
 
 def test_fault_class_names_that_matplotlib_would_read_as_mathematics(tmp_path, monkeypatch):
-    names = ("$x$", "a$b", "$x^$", "$\\notacommand$", "50% off_{1}", os.fsdecode(b"caf\xe9"))  # not UTF-8
+    names = (
+        "$x$",
+        "a$b",
+        "$x^$",
+        "$\\notacommand$",
+        "50% off_{1}",
+        os.fsdecode(b"caf\xe9"),
+    )  # not UTF-8
     data = write_image_folder(tmp_path / "images" / "train", classes=names, per_class=3).parent
     write_image_folder(data / "val", classes=names, per_class=1, seed=1)
     figures, out = capture_figures(monkeypatch), tmp_path / "out"
-    vae.main(["--dataset", "folder", "--data_dir", str(data), "--image_size", "32", "--latent_dim", "2",
-              "--width", "4", "--epochs", "1", "--out_dir", str(out), "--device", "cpu"])
+    vae.main(
+        [
+            "--dataset",
+            "folder",
+            "--data_dir",
+            str(data),
+            "--image_size",
+            "32",
+            "--latent_dim",
+            "2",
+            "--width",
+            "4",
+            "--epochs",
+            "1",
+            "--out_dir",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     with open(out / "per_class.csv", errors="surrogateescape") as f:
-        assert [row["name"] for row in csv.DictReader(f)] == sorted(names)  # the literal names, bytes and all
+        assert [row["name"] for row in csv.DictReader(f)] == sorted(
+            names
+        )  # the literal names, bytes and all
     assert json.loads((out / "config.json").read_text())["classes"] == sorted(names)
-    shown = [t.get_text() for fig in figures for ax in fig.axes for t in ax.get_yticklabels() + ax.texts]
-    shown += [t.get_text() for fig in figures for ax in fig.axes if ax.get_legend() for t in ax.get_legend().texts]
+    shown = [
+        t.get_text() for fig in figures for ax in fig.axes for t in ax.get_yticklabels() + ax.texts
+    ]
+    shown += [
+        t.get_text()
+        for fig in figures
+        for ax in fig.axes
+        if ax.get_legend()
+        for t in ax.get_legend().texts
+    ]
     drawn = [os.fsencode(name).decode("utf-8", "replace").replace("$", r"\$") for name in names]
-    assert all(name in shown for name in drawn)  # as text: every $ escaped, undecodable bytes as U+FFFD
+    assert all(
+        name in shown for name in drawn
+    )  # as text: every $ escaped, undecodable bytes as U+FFFD
 
 
 def test_fault_checkpoint_mode_never_writes_into_another_runs_folder(mnist_dir, tmp_path, capsys):
@@ -1426,7 +1997,15 @@ def test_fault_checkpoint_mode_never_writes_into_another_runs_folder(mnist_dir, 
     before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
     for extra in ([], ["--overwrite"]):
         with pytest.raises(SystemExit) as e:
-            vae.main(["--checkpoint", str(tmp_path / "a" / "checkpoint.pt"), "--out_dir", str(tmp_path / "b"), *extra])
+            vae.main(
+                [
+                    "--checkpoint",
+                    str(tmp_path / "a" / "checkpoint.pt"),
+                    "--out_dir",
+                    str(tmp_path / "b"),
+                    *extra,
+                ]
+            )
         assert e.value.code == 2 and "holds a training run" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
 
@@ -1440,16 +2019,20 @@ def test_fault_advice_only_when_following_it_works(mnist_dir, tmp_path, monkeypa
         if calls[0] == 2:
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
+
     monkeypatch.setattr(vae, "train_step", interrupted_step)
     with pytest.raises(SystemExit) as e:
         vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1", "--overwrite"))
     err = capsys.readouterr().err
     assert e.value.code == 130 and "stopped by SIGINT in epoch 1; no epoch had finished" in err
-    assert "--resume" not in err and not (tmp_path / "checkpoint.pt").exists()  # the old run is gone
+    assert (
+        "--resume" not in err and not (tmp_path / "checkpoint.pt").exists()
+    )  # the old run is gone
 
 
-def test_fault_out_of_gpu_memory_is_one_sentence_and_keeps_the_checkpoint(mnist_dir, tmp_path, monkeypatch,
-                                                                          capsys):
+def test_fault_out_of_gpu_memory_is_one_sentence_and_keeps_the_checkpoint(
+    mnist_dir, tmp_path, monkeypatch, capsys
+):
     # Whatever runs out of GPU memory (the images, the model, a batch) raises torch.OutOfMemoryError;
     # here the second epoch's first step does, as a too large --batch_size would on a GPU.
     calls, real_step = [0], vae.train_step
@@ -1459,32 +2042,51 @@ def test_fault_out_of_gpu_memory_is_one_sentence_and_keeps_the_checkpoint(mnist_
         if calls[0] == 6:  # 5 steps per epoch: the first of epoch 2
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return real_step(*args, **kwargs)
+
     monkeypatch.setattr(vae, "train_step", step)
     with pytest.raises(SystemExit) as e:
         vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "2"))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert "the GPU ran out of memory; use a smaller --batch_size, --image_size or --width." in err
-    assert vae.load_checkpoint(tmp_path / "checkpoint.pt")[1]["epoch"] == 1  # the good epoch is kept
+    assert (
+        vae.load_checkpoint(tmp_path / "checkpoint.pt")[1]["epoch"] == 1
+    )  # the good epoch is kept
 
 
-def test_fault_divergence_in_the_last_step_of_an_epoch_keeps_the_last_good_checkpoint(mnist_dir, tmp_path,
-                                                                                        monkeypatch, capsys):
+def test_fault_divergence_in_the_last_step_of_an_epoch_keeps_the_last_good_checkpoint(
+    mnist_dir, tmp_path, monkeypatch, capsys
+):
     vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "1"))  # 5 steps per epoch
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    blow_up_after(monkeypatch, 5)  # the resumed run's 5th step: the last of epoch 2; its own numbers are finite
+    blow_up_after(
+        monkeypatch, 5
+    )  # the resumed run's 5th step: the last of epoch 2; its own numbers are finite
     with pytest.raises(SystemExit) as e:
         vae.main(quick_run(mnist_dir, tmp_path, "--epochs", "3", "--resume"))
     err = capsys.readouterr().err
     assert e.value.code == 3 and "the test loss became non-finite after epoch 2" in err
-    assert "the checkpoint of epoch 1" in err and (tmp_path / "checkpoint.pt").read_bytes() == before
-    assert [int(r["epoch"]) for r in metrics_without_timing(tmp_path / "metrics.csv")] == [1]  # no NaN row
+    assert (
+        "the checkpoint of epoch 1" in err and (tmp_path / "checkpoint.pt").read_bytes() == before
+    )
+    assert [int(r["epoch"]) for r in metrics_without_timing(tmp_path / "metrics.csv")] == [
+        1
+    ]  # no NaN row
 
 
-@pytest.mark.parametrize("mode, value, expected", [("I;16", 32768, 128), ("I;16", 65535, 255), ("I", 2 ** 30, 128),
-                                                   ("F", 0.5, 128), ("L", 128, 128)])
+@pytest.mark.parametrize(
+    "mode, value, expected",
+    [
+        ("I;16", 32768, 128),
+        ("I;16", 65535, 255),
+        ("I", 2**30, 128),
+        ("F", 0.5, 128),
+        ("L", 128, 128),
+    ],
+)
 def test_fault_images_deeper_than_8_bits_are_scaled_by_their_range(tmp_path, mode, value, expected):
     import numpy as np
+
     dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32, "L": np.uint8}[mode]
     path = tmp_path / ("image.png" if mode in ("I;16", "L") else "image.tif")
     Image.fromarray(np.full((20, 30), value, dtype)).save(path)
@@ -1495,10 +2097,12 @@ def test_fault_images_deeper_than_8_bits_are_scaled_by_their_range(tmp_path, mod
 
 def test_fault_a_very_long_image_is_never_decoded_beyond_its_size(tmp_path):
     Image.new("L", (300_000, 1), 200).save(tmp_path / "long.png")  # a few KB on disk
-    code = ("import resource, vae; before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            f"x = vae.load_image({str(tmp_path / 'long.png')!r}, 64, 3); "
-            "print(tuple(x.shape), int(x.float().mean()), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss "
-            "- before) // 1024)")
+    code = (
+        "import resource, vae; before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        f"x = vae.load_image({str(tmp_path / 'long.png')!r}, 64, 3); "
+        "print(tuple(x.shape), int(x.float().mean()), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss "
+        "- before) // 1024)"
+    )
     r = run_python(code, tmp_path)
     shape, mean, grown_mb = r.stdout.rsplit(")", 1)[0] + ")", *r.stdout.rsplit(")", 1)[1].split()
     assert r.returncode == 0 and shape == "(3, 64, 64)" and mean == "200", r.stderr
@@ -1507,50 +2111,107 @@ def test_fault_a_very_long_image_is_never_decoded_beyond_its_size(tmp_path):
 
 def test_fault_memory_for_decoding_is_checked_from_the_headers(tmp_path, monkeypatch, capsys):
     data = write_image_folder(tmp_path / "images", per_class=3)
-    Image.new("RGB", (4000, 4000)).save(data / "square" / "huge.png")  # 16 megapixels, a few KB of PNG
-    monkeypatch.setattr(vae, "available_memory", lambda: 100_000_000)  # 100 MB: for the bytes, not the decoding
+    Image.new("RGB", (4000, 4000)).save(
+        data / "square" / "huge.png"
+    )  # 16 megapixels, a few KB of PNG
+    monkeypatch.setattr(
+        vae, "available_memory", lambda: 100_000_000
+    )  # 100 MB: for the bytes, not the decoding
     monkeypatch.setattr(vae, "load_image", lambda *a: pytest.fail("an image was decoded"))
     with pytest.raises(SystemExit) as e:
-        vae.main(["--dataset", "folder", "--data_dir", str(data), "--out_dir", str(tmp_path / "out")])
-    assert e.value.code == 2 and "GB of memory to read and hold, and 0.1 GB is available" in capsys.readouterr().err
+        vae.main(
+            ["--dataset", "folder", "--data_dir", str(data), "--out_dir", str(tmp_path / "out")]
+        )
+    assert (
+        e.value.code == 2
+        and "GB of memory to read and hold, and 0.1 GB is available" in capsys.readouterr().err
+    )
 
 
 def test_fault_a_huge_image_is_refused_with_its_name(tmp_path, monkeypatch):
     Image.new("RGB", (300, 200)).save(tmp_path / "big.png")
     monkeypatch.setattr(vae, "MAX_PIXELS", 50_000)
-    with pytest.raises(vae.UserError, match=r"big.png' \(ValueError: 300x200 pixels, more than the 50,000"):
+    with pytest.raises(
+        vae.UserError, match=r"big.png' \(ValueError: 300x200 pixels, more than the 50,000"
+    ):
         vae.load_image(tmp_path / "big.png", 32, 3)
 
 
 def test_fault_two_runs_into_one_folder(mnist_dir, tmp_path):
-    first = subprocess.Popen([sys.executable, os.path.join(HERE, "vae.py"),
-                              *quick_run(mnist_dir, tmp_path, "--epochs", "100000")],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(HERE, "vae.py"),
+            *quick_run(mnist_dir, tmp_path, "--epochs", "100000"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
-        while not (tmp_path / "checkpoint.pt").exists() and first.poll() is None and time.time() < deadline:
+        while (
+            not (tmp_path / "checkpoint.pt").exists()
+            and first.poll() is None
+            and time.time() < deadline
+        ):
             time.sleep(0.05)
         rc, out, err = cli(quick_run(mnist_dir, tmp_path, "--epochs", "1", "--overwrite"))
         assert rc == 2 and f"another run is writing into '{tmp_path}' now" in err
-        assert first.poll() is None and (tmp_path / "checkpoint.pt").exists()  # the first one goes on
+        assert (
+            first.poll() is None and (tmp_path / "checkpoint.pt").exists()
+        )  # the first one goes on
     finally:
         first.kill()  # as a crash would: the lock goes with the process
         first.wait()
-    rc, out, err = cli(quick_run(mnist_dir, tmp_path, "--epochs", str(vae.load_checkpoint(
-        tmp_path / "checkpoint.pt")[1]["epoch"] + 1), "--resume"))
+    rc, out, err = cli(
+        quick_run(
+            mnist_dir,
+            tmp_path,
+            "--epochs",
+            str(vae.load_checkpoint(tmp_path / "checkpoint.pt")[1]["epoch"] + 1),
+            "--resume",
+        )
+    )
     assert rc == 0, err
 
 
 def test_fault_class_counts_that_differ_from_the_checkpoints(tmp_path, capsys):
-    three, two = (write_image_folder(tmp_path / n, classes=c, per_class=4) for n, c in
-                  (("three", ("a", "b", "c")), ("two", ("a", "b"))))
-    run = ["--dataset", "folder", "--image_size", "32", "--width", "4", "--latent_dim", "2", "--device", "cpu",
-           "--conditional"]
+    three, two = (
+        write_image_folder(tmp_path / n, classes=c, per_class=4)
+        for n, c in (("three", ("a", "b", "c")), ("two", ("a", "b")))
+    )
+    run = [
+        "--dataset",
+        "folder",
+        "--image_size",
+        "32",
+        "--width",
+        "4",
+        "--latent_dim",
+        "2",
+        "--device",
+        "cpu",
+        "--conditional",
+    ]
     vae.main([*run, "--data_dir", str(three), "--epochs", "1", "--out_dir", str(tmp_path / "run")])
-    for argv, sentence in ((["--resume", "--out_dir", str(tmp_path / "run"), "--epochs", "2", "--data_dir", str(two)],
-                            "the model is conditional on 3 classes, and the data in"),
-                           (["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--data_dir", str(two)],
-                            "the model is conditional on 3 classes, and the data in")):
+    for argv, sentence in (
+        (
+            [
+                "--resume",
+                "--out_dir",
+                str(tmp_path / "run"),
+                "--epochs",
+                "2",
+                "--data_dir",
+                str(two),
+            ],
+            "the model is conditional on 3 classes, and the data in",
+        ),
+        (
+            ["--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--data_dir", str(two)],
+            "the model is conditional on 3 classes, and the data in",
+        ),
+    ):
         with pytest.raises(SystemExit) as e:
             vae.main(argv)
         err = capsys.readouterr().err
@@ -1573,26 +2234,51 @@ def _edit(state, what):
         first["exp_avg"] = first["exp_avg"][:1]
 
 
-@pytest.mark.parametrize("what, field", [("no history", "history"), ("epoch as text", "epoch"),
-                                         ("latent_dim as text", "latent_dim"), ("no image size", "image size"),
-                                         ("random state", "random state"), ("optimizer shapes", "optimizer")])
-def test_fault_an_edited_checkpoint_names_its_first_wrong_field(good_checkpoint, tmp_path, what, field):
+@pytest.mark.parametrize(
+    "what, field",
+    [
+        ("no history", "history"),
+        ("epoch as text", "epoch"),
+        ("latent_dim as text", "latent_dim"),
+        ("no image size", "image size"),
+        ("random state", "random state"),
+        ("optimizer shapes", "optimizer"),
+    ],
+)
+def test_fault_an_edited_checkpoint_names_its_first_wrong_field(
+    good_checkpoint, tmp_path, what, field
+):
     run = tmp_path / "run"
     run.mkdir()
     state = torch.load(good_checkpoint, weights_only=True)
     _edit(state, what)
     torch.save(state, run / "checkpoint.pt")
-    for argv in (["--resume", "--out_dir", run, "--epochs", "5"], ["--checkpoint", run / "checkpoint.pt"]):
+    for argv in (
+        ["--resume", "--out_dir", run, "--epochs", "5"],
+        ["--checkpoint", run / "checkpoint.pt"],
+    ):
         rc, out, err = cli(argv)
         assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert f"is not a whole checkpoint of a vae.py run: its {field} is missing" in err
 
 
-@pytest.mark.parametrize("flag, value", [("--seed", "1e20"), ("--seed", "-1"), ("--latent_dim", "100000000000"),
-                                         ("--width", "99999"), ("--batch_size", "10000000"), ("--epochs", "1e9"),
-                                         ("--nll_samples", "100000000"), ("--free_bits", "inf")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--seed", "1e20"),
+        ("--seed", "-1"),
+        ("--latent_dim", "100000000000"),
+        ("--width", "99999"),
+        ("--batch_size", "10000000"),
+        ("--epochs", "1e9"),
+        ("--nll_samples", "100000000"),
+        ("--free_bits", "inf"),
+    ],
+)
 def test_fault_numbers_out_of_range_are_refused_before_anything_is_made(tmp_path, flag, value):
-    rc, out, err = cli(["--data_dir", tmp_path / "none", "--out_dir", tmp_path / "out", flag, value])
+    rc, out, err = cli(
+        ["--data_dir", tmp_path / "none", "--out_dir", tmp_path / "out", flag, value]
+    )
     assert rc == 2 and f"argument {flag}: expected" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
@@ -1602,16 +2288,23 @@ def test_fault_file_system_oddities_in_a_data_folder(tmp_path, monkeypatch):
     write_image_folder(tmp_path / "images" / "val", classes=("a", "b"), per_class=1, seed=1)
     os.symlink(data / "a", data / "a" / "loop")  # a folder that contains itself
     train_file = sorted((data / "b").iterdir())[0]
-    os.symlink(train_file, tmp_path / "images" / "val" / "b" / "leak.png")  # a training image in the test split
+    os.symlink(
+        train_file, tmp_path / "images" / "val" / "b" / "leak.png"
+    )  # a training image in the test split
     os.mkfifo(data / "a" / "pipe.png")  # reading it would wait forever
     loaded = vae.load_folder(str(tmp_path / "images"), 32, 3)
-    assert loaded["train_x"].shape[0] == 10 and loaded["test_x"].shape[0] == 2  # each real file once
+    assert (
+        loaded["train_x"].shape[0] == 10 and loaded["test_x"].shape[0] == 2
+    )  # each real file once
     real_scandir = os.scandir
 
     def unreadable(path):
         if str(path).endswith(os.path.join("train", "b")):
             raise PermissionError(13, "Permission denied")
         return real_scandir(path)
+
     monkeypatch.setattr(os, "scandir", unreadable)
-    with pytest.raises(vae.UserError, match=r"cannot list the folder '.*train/b' \(Permission denied\)"):
+    with pytest.raises(
+        vae.UserError, match=r"cannot list the folder '.*train/b' \(Permission denied\)"
+    ):
         vae.load_folder(str(tmp_path / "images"), 32, 3)

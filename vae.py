@@ -65,6 +65,7 @@ LOGVAR_RANGE = (-30.0, 20.0)
 def in_eval_mode(fn):
     """Decorator for fn(model, ...): run it in eval mode (BatchNorm on its running
     statistics) without gradients, then give the model back its train/eval mode."""
+
     @functools.wraps(fn)
     def wrapper(model, *args, **kwargs):
         was_training = model.training
@@ -74,6 +75,7 @@ def in_eval_mode(fn):
                 return fn(model, *args, **kwargs)
         finally:
             model.train(was_training)
+
     return wrapper
 
 
@@ -93,8 +95,10 @@ class VAE(nn.Module):
     def __init__(self, image_size, channels, latent_dim, num_classes=0):
         super().__init__()
         if min(image_size, channels, latent_dim) < 1 or num_classes < 0:
-            raise ValueError(f"image_size, channels and latent_dim must be positive and num_classes "
-                             f">= 0, got {image_size}, {channels}, {latent_dim} and {num_classes}")
+            raise ValueError(
+                f"image_size, channels and latent_dim must be positive and num_classes "
+                f">= 0, got {image_size}, {channels}, {latent_dim} and {num_classes}"
+            )
         self.image_size, self.channels, self.latent_dim = image_size, channels, latent_dim
         self.num_classes = num_classes
 
@@ -105,7 +109,9 @@ class VAE(nn.Module):
             return h
         if y is None:
             raise ValueError("this conditional VAE needs the class labels y")
-        onehot = y if y.is_floating_point() else F.one_hot(y.long(), self.num_classes)  # (B, num_classes)
+        onehot = (
+            y if y.is_floating_point() else F.one_hot(y.long(), self.num_classes)
+        )  # (B, num_classes)
         return torch.cat([h, onehot.to(h.dtype)], dim=1)
 
     def encode(self, x, y=None):
@@ -169,10 +175,17 @@ class ConvVAE(VAE):
     def __init__(self, image_size=28, channels=1, latent_dim=32, base_channels=32, num_classes=0):
         super().__init__(image_size, channels, latent_dim, num_classes)
         if image_size < 16 or image_size % 4:
-            raise ValueError(f"ConvVAE needs an image_size that is a multiple of 4 and at least 16, "
-                             f"got {image_size}")
-        self.model_args = dict(image_size=image_size, channels=channels, latent_dim=latent_dim,
-                               base_channels=base_channels, num_classes=num_classes)
+            raise ValueError(
+                f"ConvVAE needs an image_size that is a multiple of 4 and at least 16, "
+                f"got {image_size}"
+            )
+        self.model_args = dict(
+            image_size=image_size,
+            channels=channels,
+            latent_dim=latent_dim,
+            base_channels=base_channels,
+            num_classes=num_classes,
+        )
         side, widths = image_size, []
         while side % 2 == 0 and side > 7:  # at least twice, since image_size % 4 == 0
             side //= 2
@@ -182,19 +195,30 @@ class ConvVAE(VAE):
 
         enc, c_in = [], channels
         for w in widths:
-            enc += [nn.Conv2d(c_in, w, 4, stride=2, padding=1, bias=False),  # (B, w, S/2, S/2)
-                    nn.BatchNorm2d(w), nn.LeakyReLU(0.2)]
+            enc += [
+                nn.Conv2d(c_in, w, 4, stride=2, padding=1, bias=False),  # (B, w, S/2, S/2)
+                nn.BatchNorm2d(w),
+                nn.LeakyReLU(0.2),
+            ]
             c_in = w
         self.encoder = nn.Sequential(*enc, nn.Flatten())  # (B, w_last * side * side)
         self.fc_mu = nn.Linear(features + num_classes, latent_dim)
         self.fc_logvar = nn.Linear(features + num_classes, latent_dim)
 
-        dec = [nn.Linear(latent_dim + num_classes, features), nn.LeakyReLU(0.2),
-               nn.Unflatten(1, self.feature_shape)]  # (B, w_last, side, side)
+        dec = [
+            nn.Linear(latent_dim + num_classes, features),
+            nn.LeakyReLU(0.2),
+            nn.Unflatten(1, self.feature_shape),
+        ]  # (B, w_last, side, side)
         for w_in, w_out in zip(widths[::-1], widths[-2::-1]):
-            dec += [nn.ConvTranspose2d(w_in, w_out, 4, stride=2, padding=1, bias=False),  # side x 2
-                    nn.BatchNorm2d(w_out), nn.LeakyReLU(0.2)]
-        dec += [nn.ConvTranspose2d(widths[0], channels, 4, stride=2, padding=1)]  # (B, C, H, W) logits
+            dec += [
+                nn.ConvTranspose2d(w_in, w_out, 4, stride=2, padding=1, bias=False),  # side x 2
+                nn.BatchNorm2d(w_out),
+                nn.LeakyReLU(0.2),
+            ]
+        dec += [
+            nn.ConvTranspose2d(widths[0], channels, 4, stride=2, padding=1)
+        ]  # (B, C, H, W) logits
         self.decoder = nn.Sequential(*dec)
 
 
@@ -207,8 +231,13 @@ class MLPVAE(VAE):
 
     def __init__(self, image_size=28, channels=1, latent_dim=32, hidden=(512, 256), num_classes=0):
         super().__init__(image_size, channels, latent_dim, num_classes)
-        self.model_args = dict(image_size=image_size, channels=channels, latent_dim=latent_dim,
-                               hidden=list(hidden), num_classes=num_classes)
+        self.model_args = dict(
+            image_size=image_size,
+            channels=channels,
+            latent_dim=latent_dim,
+            hidden=list(hidden),
+            num_classes=num_classes,
+        )
         pixels = channels * image_size * image_size
         enc, n_in = [nn.Flatten()], pixels  # (B, C, H, W) -> (B, P)
         for h in hidden:
@@ -221,7 +250,10 @@ class MLPVAE(VAE):
         for h in reversed(hidden):
             dec += [nn.Linear(n_in, h), nn.ReLU()]
             n_in = h
-        dec += [nn.Linear(n_in, pixels), nn.Unflatten(1, (channels, image_size, image_size))]  # logits
+        dec += [
+            nn.Linear(n_in, pixels),
+            nn.Unflatten(1, (channels, image_size, image_size)),
+        ]  # logits
         self.decoder = nn.Sequential(*dec)
 
 
@@ -308,7 +340,9 @@ def vae_loss(recon_logits, x, mu, logvar, beta=1.0, recon="bce", free_bits=0.0):
     when free_bits is 0, and kl is always the true KL. Raises ValueError: x is uint8, or (on
     the CPU) outside [0, 1]; recon is unknown.
     """
-    low, high = torch.aminmax(x) if x.device.type == "cpu" else (0, 1)  # one pass; a GPU is not asked
+    low, high = (
+        torch.aminmax(x) if x.device.type == "cpu" else (0, 1)
+    )  # one pass; a GPU is not asked
     if x.dtype == torch.uint8 or low < 0 or high > 1:
         raise ValueError("vae_loss needs targets x in [0, 1]; divide 0-255 images by 255")
     rec = reconstruction_loss(recon_logits, x, recon).mean()
@@ -351,7 +385,9 @@ def train_step(model, optimizer, x, beta=1.0, y=None, recon="bce", free_bits=0.0
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     # With max_norm = inf this only measures the norm, which a caller may check for inf or nan.
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        model.parameters(), grad_clip if grad_clip > 0 else math.inf
+    )
     optimizer.step()
     return torch.stack([rec + beta * kl, rec, kl, grad_norm]).detach()
 
@@ -365,8 +401,19 @@ def beta_schedule(epoch, beta, kl_warmup=0):
     return beta * min(1.0, (epoch - 1) / kl_warmup)
 
 
-def train_epoch(model, optimizer, images, batch_size=128, beta=1.0, labels=None, binarize=False,
-                step=train_step, order=None, on_step=None, **step_args):
+def train_epoch(
+    model,
+    optimizer,
+    images,
+    batch_size=128,
+    beta=1.0,
+    labels=None,
+    binarize=False,
+    step=train_step,
+    order=None,
+    on_step=None,
+    **step_args,
+):
     """One pass over `images` in a random order: the training loop. A whole run is
 
         for epoch in range(1, epochs + 1):
@@ -387,7 +434,7 @@ def train_epoch(model, optimizer, images, batch_size=128, beta=1.0, labels=None,
         order = torch.randperm(len(images), device=images.device)
     sums = torch.zeros(3, device=images.device)  # summed on the device, read once at the end
     for i, start in enumerate(range(0, len(order), batch_size), 1):
-        idx = order[start:start + batch_size]  # (B,)
+        idx = order[start : start + batch_size]  # (B,)
         x = get_batch(images, idx, binarize)  # (B, C, H, W) in [0, 1]
         y = None if labels is None else labels[idx]
         stats = step(model, optimizer, x, beta, y, **step_args)  # [loss, recon, kl, grad norm]
@@ -405,7 +452,9 @@ def train_epoch(model, optimizer, images, batch_size=128, beta=1.0, labels=None,
 ## what the latent space uses. `log_likelihood` gives the number the field compares models
 ## by: an estimate of log p(x) itself, which tightens towards it as the samples K grow.
 
-ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2015), Sec. 5.2: unit u is active if Cov_x(E_q[z_u]) > 0.01
+ACTIVE_UNIT_THRESHOLD = (
+    0.01  # Burda et al. (2015), Sec. 5.2: unit u is active if Cov_x(E_q[z_u]) > 0.01
+)
 
 
 @in_eval_mode
@@ -420,16 +469,22 @@ def evaluate(model, images, beta=1.0, recon="bce", labels=None, batch_size=1000)
     sums = torch.zeros(3, device=images.device)  # loss, recon, kl, summed over images
     dims = torch.zeros(3, model.latent_dim, device=images.device)  # per dimension: sum mu, mu^2, KL
     for start in range(0, len(images), batch_size):
-        x = to_float(images[start:start + batch_size])
-        y = None if labels is None else labels[start:start + batch_size]
+        x = to_float(images[start : start + batch_size])
+        y = None if labels is None else labels[start : start + batch_size]
         logits, mu, logvar = model(x, y, return_logits=True)
         sums += torch.stack(vae_loss(logits, x, mu, logvar, beta, recon)) * len(x)
         dims += torch.stack([mu.sum(0), mu.pow(2).sum(0), kl_per_dimension(mu, logvar).sum(0)])
     n = len(images)
     loss, rec, kl = (sums / n).tolist()
     mu_var = (dims[1] / n - (dims[0] / n).pow(2)).clamp(min=0)  # Var_x(mu_u), (D,)
-    return dict(loss=loss, recon=rec, kl=kl, kl_per_dim=(dims[2] / n).tolist(), mu_var=mu_var.tolist(),
-                active_units=int((mu_var > ACTIVE_UNIT_THRESHOLD).sum()))
+    return dict(
+        loss=loss,
+        recon=rec,
+        kl=kl,
+        kl_per_dim=(dims[2] / n).tolist(),
+        mu_var=mu_var.tolist(),
+        active_units=int((mu_var > ACTIVE_UNIT_THRESHOLD).sum()),
+    )
 
 
 @in_eval_mode
@@ -470,7 +525,9 @@ def log_likelihood(model, x, k, y=None, max_decodes=4096, log_px_given_z=None):
         n = min(chunk, k - start)
         eps = torch.randn(n, b, model.latent_dim, device=x.device)
         z = mu + std * eps  # (n, B, D)
-        logits = model.decode_logits(z.flatten(0, 1), *(c.repeat(n) for c in cond))  # (n*B, C, H, W)
+        logits = model.decode_logits(
+            z.flatten(0, 1), *(c.repeat(n) for c in cond)
+        )  # (n*B, C, H, W)
         log_px_z = log_px_given_z(logits, x.repeat(n, 1, 1, 1)).view(n, b)
         log_pz = -0.5 * (z.pow(2) + log_2pi).sum(-1)  # log N(z; 0, I), (n, B)
         log_qz = -0.5 * (eps.pow(2) + logvar + log_2pi).sum(-1)  # log N(z; mu, sigma^2), (n, B)
@@ -489,7 +546,9 @@ def interpolate(model, x_a, x_b, steps=10, y_a=None, y_b=None):
     """
     y = None
     if model.num_classes:
-        y = F.one_hot(torch.tensor([y_a, y_b], device=x_a.device), model.num_classes).float()  # (2, K)
+        y = F.one_hot(
+            torch.tensor([y_a, y_b], device=x_a.device), model.num_classes
+        ).float()  # (2, K)
     mu = model.encode(to_float(torch.stack([x_a, x_b])), y)[0]  # (2, D)
     t = torch.linspace(0, 1, steps, device=x_a.device).unsqueeze(1)  # (steps, 1)
     z = (1 - t) * mu[0] + t * mu[1]  # (steps, D)
@@ -536,13 +595,30 @@ class UserError(Exception):
 # Each split is read once into one uint8 tensor (N, C, S, S), the form Part 1's loop takes, with every
 # conversion (channels, size) done here. Two sources: torchvision's datasets, and any folder of images.
 
-TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST",
-                        "cifar10": "CIFAR10"}  # torchvision's class names
+TORCHVISION_DATASETS = {
+    "mnist": "MNIST",
+    "fashion-mnist": "FashionMNIST",
+    "kmnist": "KMNIST",
+    "cifar10": "CIFAR10",
+}  # torchvision's class names
 DATASETS = (*TORCHVISION_DATASETS, "folder")
 IMAGE_SIZES = (28, 32, 64, 128)
 FOLDER_DEFAULTS = (3, 64)  # channels and side of a folder's images unless --channels / --image_size
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
-FOLDER_SPLIT_SEED, FOLDER_TEST_FRACTION = 0, 0.1  # one fixed test split of a folder, whatever --seed
+IMG_EXTENSIONS = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".ppm",
+    ".bmp",
+    ".pgm",
+    ".tif",
+    ".tiff",
+    ".webp",
+)  # torchvision's
+FOLDER_SPLIT_SEED, FOLDER_TEST_FRACTION = (
+    0,
+    0.1,
+)  # one fixed test split of a folder, whatever --seed
 MAX_PIXELS = 50_000_000  # of one decoded image: 150 MB in RGB, for each of the threads that read
 WORKERS = min(8, os.cpu_count() or 1)  # threads that decode images
 
@@ -550,11 +626,14 @@ WORKERS = min(8, os.cpu_count() or 1)  # threads that decode images
 def dataset_files(name, data_dir):
     """(torchvision class, folder, file names) that torchvision reads for dataset `name`."""
     from torchvision import datasets  # imported here: importing torchvision takes a second
+
     cls = getattr(datasets, TORCHVISION_DATASETS[name])
     if name == "cifar10":
         files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
         return cls, os.path.join(data_dir, cls.base_folder), files
-    files = [os.path.splitext(f)[0] for f, _ in cls.resources]  # without .gz: the uncompressed files
+    files = [
+        os.path.splitext(f)[0] for f, _ in cls.resources
+    ]  # without .gz: the uncompressed files
     return cls, os.path.join(data_dir, cls.__name__, "raw"), files
 
 
@@ -562,30 +641,44 @@ def load_torchvision(name, data_dir, image_size=None, channels=None):
     """Dataset `name` of TORCHVISION_DATASETS from data_dir, downloaded if its files are missing (see
     `load_dataset`). image_size, channels: None keeps the dataset's own."""
     from torchvision.transforms.functional import resize, rgb_to_grayscale
+
     cls, folder, files = dataset_files(name, data_dir)
     present, out = all(os.path.isfile(os.path.join(folder, f)) for f in files), dict(note=None)
     for split, train in (("train", True), ("test", False)):
         try:  # torchvision prints every mirror it tries: kept quiet
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            with (
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()),
+            ):
                 ds = cls(data_dir, train=train, download=not present)
         except Exception as e:
-            reason = ([ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__])[-1]
+            reason = (
+                [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+            )[-1]
             if present:  # a truncated or corrupt file
-                raise UserError(f"cannot read the {cls.__name__} files in '{folder}' ({type(e).__name__}: "
-                                f"{reason}); replace them with the original files.") from None
+                raise UserError(
+                    f"cannot read the {cls.__name__} files in '{folder}' ({type(e).__name__}: "
+                    f"{reason}); replace them with the original files."
+                ) from None
             how = "extracted from cifar-10-python.tar.gz" if name == "cifar10" else "uncompressed"
-            raise UserError(f"{cls.__name__} is not in '{folder}' and could not be downloaded ({reason}); "
-                            f"put the {len(files)} files {', '.join(files)} ({how}) in that folder, or point "
-                            f"--data_dir at a folder whose {os.path.relpath(folder, data_dir)}/ has "
-                            f"them.") from None
+            raise UserError(
+                f"{cls.__name__} is not in '{folder}' and could not be downloaded ({reason}); "
+                f"put the {len(files)} files {', '.join(files)} ({how}) in that folder, or point "
+                f"--data_dir at a folder whose {os.path.relpath(folder, data_dir)}/ has "
+                f"them."
+            ) from None
         x = torch.as_tensor(ds.data)
-        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, H, W) or (N, H, W, C) -> NCHW
+        x = (
+            x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        )  # (N, H, W) or (N, H, W, C) -> NCHW
         if channels == 3 and x.shape[1] == 1:  # gray repeated into RGB
             x = x.expand(-1, 3, -1, -1)
         if channels == 1 and x.shape[1] == 3:  # RGB to luma, with PIL's weights (ITU-R 601-2)
             x = torch.cat([rgb_to_grayscale(chunk) for chunk in x.split(4096)])
         if image_size and image_size != x.shape[-1]:  # in chunks: resize makes a float copy
-            x = torch.cat([resize(chunk, [image_size] * 2, antialias=True) for chunk in x.split(4096)])
+            x = torch.cat(
+                [resize(chunk, [image_size] * 2, antialias=True) for chunk in x.split(4096)]
+            )
         out[f"{split}_x"], out[f"{split}_y"] = x.contiguous(), torch.as_tensor(ds.targets).long()
     return dict(out, classes=list(ds.classes))
 
@@ -600,7 +693,9 @@ def _image_files(folder, seen, recursive=True, dirs=False):
     """The image files in folder (and below it), by name, hidden ones skipped, each real file or folder
     once (`seen` holds real paths, whatever symbolic links point to); with dirs, its subfolders' names."""
     try:
-        entries = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
+        entries = sorted(
+            (e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name
+        )
     except OSError as e:
         raise UserError(f"cannot list the folder '{folder}' ({e.strerror or e}).") from None
     if dirs:
@@ -640,13 +735,16 @@ def _open_image(path, image_size, channels):
     """PIL's lazy image of a file, a JPEG set to decode at the smallest scale that keeps image_size;
     UserError naming the file when it, or the code using it, fails to read it."""
     from PIL import Image
+
     try:
         with Image.open(path) as im:
             im.draft("RGB" if channels == 3 else "L", (image_size, image_size))
             yield im
     except Exception as e:  # PIL raises many types for a broken file
-        raise UserError(f"cannot read the image '{path}' ({type(e).__name__}: {e}); remove or replace that "
-                        f"file.") from None
+        raise UserError(
+            f"cannot read the image '{path}' ({type(e).__name__}: {e}); remove or replace that "
+            f"file."
+        ) from None
 
 
 def load_image(path, image_size, channels):
@@ -657,14 +755,19 @@ def load_image(path, image_size, channels):
     it cannot read."""
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor, resize
+
     with _open_image(path, image_size, channels) as im:
         if im.width * im.height > MAX_PIXELS:
-            raise ValueError(f"{im.width}x{im.height} pixels, more than the {MAX_PIXELS:,} it decodes")
-        side = min(im.size)  # cropped before it is resized, so that nothing long is ever made longer
+            raise ValueError(
+                f"{im.width}x{im.height} pixels, more than the {MAX_PIXELS:,} it decodes"
+            )
+        side = min(
+            im.size
+        )  # cropped before it is resized, so that nothing long is ever made longer
         left, top = (im.width - side) // 2, (im.height - side) // 2
         im = im.crop((left, top, left + side, top + side))
         if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-            scale = 1.0 if im.mode == "F" else 65535 if im.mode.startswith("I;16") else 2 ** 31 - 1
+            scale = 1.0 if im.mode == "F" else 65535 if im.mode.startswith("I;16") else 2**31 - 1
             pixels = np.asarray(im, np.float64) * (255 / scale)
             im = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
         im = im.convert("RGB" if channels == 3 else "L")  # also palette and alpha images
@@ -674,15 +777,26 @@ def load_image(path, image_size, channels):
 def read_images(paths, image_size, channels, desc):
     """Decode image files into one (N, channels, image_size, image_size) uint8 tensor."""
     from tqdm import tqdm
+
     x = torch.empty(len(paths), channels, image_size, image_size, dtype=torch.uint8)
     load = functools.partial(load_image, image_size=image_size, channels=channels)
     with ThreadPoolExecutor(WORKERS) as pool:  # PIL decodes without the GIL
         try:
-            for i, image in enumerate(tqdm(pool.map(load, paths), total=len(paths), leave=False, unit="image",
-                                           desc=desc, disable=not sys.stderr.isatty())):
+            for i, image in enumerate(
+                tqdm(
+                    pool.map(load, paths),
+                    total=len(paths),
+                    leave=False,
+                    unit="image",
+                    desc=desc,
+                    disable=not sys.stderr.isatty(),
+                )
+            ):
                 x[i] = image
         except BaseException:
-            pool.shutdown(cancel_futures=True)  # a bad file stops the reading now, not after the rest
+            pool.shutdown(
+                cancel_futures=True
+            )  # a bad file stops the reading now, not after the rest
             raise
     return x
 
@@ -695,23 +809,42 @@ def folder_splits(data_dir):
         seen = set()
         train_paths, train_y, classes = list_images(os.path.join(data_dir, "train"), seen)
         test_paths, test_y, test_classes = list_images(os.path.join(data_dir, test_name), seen)
-        if (classes is None) != (test_classes is None) or not set(test_classes or ()) <= set(classes or ()):
-            raise UserError(f"'{data_dir}/{test_name}' has classes {test_classes} that do not match those of "
-                            f"'{data_dir}/train', {classes}.")
+        if (classes is None) != (test_classes is None) or not set(test_classes or ()) <= set(
+            classes or ()
+        ):
+            raise UserError(
+                f"'{data_dir}/{test_name}' has classes {test_classes} that do not match those of "
+                f"'{data_dir}/train', {classes}."
+            )
         if classes is not None:  # class indices follow the training split's names
             test_y = [classes.index(test_classes[c]) for c in test_y]
-        return (train_paths, train_y), (test_paths, test_y), classes, f"splits: {data_dir}/train, {test_name}"
+        return (
+            (train_paths, train_y),
+            (test_paths, test_y),
+            classes,
+            f"splits: {data_dir}/train, {test_name}",
+        )
     root = os.path.join(data_dir, "train") if has("train") else data_dir
     paths, labels, classes = list_images(root)
     if len(paths) < 2:
-        raise UserError(f"'{root}' holds {len(paths)} images in formats vae.py reads "
-                        f"({', '.join(IMG_EXTENSIONS)}); it needs at least 2.")
-    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(FOLDER_SPLIT_SEED)).tolist()
+        raise UserError(
+            f"'{root}' holds {len(paths)} images in formats vae.py reads "
+            f"({', '.join(IMG_EXTENSIONS)}); it needs at least 2."
+        )
+    order = torch.randperm(
+        len(paths), generator=torch.Generator().manual_seed(FOLDER_SPLIT_SEED)
+    ).tolist()
     n_test = max(1, round(FOLDER_TEST_FRACTION * len(paths)))
     split = lambda part: ([paths[i] for i in part], labels and [labels[i] for i in part])  # noqa: E731
-    return split(order[n_test:]), split(order[:n_test]), classes, (
-        f"no train/ and val/ (or test/) subfolders in '{data_dir}', so a fixed random "
-        f"{FOLDER_TEST_FRACTION:.0%} of its images (seed {FOLDER_SPLIT_SEED}) is the test split")
+    return (
+        split(order[n_test:]),
+        split(order[:n_test]),
+        classes,
+        (
+            f"no train/ and val/ (or test/) subfolders in '{data_dir}', so a fixed random "
+            f"{FOLDER_TEST_FRACTION:.0%} of its images (seed {FOLDER_SPLIT_SEED}) is the test split"
+        ),
+    )
 
 
 def load_folder(data_dir, image_size=None, channels=None):
@@ -720,24 +853,32 @@ def load_folder(data_dir, image_size=None, channels=None):
     splits, else a fixed random 10% is the test split. image_size: default 64; channels: 3 or 1."""
     channels, image_size = channels or FOLDER_DEFAULTS[0], image_size or FOLDER_DEFAULTS[1]
     if not os.path.isdir(data_dir):
-        raise UserError(f"--data_dir '{data_dir}' is not a folder; --dataset folder needs a folder of images "
-                        f"(class subfolders, or images directly in it).")
+        raise UserError(
+            f"--data_dir '{data_dir}' is not a folder; --dataset folder needs a folder of images "
+            f"(class subfolders, or images directly in it)."
+        )
     train, test, classes, note = folder_splits(data_dir)
     for split, (paths, _) in (("training", train), ("test", test)):
         if not paths:
-            raise UserError(f"the {split} split of '{data_dir}' has no images in formats vae.py reads "
-                            f"({', '.join(IMG_EXTENSIONS)}).")
+            raise UserError(
+                f"the {split} split of '{data_dir}' has no images in formats vae.py reads "
+                f"({', '.join(IMG_EXTENSIONS)})."
+            )
     paths, largest = train[0] + test[0], 0
     for path in paths:  # the largest image as it will be decoded, from the files' headers
         with _open_image(path, image_size, channels) as im:
             largest = max(largest, min(im.width * im.height, MAX_PIXELS))
     # The images as they are held, and one decoded image (4 bytes a pixel) for each thread that decodes.
-    need, free = len(paths) * channels * image_size ** 2 + WORKERS * 4 * largest, available_memory()
+    need, free = len(paths) * channels * image_size**2 + WORKERS * 4 * largest, available_memory()
     if free is not None and need > 0.8 * free:  # checked before any image is decoded
-        raise UserError(f"'{data_dir}': {len(paths):,} images of {channels}x{image_size}x{image_size} need "
-                        f"{need / 1e9:.1f} GB of memory to read and hold, and {free / 1e9:.1f} GB is "
-                        f"available; use a smaller --image_size, --channels 1, or fewer or smaller images.")
-    out = dict(classes=classes, note=note + ("" if classes else "; no class subfolders, so no labels"))
+        raise UserError(
+            f"'{data_dir}': {len(paths):,} images of {channels}x{image_size}x{image_size} need "
+            f"{need / 1e9:.1f} GB of memory to read and hold, and {free / 1e9:.1f} GB is "
+            f"available; use a smaller --image_size, --channels 1, or fewer or smaller images."
+        )
+    out = dict(
+        classes=classes, note=note + ("" if classes else "; no class subfolders, so no labels")
+    )
     for split, (paths, labels) in (("train", train), ("test", test)):
         out[f"{split}_x"] = read_images(paths, image_size, channels, f"reading {split}")
         out[f"{split}_y"] = None if labels is None else torch.tensor(labels, dtype=torch.long)
@@ -771,16 +912,28 @@ def select_device(name, deterministic=False):
     """'auto' -> cuda, then mps, then cpu; a named device must be available (else UserError).
     deterministic: PyTorch's deterministic algorithms, for repeatable CUDA runs (CPU runs are)."""
     if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+        os.environ.setdefault(
+            "CUBLAS_WORKSPACE_CONFIG", ":4096:8"
+        )  # cuBLAS needs it for determinism
         torch.use_deterministic_algorithms(True)
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": torch.backends.mps.is_available(),
+    }
     if name == "auto":
         name = next(d for d in ("cuda", "mps", "cpu") if available[d])
     elif not available[name]:
-        raise UserError(f"--device {name} was asked for but is not available here; use --device auto or cpu.")
+        raise UserError(
+            f"--device {name} was asked for but is not available here; use --device auto or cpu."
+        )
     if name == "cuda":
-        torch.backends.cudnn.benchmark = not deterministic  # fixed shapes: let cuDNN pick its fastest kernels
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores, as cuDNN's convolutions
+        torch.backends.cudnn.benchmark = (
+            not deterministic
+        )  # fixed shapes: let cuDNN pick its fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = (
+            True  # fp32 matmuls on tensor cores, as cuDNN's convolutions
+        )
     return torch.device(name)
 
 
@@ -788,8 +941,12 @@ def build_model(model, image_size, channels, latent_dim, width=32, num_classes=0
     """The command line's model: 'conv', a ConvVAE whose first block has `width` channels, or 'mlp',
     an MLPVAE with hidden layers of 16 and 8 times `width` units (512 and 256 at 32)."""
     if model == "conv":
-        return ConvVAE(image_size, channels, latent_dim, base_channels=width, num_classes=num_classes)
-    return MLPVAE(image_size, channels, latent_dim, hidden=(16 * width, 8 * width), num_classes=num_classes)
+        return ConvVAE(
+            image_size, channels, latent_dim, base_channels=width, num_classes=num_classes
+        )
+    return MLPVAE(
+        image_size, channels, latent_dim, hidden=(16 * width, 8 * width), num_classes=num_classes
+    )
 
 
 def setup_training(model, lr, device, distributed=False):
@@ -803,10 +960,16 @@ def setup_training(model, lr, device, distributed=False):
         model = model.to(memory_format=torch.channels_last)
     # Fused Adam updates all parameters in one kernel, not a dozen per tensor; capturable keeps its
     # step count on the GPU, so that a CUDA graph can record it.
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cuda", "cpu"),
-                                 capturable=device.type == "cuda")
+    optimizer = torch.optim.Adam(
+        model.parameters(),
+        lr=lr,
+        fused=device.type in ("cuda", "cpu"),
+        capturable=device.type == "cuda",
+    )
     ids = [device] if device.type == "cuda" else None
-    step_model = nn.parallel.DistributedDataParallel(model, device_ids=ids) if distributed else model
+    step_model = (
+        nn.parallel.DistributedDataParallel(model, device_ids=ids) if distributed else model
+    )
     return model, step_model, optimizer  # DDP starts from rank 0's weights
 
 
@@ -823,9 +986,13 @@ class CUDAGraphStep:
 
     def __init__(self, model, optimizer, x, y=None, **step_args):
         self.x, self.y, self.beta = x.clone(), None if y is None else y.clone(), x.new_ones(())
-        step = functools.partial(train_step, model, optimizer, self.x, self.beta, self.y, **step_args)
+        step = functools.partial(
+            train_step, model, optimizer, self.x, self.beta, self.y, **step_args
+        )
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        opt_before = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in optimizer.state}
+        opt_before = {
+            p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in optimizer.state
+        }
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -839,7 +1006,9 @@ class CUDAGraphStep:
         with torch.no_grad():
             for p in (p for group in optimizer.param_groups for p in group["params"]):
                 for k, v in optimizer.state[p].items():
-                    v.copy_(opt_before[p][k]) if p in opt_before else v.zero_()  # zero = a fresh Adam
+                    v.copy_(
+                        opt_before[p][k]
+                    ) if p in opt_before else v.zero_()  # zero = a fresh Adam
 
     def __call__(self, model, optimizer, x, beta=1.0, y=None, **step_args):
         """As `train_step`: the (4,) [loss, recon, kl, gradient norm] of one step on x."""
@@ -860,12 +1029,16 @@ def init_distributed(device):
     if "LOCAL_RANK" not in os.environ:
         return 0, 1, device
     if device.type == "mps":
-        raise UserError("torchrun needs --device cuda or cpu: PyTorch has no distributed backend for mps.")
+        raise UserError(
+            "torchrun needs --device cuda or cpu: PyTorch has no distributed backend for mps."
+        )
     if device.type == "cuda":
         local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
         if local_rank >= gpus:
-            raise UserError(f"torchrun started process {local_rank} on a machine with {gpus} GPU(s); give "
-                            f"--nproc_per_node at most {gpus}.")
+            raise UserError(
+                f"torchrun started process {local_rank} on a machine with {gpus} GPU(s); give "
+                f"--nproc_per_node at most {gpus}."
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -894,8 +1067,11 @@ def _atomic_write(path, write):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise UserError(f"cannot write '{path}' ({e.strerror or e}); its previous version, if any, is "
-                            f"intact: free some space or choose another --out_dir.", 1) from None
+            raise UserError(
+                f"cannot write '{path}' ({e.strerror or e}); its previous version, if any, is "
+                f"intact: free some space or choose another --out_dir.",
+                1,
+            ) from None
         raise
 
 
@@ -910,13 +1086,17 @@ def save_csv(rows, path):
     writer = csv.DictWriter(text, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(path, lambda f: f.write(text.getvalue().encode(errors="surrogateescape")))  # bytes of names
+    _atomic_write(
+        path, lambda f: f.write(text.getvalue().encode(errors="surrogateescape"))
+    )  # bytes of names
 
 
-RUN_FILES = re.compile(r"checkpoint\.pt|config\.json|metrics\.csv|evaluation\.json|per_class\.csv|\.tmp-.*|"
-                       r"(reconstructions_epoch\d+|samples|samples_per_class|interpolation|loss_curves|"
-                       r"traversals|latent_distribution|class_means|latent_pca|recon_error_hist|best_worst|"
-                       r"manifold)\.png")
+RUN_FILES = re.compile(
+    r"checkpoint\.pt|config\.json|metrics\.csv|evaluation\.json|per_class\.csv|\.tmp-.*|"
+    r"(reconstructions_epoch\d+|samples|samples_per_class|interpolation|loss_curves|"
+    r"traversals|latent_distribution|class_means|latent_pca|recon_error_hist|best_worst|"
+    r"manifold)\.png"
+)
 
 
 def run_files(folder):
@@ -931,9 +1111,11 @@ def refuse_other_run(out_dir, overwrite, training=True):
     found = [name for name in run_files(out_dir) if not name.startswith(".tmp-")]
     if found and not overwrite:
         resume = "continue it with --resume, " if training and "checkpoint.pt" in found else ""
-        raise UserError(f"'{out_dir}' already holds the files of another run ({', '.join(found[:3])}"
-                        f"{', ...' if len(found) > 3 else ''}); {resume}replace them with --overwrite, or "
-                        f"choose another --out_dir.")
+        raise UserError(
+            f"'{out_dir}' already holds the files of another run ({', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}); {resume}replace them with --overwrite, or "
+            f"choose another --out_dir."
+        )
 
 
 def prepare_output_dir(out_dir, overwrite=False, resume=False, training=True):
@@ -942,18 +1124,22 @@ def prepare_output_dir(out_dir, overwrite=False, resume=False, training=True):
     at once. Then remove a killed run's temporary files and, with `overwrite`, every file of the
     earlier run, and of its evaluations in eval/. UserError if the folder is unusable or locked."""
     import fcntl
+
     try:
         os.makedirs(out_dir, exist_ok=True)
         lock = open(os.path.join(out_dir, ".lock"), "a")
     except OSError as e:
-        raise UserError(f"cannot create --out_dir '{out_dir}' ({e.strerror}); choose another "
-                        f"folder.") from None
+        raise UserError(
+            f"cannot create --out_dir '{out_dir}' ({e.strerror}); choose another folder."
+        ) from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.close()
-        raise UserError(f"another run is writing into '{out_dir}' now; let it finish, or choose another "
-                        f"--out_dir.") from None
+        raise UserError(
+            f"another run is writing into '{out_dir}' now; let it finish, or choose another "
+            f"--out_dir."
+        ) from None
     if not resume:  # again, now that no other run can write here
         refuse_other_run(out_dir, overwrite, training)
     for folder in (out_dir, os.path.join(out_dir, "eval")) if overwrite else (out_dir,):
@@ -968,11 +1154,15 @@ def save_checkpoint(path, model, optimizer=None, **extra):
     constructor arguments (`model_class`, `model_args`), its weights (`model`), the optimizer's
     state if given, and the plain values of `extra` (a run adds epoch, config, history, rng), so
     that `load_checkpoint` rebuilds the model from the file alone."""
-    state = dict(model_class=type(model).__name__, model_args=model.model_args, model=model.state_dict())
+    state = dict(
+        model_class=type(model).__name__, model_args=model.model_args, model=model.state_dict()
+    )
     state.update(extra)
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
-    buffer = io.BytesIO()  # torch's zip writer turns a full disk into an unclear RuntimeError; a file doesn't
+    buffer = (
+        io.BytesIO()
+    )  # torch's zip writer turns a full disk into an unclear RuntimeError; a file doesn't
     torch.save(state, buffer)
     _atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
@@ -988,26 +1178,40 @@ def load_checkpoint(path, device="cpu"):
     except FileNotFoundError:
         raise UserError(f"there is no checkpoint at '{path}'.") from None
     except IsADirectoryError:
-        raise UserError(f"'{path}' is a folder; give its checkpoint file, '{path}/checkpoint.pt'.") from None
+        raise UserError(
+            f"'{path}' is a folder; give its checkpoint file, '{path}/checkpoint.pt'."
+        ) from None
     except Exception as e:  # the unpickler fails in many ways on a file that is not a checkpoint
-        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):  # it names code to import and run
-            raise UserError(f"'{path}' was refused: it holds Python objects beyond tensors and plain data, "
-                            f"which could run code when loaded, and vae.py loads only with "
-                            f"weights_only=True.") from None
-        raise UserError(f"'{path}' is not a checkpoint written by vae.py (not a PyTorch file, "
-                        f"or a truncated one).") from None
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(
+            e
+        ):  # it names code to import and run
+            raise UserError(
+                f"'{path}' was refused: it holds Python objects beyond tensors and plain data, "
+                f"which could run code when loaded, and vae.py loads only with "
+                f"weights_only=True."
+            ) from None
+        raise UserError(
+            f"'{path}' is not a checkpoint written by vae.py (not a PyTorch file, "
+            f"or a truncated one)."
+        ) from None
     if not isinstance(state, dict) or "model" not in state or "model_class" not in state:
-        raise UserError(f"'{path}' is a PyTorch file but not a checkpoint written by vae.py: it names no "
-                        f"model_class (an older vae.py's checkpoint does not; train it again with this one).")
+        raise UserError(
+            f"'{path}' is a PyTorch file but not a checkpoint written by vae.py: it names no "
+            f"model_class (an older vae.py's checkpoint does not; train it again with this one)."
+        )
     try:
         model = {"ConvVAE": ConvVAE, "MLPVAE": MLPVAE}[state["model_class"]](**state["model_args"])
     except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"'{path}' describes no model vae.py can build ({type(e).__name__}: {e}).") from None
+        raise UserError(
+            f"'{path}' describes no model vae.py can build ({type(e).__name__}: {e})."
+        ) from None
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, AttributeError):
-        raise UserError(f"'{path}' comes from an incompatible model: its weights do not fit the "
-                        f"{type(model).__name__}({model.model_args}) that it describes.") from None
+        raise UserError(
+            f"'{path}' comes from an incompatible model: its weights do not fit the "
+            f"{type(model).__name__}({model.model_args}) that it describes."
+        ) from None
     if "config" in state:
         _check_run_state(state, model, path)
     return model.to(device).eval(), state
@@ -1015,25 +1219,53 @@ def load_checkpoint(path, device="cpu"):
 
 def _check_run_state(state, model, path):
     """UserError naming the first field of a run's checkpoint that is missing or not what vae.py wrote."""
+
     def need(ok, field):
         if not ok:
-            raise UserError(f"'{path}' is not a whole checkpoint of a vae.py run: its {field} is missing or "
-                            f"not what vae.py writes; use another checkpoint.")
+            raise UserError(
+                f"'{path}' is not a whole checkpoint of a vae.py run: its {field} is missing or "
+                f"not what vae.py writes; use another checkpoint."
+            )
+
     config, history, rng, adam = (state.get(k) for k in ("config", "history", "rng", "optimizer"))
     need(isinstance(config, dict), "config")
-    for key, default in vars(build_parser().parse_args([])).items():  # each setting has its flag's type
+    for key, default in vars(
+        build_parser().parse_args([])
+    ).items():  # each setting has its flag's type
         value = config.get(key, default)  # a float flag's value may be an int
-        need(default is None or type(value) in (type(default), int if type(default) is float else None), key)
+        need(
+            default is None
+            or type(value) in (type(default), int if type(default) is float else None),
+            key,
+        )
     need(all(type(config.get(k)) is int for k in ("image_size", "channels")), "image size")
     need(type(state.get("epoch")) is int, "epoch")
-    need(isinstance(history, list) and len(history) == state["epoch"] and all(
-        isinstance(row, dict) and {"epoch", "beta", "train_loss", "test_loss"} <= set(row)
-        for row in history), "history")
-    need(isinstance(rng, dict) and torch.is_tensor(rng.get("cpu")) and isinstance(rng.get("cuda"), list),
-         "random state")
-    need(isinstance(adam, dict) and isinstance(adam.get("state"), dict) and all(
-        isinstance(s, dict) and torch.is_tensor(s.get("exp_avg")) and s["exp_avg"].shape == p.shape
-        for p, s in zip(model.parameters(), adam["state"].values())), "optimizer")
+    need(
+        isinstance(history, list)
+        and len(history) == state["epoch"]
+        and all(
+            isinstance(row, dict) and {"epoch", "beta", "train_loss", "test_loss"} <= set(row)
+            for row in history
+        ),
+        "history",
+    )
+    need(
+        isinstance(rng, dict)
+        and torch.is_tensor(rng.get("cpu"))
+        and isinstance(rng.get("cuda"), list),
+        "random state",
+    )
+    need(
+        isinstance(adam, dict)
+        and isinstance(adam.get("state"), dict)
+        and all(
+            isinstance(s, dict)
+            and torch.is_tensor(s.get("exp_avg"))
+            and s["exp_avg"].shape == p.shape
+            for p, s in zip(model.parameters(), adam["state"].values())
+        ),
+        "optimizer",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1045,6 +1277,7 @@ def _check_run_state(state, model, path):
 
 def _figure(width, height):
     from matplotlib.figure import Figure  # imported here: only the figures need matplotlib
+
     return Figure(figsize=(width, height), layout="constrained")
 
 
@@ -1057,19 +1290,27 @@ def _literal(name):
 def save_grid(images, path, nrow):
     """Save images (N, C, H, W) in [0, 1] as one PNG grid of nrow images per row."""
     from torchvision.utils import save_image
+
     save_image(images, path, nrow=nrow, padding=2, pad_value=0.5)
 
 
 def _grid_figure(rows, row_labels, title, path, col_labels=None):
     """Draw rows of images (R, n, C, H, W) as one grid, with a label per row (and per column)."""
     from torchvision.utils import make_grid
+
     r, n = rows.shape[:2]
-    grid = make_grid(rows.flatten(0, 1).float().cpu(), nrow=n, padding=2, pad_value=1.0)  # (3, h, w)
+    grid = make_grid(
+        rows.flatten(0, 1).float().cpu(), nrow=n, padding=2, pad_value=1.0
+    )  # (3, h, w)
     h, w = grid.shape[1:]
     ax = _figure(1.5 + w / 50, 0.6 + h / 50).subplots()
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_yticks([2 + (h - 2) / r * (i + 0.5) for i in range(r)], [_literal(t) for t in row_labels])
-    ax.set_xticks([] if col_labels is None else [2 + (w - 2) / n * (i + 0.5) for i in range(n)], col_labels)
+    ax.set_yticks(
+        [2 + (h - 2) / r * (i + 0.5) for i in range(r)], [_literal(t) for t in row_labels]
+    )
+    ax.set_xticks(
+        [] if col_labels is None else [2 + (w - 2) / n * (i + 0.5) for i in range(n)], col_labels
+    )
     ax.tick_params(length=0)
     ax.set_title(title)
     ax.figure.savefig(path, dpi=100)
@@ -1090,9 +1331,15 @@ def save_samples(model, path, classes=None, seed=0):
     if not model.num_classes:
         return save_grid(model.sample(64, generator=g), path, nrow=8)
     k, z = model.num_classes, torch.randn(10, model.latent_dim, device=device, generator=g)
-    images = model.decode(z.repeat(k, 1), torch.arange(k, device=device).repeat_interleave(10))  # (10K,C,H,W)
-    _grid_figure(images.view(k, 10, *images.shape[1:]), [str(c) for c in classes],
-                 "conditional samples: row = label y, column = one z ~ N(0, I)", path)
+    images = model.decode(
+        z.repeat(k, 1), torch.arange(k, device=device).repeat_interleave(10)
+    )  # (10K,C,H,W)
+    _grid_figure(
+        images.view(k, 10, *images.shape[1:]),
+        [str(c) for c in classes],
+        "conditional samples: row = label y, column = one z ~ N(0, I)",
+        path,
+    )
 
 
 def plot_losses(history, path):
@@ -1100,8 +1347,11 @@ def plot_losses(history, path):
     epochs, betas = [row["epoch"] for row in history], sorted({row["beta"] for row in history})
     beta = f"{betas[0]:g}" if len(betas) == 1 else f"beta (from {betas[0]:g} to {betas[-1]:g})"
     fig = _figure(12, 3.5)
-    for ax, key, title in zip(fig.subplots(1, 3), ("loss", "recon", "kl"), (
-            f"loss = recon + {beta} * KL", "reconstruction -log p(x|z)", "KL(q(z|x) || p(z))")):
+    for ax, key, title in zip(
+        fig.subplots(1, 3),
+        ("loss", "recon", "kl"),
+        (f"loss = recon + {beta} * KL", "reconstruction -log p(x|z)", "KL(q(z|x) || p(z))"),
+    ):
         ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", ms=3, label="train")
         ax.plot(epochs, [row[f"test_{key}"] for row in history], "s-", ms=3, label="test")
         ax.set(title=title, xlabel="epoch", ylabel="nats per image")
@@ -1116,8 +1366,8 @@ def encode_split(model, images, recon="bce", labels=None, batch_size=1000):
     -log p(x | z = mu) in nats; x_hat (N, C, H, W) uint8. images: uint8 on the model's device."""
     out = {"mu": [], "logvar": [], "recon_error": [], "x_hat": []}
     for start in range(0, len(images), batch_size):
-        x = to_float(images[start:start + batch_size])
-        y = None if labels is None else labels[start:start + batch_size]
+        x = to_float(images[start : start + batch_size])
+        y = None if labels is None else labels[start : start + batch_size]
         mu, logvar = model.encode(x, y)
         logits = model.decode_logits(mu, y)
         x_hat = (torch.sigmoid(logits) * 255).round().to(torch.uint8)
@@ -1133,10 +1383,15 @@ def save_latent_distribution(mu, logvar, stats, path):
     ax_mu, ax_sigma, ax_kl = fig.subplots(1, 3)
     ax_mu.hist(mu.flatten().numpy(), bins=100, density=True, alpha=0.7, label="mu, all dimensions")
     t = torch.linspace(-4, 4, 200)
-    ax_mu.plot(t, torch.exp(-0.5 * t ** 2) / math.sqrt(2 * math.pi), "k", label="prior N(0, 1)")
+    ax_mu.plot(t, torch.exp(-0.5 * t**2) / math.sqrt(2 * math.pi), "k", label="prior N(0, 1)")
     ax_mu.set(title="posterior means mu over the test set", xlabel="mu", ylabel="density")
-    ax_sigma.hist(torch.exp(0.5 * logvar).flatten().numpy(), bins=100, range=(0, 1.2), alpha=0.7,
-                  label="sigma, all dimensions")
+    ax_sigma.hist(
+        torch.exp(0.5 * logvar).flatten().numpy(),
+        bins=100,
+        range=(0, 1.2),
+        alpha=0.7,
+        label="sigma, all dimensions",
+    )
     ax_sigma.axvline(1.0, color="k", label="prior sigma = 1")
     ax_sigma.set(title="posterior standard deviations sigma", xlabel="sigma", ylabel="count")
     kl = torch.tensor(stats["kl_per_dim"])
@@ -1144,8 +1399,11 @@ def save_latent_distribution(mu, logvar, stats, path):
     active = [stats["mu_var"][d] > ACTIVE_UNIT_THRESHOLD for d in order]
     ax_kl.bar(range(len(kl)), kl[order].numpy(), color=["C0" if a else "C7" for a in active])
     ax_kl.set_xticks(range(len(kl)), [str(d) for d in order], fontsize=6)
-    ax_kl.set(title=f"KL per dimension: {sum(active)} of {len(kl)} active (blue)",
-              xlabel="latent dimension", ylabel="nats per image")
+    ax_kl.set(
+        title=f"KL per dimension: {sum(active)} of {len(kl)} active (blue)",
+        xlabel="latent dimension",
+        ylabel="nats per image",
+    )
     ax_mu.legend()
     ax_sigma.legend()
     fig.savefig(path, dpi=100)
@@ -1162,9 +1420,13 @@ def save_traversals(model, x, kl_per_dim, path, y=None, n_dims=8, span=3.0):
     for row, d in enumerate(dims):
         z[row, :, d] = values
     images = model.decode(z.flatten(0, 1), None if y is None else y.expand(len(dims) * 11))
-    _grid_figure(images.view(len(dims), 11, *x.shape), [f"z{d} ({kl_per_dim[d]:.1f} nats)" for d in dims],
-                 "traversals of the most informative dimensions, from mu of one test image", path,
-                 col_labels=[f"{round(v, 1) + 0.0:+.1f}" for v in values.tolist()])
+    _grid_figure(
+        images.view(len(dims), 11, *x.shape),
+        [f"z{d} ({kl_per_dim[d]:.1f} nats)" for d in dims],
+        "traversals of the most informative dimensions, from mu of one test image",
+        path,
+        col_labels=[f"{round(v, 1) + 0.0:+.1f}" for v in values.tolist()],
+    )
 
 
 def save_class_means(model, mu, labels, classes, path, per_class=8, noise=0.1, seed=0):
@@ -1172,14 +1434,24 @@ def save_class_means(model, mu, labels, classes, path, per_class=8, noise=0.1, s
     class's label for a conditional model); labels (N,) and names `classes` on the CPU."""
     g = torch.Generator().manual_seed(seed)
     present = sorted(set(labels.tolist()))
-    z = torch.stack([mu[labels == c].mean(0) + noise * torch.randn(per_class, mu.shape[1], generator=g)
-                     for c in present])  # (classes, per_class, D)
+    z = torch.stack(
+        [
+            mu[labels == c].mean(0) + noise * torch.randn(per_class, mu.shape[1], generator=g)
+            for c in present
+        ]
+    )  # (classes, per_class, D)
     device = next(model.parameters()).device
-    images = model.decode(z.flatten(0, 1).to(device), torch.tensor(present, device=device).repeat_interleave(
-        per_class))  # (classes * per_class, C, H, W)
+    images = model.decode(
+        z.flatten(0, 1).to(device),
+        torch.tensor(present, device=device).repeat_interleave(per_class),
+    )  # (classes * per_class, C, H, W)
     title = f"class means of mu + {noise} * N(0, I), decoded{' with the label' if model.num_classes else ''}"
-    _grid_figure(images.view(len(present), per_class, *images.shape[1:]), [str(classes[c]) for c in present],
-                 title, path)
+    _grid_figure(
+        images.view(len(present), per_class, *images.shape[1:]),
+        [str(classes[c]) for c in present],
+        title,
+        path,
+    )
 
 
 def save_latent_pca(mu, labels, classes, path):
@@ -1187,17 +1459,24 @@ def save_latent_pca(mu, labels, classes, path):
     and names; None for unlabelled images: one colour)."""
     centered = mu - mu.mean(0)
     _, s, v = torch.linalg.svd(centered, full_matrices=False)
-    proj = torch.cat([centered @ v[:2].T, torch.zeros(len(mu), 2)], dim=1)[:, :2]  # (N, 2): 0 when D = 1
-    explained = (s ** 2 / (s ** 2).sum().clamp(min=1e-12)).tolist() + [0.0]  # 0 for one image
+    proj = torch.cat([centered @ v[:2].T, torch.zeros(len(mu), 2)], dim=1)[
+        :, :2
+    ]  # (N, 2): 0 when D = 1
+    explained = (s**2 / (s**2).sum().clamp(min=1e-12)).tolist() + [0.0]  # 0 for one image
     ax = _figure(6.5, 5.5).subplots()
     if labels is None:
         ax.scatter(*proj.T, s=2, alpha=0.5)
     else:
         for c in sorted(set(labels.tolist())):
-            ax.scatter(*proj[labels == c].T, s=2, alpha=0.5, color=f"C{c % 10}", label=_literal(classes[c]))
+            ax.scatter(
+                *proj[labels == c].T, s=2, alpha=0.5, color=f"C{c % 10}", label=_literal(classes[c])
+            )
         ax.legend(markerscale=6, title="class", loc="best", fontsize=8)
-    ax.set(title="test-set means mu, first two principal components",
-           xlabel=f"PC 1 ({explained[0]:.0%} of variance)", ylabel=f"PC 2 ({explained[1]:.0%} of variance)")
+    ax.set(
+        title="test-set means mu, first two principal components",
+        xlabel=f"PC 1 ({explained[0]:.0%} of variance)",
+        ylabel=f"PC 2 ({explained[1]:.0%} of variance)",
+    )
     ax.figure.savefig(path, dpi=100)
 
 
@@ -1208,25 +1487,43 @@ def save_error_analysis(images, enc, labels, classes, out_dir, n=16):
     error, kl = enc["recon_error"], kl_divergence(enc["mu"], enc["logvar"])
     ax = _figure(6.5, 4).subplots()
     ax.hist(error.numpy(), bins=100)
-    ax.set(title="reconstruction error per test image", xlabel="-log p(x | z = mu), nats", ylabel="images")
+    ax.set(
+        title="reconstruction error per test image",
+        xlabel="-log p(x | z = mu), nats",
+        ylabel="images",
+    )
     ax.figure.savefig(os.path.join(out_dir, "recon_error_hist.png"), dpi=100)
     order = torch.argsort(error)
     best, worst = order[:n], order.flip(0)[:n]
-    grid = torch.stack([images[best], enc["x_hat"][best], images[worst], enc["x_hat"][worst]]).float() / 255
+    grid = (
+        torch.stack([images[best], enc["x_hat"][best], images[worst], enc["x_hat"][worst]]).float()
+        / 255
+    )
     title = f"best and worst reconstructed test images ({error[best[0]]:.0f} to {error[worst[0]]:.0f} nats)"
-    _grid_figure(grid, ["best", "recon", "worst", "recon"], title, os.path.join(out_dir, "best_worst.png"))
+    _grid_figure(
+        grid, ["best", "recon", "worst", "recon"], title, os.path.join(out_dir, "best_worst.png")
+    )
     rows = []
     for c in sorted(set(labels.tolist())) if labels is not None else ():
         m = labels == c
-        rows.append(dict(label=c, name=classes[c], count=int(m.sum()), recon_error=error[m].mean().item(),
-                         kl=kl[m].mean().item()))
+        rows.append(
+            dict(
+                label=c,
+                name=classes[c],
+                count=int(m.sum()),
+                recon_error=error[m].mean().item(),
+                kl=kl[m].mean().item(),
+            )
+        )
     if rows:
         save_csv(rows, os.path.join(out_dir, "per_class.csv"))
     return rows
 
 
 @in_eval_mode
-def write_analysis(model, test_x, test_y, stats, out_dir, recon="bce", ends=(4, 9), seed=0, classes=None):
+def write_analysis(
+    model, test_x, test_y, stats, out_dir, recon="bce", ends=(4, 9), seed=0, classes=None
+):
     """Write every figure of a trained model into out_dir, in eval mode; returns the per-class rows.
     test_x: (N, C, H, W) uint8 on the model's device; test_y: (N,) on the CPU, or None (no class
     figures then), and `classes` their names; stats: `evaluate`'s dict; ends = (A, B): the
@@ -1234,28 +1531,45 @@ def write_analysis(model, test_x, test_y, stats, out_dir, recon="bce", ends=(4, 
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
     conditional = model.num_classes > 0
     label = (lambda i: int(test_y[i])) if conditional else (lambda i: None)
-    enc = encode_split(model, test_x, recon, labels=test_y.to(test_x.device) if conditional else None)
-    save_samples(model, path("samples_per_class.png" if conditional else "samples.png"), classes, seed)
+    enc = encode_split(
+        model, test_x, recon, labels=test_y.to(test_x.device) if conditional else None
+    )
+    save_samples(
+        model, path("samples_per_class.png" if conditional else "samples.png"), classes, seed
+    )
     (a, b), labels = ends, [] if test_y is None else test_y.tolist()
     i, j = 0, min(1, len(test_x) - 1)
     if a != b and a in labels and b in labels:
         i, j = labels.index(a), labels.index(b)
     elif labels:
-        print(f"note: --interpolate {a} {b} does not name two classes that the test set has, so "
-              f"interpolation.png joins test images 0 and 1")
+        print(
+            f"note: --interpolate {a} {b} does not name two classes that the test set has, so "
+            f"interpolation.png joins test images 0 and 1"
+        )
     x_i, x_j = to_float(test_x[i]), to_float(test_x[j])
-    save_grid(torch.cat([x_i[None], interpolate(model, x_i, x_j, 10, label(i), label(j)), x_j[None]]),
-              path("interpolation.png"), nrow=12)
+    save_grid(
+        torch.cat([x_i[None], interpolate(model, x_i, x_j, 10, label(i), label(j)), x_j[None]]),
+        path("interpolation.png"),
+        nrow=12,
+    )
     save_latent_distribution(enc["mu"], enc["logvar"], stats, path("latent_distribution.png"))
-    save_traversals(model, to_float(test_x[0]), stats["kl_per_dim"], path("traversals.png"), label(0))
+    save_traversals(
+        model, to_float(test_x[0]), stats["kl_per_dim"], path("traversals.png"), label(0)
+    )
     if test_y is None:
-        print("note: the images have no class labels, so class_means.png and per_class.csv are not written "
-              "and latent_pca.png has one colour")
+        print(
+            "note: the images have no class labels, so class_means.png and per_class.csv are not written "
+            "and latent_pca.png has one colour"
+        )
     else:
         save_class_means(model, enc["mu"], test_y, classes, path("class_means.png"), seed=seed)
     save_latent_pca(enc["mu"], test_y, classes, path("latent_pca.png"))
-    if model.latent_dim == 2 and not conditional:  # the decoded grid over [-3, 3]^2, z1 rightwards, z2 up
-        z = torch.cartesian_prod(torch.linspace(3, -3, 20), torch.linspace(-3, 3, 20)).flip(1)  # (400, 2)
+    if (
+        model.latent_dim == 2 and not conditional
+    ):  # the decoded grid over [-3, 3]^2, z1 rightwards, z2 up
+        z = torch.cartesian_prod(torch.linspace(3, -3, 20), torch.linspace(-3, 3, 20)).flip(
+            1
+        )  # (400, 2)
         save_grid(model.decode(z.to(test_x.device)), path("manifold.png"), nrow=20)
     return save_error_analysis(test_x.cpu(), enc, test_y, classes, out_dir)
 
@@ -1271,8 +1585,8 @@ def evaluate_nll(model, images, k, labels=None, batch_size=100):
     labels: for a conditional model, whose number is then -log p(x|y)."""
     total = torch.zeros((), device=images.device)
     for start in range(0, len(images), batch_size):
-        y = None if labels is None else labels[start:start + batch_size]
-        total += log_likelihood(model, to_float(images[start:start + batch_size]), k, y).sum()
+        y = None if labels is None else labels[start : start + batch_size]
+        total += log_likelihood(model, to_float(images[start : start + batch_size]), k, y).sum()
     nll = -total.item() / len(images)
     return nll, nll / (images[0].numel() * math.log(2))
 
@@ -1280,11 +1594,15 @@ def evaluate_nll(model, images, k, labels=None, batch_size=100):
 def collapse_warning(kl, active_units, n_images):
     """A warning when the posterior has collapsed onto the prior (a KL under 0.1 nats per image, or no
     active unit among at least 10 images: the decoder ignores z; Bowman et al. 2016), else None."""
-    if kl >= 0.1 and (active_units > 0 or n_images < 10):  # fewer images tell too little of a variance
+    if kl >= 0.1 and (
+        active_units > 0 or n_images < 10
+    ):  # fewer images tell too little of a variance
         return None
-    return (f"warning: posterior collapse: the test KL is {kl:.3f} nats and {active_units} latent units are "
-            f"active, so q(z|x) is the prior and the decoder ignores z; try --kl_warmup 10, --free_bits 0.5 "
-            f"or a smaller --beta.")
+    return (
+        f"warning: posterior collapse: the test KL is {kl:.3f} nats and {active_units} latent units are "
+        f"active, so q(z|x) is the prior and the decoder ignores z; try --kl_warmup 10, --free_bits 0.5 "
+        f"or a smaller --beta."
+    )
 
 
 def report(model, test_x, test_y, config, out_dir, nll_samples=0, extra=None, classes=None):
@@ -1293,27 +1611,64 @@ def report(model, test_x, test_y, config, out_dir, nll_samples=0, extra=None, cl
     test_y: (N,) on the CPU, or None."""
     y, beta = test_y.to(test_x.device) if model.num_classes else None, config["beta"]
     te = evaluate(model, test_x, beta, config["recon"], y)
-    results = dict(extra or {}, beta=beta, test_loss=te["loss"], test_recon=te["recon"], test_kl=te["kl"],
-                   active_units=te["active_units"], kl_per_dim=te["kl_per_dim"], mu_var=te["mu_var"])
+    results = dict(
+        extra or {},
+        beta=beta,
+        test_loss=te["loss"],
+        test_recon=te["recon"],
+        test_kl=te["kl"],
+        active_units=te["active_units"],
+        kl_per_dim=te["kl_per_dim"],
+        mu_var=te["mu_var"],
+    )
     loss = "" if beta == 1 else f"; loss with beta {beta:g}: {te['loss']:.3f}"
-    print(f"test -ELBO {te['recon'] + te['kl']:.3f} = recon {te['recon']:.3f} + kl {te['kl']:.3f} nats/image "
-          f"(one z per image){loss}; {te['active_units']} of {model.latent_dim} latent units active")
+    print(
+        f"test -ELBO {te['recon'] + te['kl']:.3f} = recon {te['recon']:.3f} + kl {te['kl']:.3f} nats/image "
+        f"(one z per image){loss}; {te['active_units']} of {model.latent_dim} latent units active"
+    )
     if nll_samples > 0:
         t0 = time.perf_counter()
         nll, bpd = evaluate_nll(model, test_x, nll_samples, y)
-        note = "" if config.get("binarize") else (" (continuous pixels under a Bernoulli likelihood: not "
-                                                  "comparable with binarized-MNIST results; see --binarize)")
-        print(f"test {'NLL' if y is None else '-log p(x|y)'} (K={nll_samples}): {nll:.2f} nats/image, "
-              f"{bpd:.4f} bits/dim [{time.perf_counter() - t0:.0f} s]{note}", flush=True)
+        note = (
+            ""
+            if config.get("binarize")
+            else (
+                " (continuous pixels under a Bernoulli likelihood: not "
+                "comparable with binarized-MNIST results; see --binarize)"
+            )
+        )
+        print(
+            f"test {'NLL' if y is None else '-log p(x|y)'} (K={nll_samples}): {nll:.2f} nats/image, "
+            f"{bpd:.4f} bits/dim [{time.perf_counter() - t0:.0f} s]{note}",
+            flush=True,
+        )
         results.update(nll_samples=nll_samples, test_nll=nll, test_nll_bits_per_dim=bpd)
-    results["per_class"] = write_analysis(model, test_x, test_y, te, out_dir, config["recon"],
-                                          config.get("interpolate") or (4, 9), config.get("seed", 0), classes)
+    results["per_class"] = write_analysis(
+        model,
+        test_x,
+        test_y,
+        te,
+        out_dir,
+        config["recon"],
+        config.get("interpolate") or (4, 9),
+        config.get("seed", 0),
+        classes,
+    )
     save_json(results, os.path.join(out_dir, "evaluation.json"))
     return results
 
 
 # The settings a resumed run may change; everything else comes from its checkpoint.
-RESUMABLE = ("epochs", "lr", "grad_clip", "data_dir", "device", "cuda_graph", "nll_samples", "deterministic")
+RESUMABLE = (
+    "epochs",
+    "lr",
+    "grad_clip",
+    "data_dir",
+    "device",
+    "cuda_graph",
+    "nll_samples",
+    "deterministic",
+)
 
 
 def resume_config(args, explicit):
@@ -1321,25 +1676,37 @@ def resume_config(args, explicit):
     RESUMABLE that the command line gives (`explicit`)."""
     path = os.path.join(args.out_dir, "checkpoint.pt")
     if not os.path.exists(path):
-        raise UserError(f"--resume found no checkpoint.pt in '{args.out_dir}'; start the run without "
-                        f"--resume, or point --out_dir at the run's folder.")
+        raise UserError(
+            f"--resume found no checkpoint.pt in '{args.out_dir}'; start the run without "
+            f"--resume, or point --out_dir at the run's folder."
+        )
     model, state = load_checkpoint(path)
     if "config" not in state:
         raise UserError(f"'{path}' holds a model but no training run to resume.")
     defaults = vars(build_parser().parse_args([]))  # for the flags newer than the checkpoint
-    config = {**defaults, **state["config"], "resume": True, "overwrite": False, "out_dir": args.out_dir}
+    config = {
+        **defaults,
+        **state["config"],
+        "resume": True,
+        "overwrite": False,
+        "out_dir": args.out_dir,
+    }
     config.update({k: getattr(args, k) for k in RESUMABLE if k in explicit})
     if state["epoch"] >= config["epochs"]:
-        raise UserError(f"the run in '{args.out_dir}' has finished epoch {state['epoch']} of "
-                        f"{config['epochs']}; give --resume a larger --epochs to train further.")
+        raise UserError(
+            f"the run in '{args.out_dir}' has finished epoch {state['epoch']} of "
+            f"{config['epochs']}; give --resume a larger --epochs to train further."
+        )
     return argparse.Namespace(**config), model, state
 
 
 def check_classes(model, classes, data_dir):
     """UserError when a conditional model was trained on another number of classes than `classes`."""
     if model.num_classes and model.num_classes != len(classes or ()):
-        raise UserError(f"the model is conditional on {model.num_classes} classes, and the data in "
-                        f"'{data_dir}' has {len(classes or ())}; give it the data it was trained on.")
+        raise UserError(
+            f"the model is conditional on {model.num_classes} classes, and the data in "
+            f"'{data_dir}' has {len(classes or ())}; give it the data it was trained on."
+        )
 
 
 class Run:
@@ -1360,14 +1727,20 @@ class Run:
         (the test labels on the CPU, or None) and classes; args.channels and image_size set to them."""
         args, device = self.args, self.device
         if args.batch_size % self.world:
-            raise UserError(f"--batch_size {args.batch_size} is the batch of all {self.world} processes "
-                            f"together, so it must be a multiple of {self.world}.")
-        data = load_dataset(args.dataset, args.data_dir, args.image_size, args.channels, args.binarize)
+            raise UserError(
+                f"--batch_size {args.batch_size} is the batch of all {self.world} processes "
+                f"together, so it must be a multiple of {self.world}."
+            )
+        data = load_dataset(
+            args.dataset, args.data_dir, args.image_size, args.channels, args.binarize
+        )
         if data["note"]:
             print(f"data: {data['note']}", flush=True)
         if args.conditional and data["train_y"] is None:
-            raise UserError("--conditional needs class labels, and these images have none; use a dataset "
-                            "with classes, or a folder with one subfolder per class.")
+            raise UserError(
+                "--conditional needs class labels, and these images have none; use a dataset "
+                "with classes, or a folder with one subfolder per class."
+            )
         args.channels, args.image_size = data["train_x"].shape[1], data["train_x"].shape[-1]
         self.train_x, self.test_x = data["train_x"].to(device), data["test_x"].to(device)
         self.train_y = self.test_y = None
@@ -1378,15 +1751,22 @@ class Run:
     def build_model(self, model, state):
         """The model (a new one, or a resumed run's `model` and checkpoint `state`), its optimizer and
         step, the metrics so far and the first epoch. Prints what it trains."""
-        args, device, distributed = self.args, self.device, dist.is_initialized()  # torchrun, even with 1
+        args, device, distributed = (
+            self.args,
+            self.device,
+            dist.is_initialized(),
+        )  # torchrun, even with 1
         # DDP's gradient exchange would not be in the graph, so there is none under torchrun.
         graph = args.cuda_graph == "auto" and device.type == "cuda" and not distributed
         num_classes = len(self.classes) if args.conditional else 0
         if model is None:
-            model = build_model(args.model, args.image_size, args.channels, args.latent_dim, args.width,
-                                num_classes)
+            model = build_model(
+                args.model, args.image_size, args.channels, args.latent_dim, args.width, num_classes
+            )
         check_classes(model, self.classes, args.data_dir)
-        self.model, self.step_model, self.optimizer = setup_training(model, args.lr, device, distributed)
+        self.model, self.step_model, self.optimizer = setup_training(
+            model, args.lr, device, distributed
+        )
         self.config = dict(vars(args), num_classes=num_classes, classes=self.classes)
         self.history, self.first_epoch, self.saved_epoch = [], 1, None
         if state is not None:
@@ -1398,22 +1778,30 @@ class Run:
         self.step_args = dict(recon=args.recon, free_bits=args.free_bits, grad_clip=args.grad_clip)
         self.step = train_step
         if graph:
-            x, y = to_float(self.train_x[:args.batch_size]), self.train_y
-            y = None if y is None else y[:args.batch_size]
+            x, y = to_float(self.train_x[: args.batch_size]), self.train_y
+            y = None if y is None else y[: args.batch_size]
             self.step = CUDAGraphStep(self.step_model, self.optimizer, x, y, **self.step_args)
-        print(f"{args.model} VAE{f' conditional on {num_classes} classes' if num_classes else ''}, "
-              f"{sum(p.numel() for p in model.parameters()):,} parameters, latent_dim {args.latent_dim}, "
-              f"{len(self.train_x):,} train / {len(self.test_x):,} test {args.dataset} images of "
-              f"{args.channels}x{args.image_size}x{args.image_size}{' binarized' if args.binarize else ''}, "
-              f"device {device}{f' x {self.world} processes' if self.world > 1 else ''}"
-              f"{', CUDA graph' if graph else ''}, writing to {args.out_dir}", flush=True)
+        print(
+            f"{args.model} VAE{f' conditional on {num_classes} classes' if num_classes else ''}, "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters, latent_dim {args.latent_dim}, "
+            f"{len(self.train_x):,} train / {len(self.test_x):,} test {args.dataset} images of "
+            f"{args.channels}x{args.image_size}x{args.image_size}{' binarized' if args.binarize else ''}, "
+            f"device {device}{f' x {self.world} processes' if self.world > 1 else ''}"
+            f"{', CUDA graph' if graph else ''}, writing to {args.out_dir}",
+            flush=True,
+        )
         if state is not None:  # the generators go on from the saved epoch: on a CPU, bit for bit
             torch.set_rng_state(state["rng"]["cpu"])
             if device.type == "cuda" and state["rng"]["cuda"]:
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-            if self.rank > 0:  # the checkpoint holds rank 0's generators; the others get streams of their own
+            if (
+                self.rank > 0
+            ):  # the checkpoint holds rank 0's generators; the others get streams of their own
                 torch.manual_seed(args.seed + self.rank + self.world * self.first_epoch)
-            print(f"resuming at epoch {self.first_epoch} of {args.epochs} with saved settings", flush=True)
+            print(
+                f"resuming at epoch {self.first_epoch} of {args.epochs} with saved settings",
+                flush=True,
+            )
 
     def saved(self):
         """What the run has saved, for the sentence that stops it."""
@@ -1429,39 +1817,64 @@ class Run:
         values = dict(zip(("loss", "reconstruction term", "KL term", "gradient"), stats.tolist()))
         bad = [name for name, v in values.items() if not math.isfinite(v)]
         shown = ", ".join(f"{v:.4g}" for v in values.values())
-        raise UserError(f"the {bad[1] if len(bad) > 1 else bad[0]} became non-finite at epoch {epoch}, step "
-                        f"{step} (loss, recon, kl, gradient norm = {shown}), so training stopped; "
-                        f"{self.saved()}; try a lower --lr (now {self.args.lr:g}) or --grad_clip 10.", 3)
+        raise UserError(
+            f"the {bad[1] if len(bad) > 1 else bad[0]} became non-finite at epoch {epoch}, step "
+            f"{step} (loss, recon, kl, gradient norm = {shown}), so training stopped; "
+            f"{self.saved()}; try a lower --lr (now {self.args.lr:g}) or --grad_clip 10.",
+            3,
+        )
 
     def train_one_epoch(self, epoch, beta):
         """One epoch of Part 1's `train_epoch`, with this run's hooks: (its dict, seconds). Its `on_step`
         draws the progress bar and checks each step once the next one is queued: reading a step's
         numbers makes the CPU wait for the GPU, which this way never idles."""
         from tqdm import tqdm
+
         args, n, world, order, pending = self.args, len(self.train_x), self.world, None, []
-        if world > 1:  # this process's share of one shuffled order, padded so that all take as many steps
+        if (
+            world > 1
+        ):  # this process's share of one shuffled order, padded so that all take as many steps
             sampler = DistributedSampler(range(n), seed=args.seed)
             sampler.set_epoch(epoch)
             order = torch.tensor(list(sampler), device=self.device)
-        bar = tqdm(total=-(-n // args.batch_size), desc=f"epoch {epoch}/{args.epochs}", leave=False,
-                   unit="batch", disable=not sys.stderr.isatty())
+        bar = tqdm(
+            total=-(-n // args.batch_size),
+            desc=f"epoch {epoch}/{args.epochs}",
+            leave=False,
+            unit="batch",
+            disable=not sys.stderr.isatty(),
+        )
 
         def on_step(step, stats):
             bar.update()
             if pending:
                 self.check_step(epoch, *pending.pop())
             pending.append((step, stats))
+
         t0 = time.perf_counter()
         with bar:
-            tr = train_epoch(self.step_model, self.optimizer, self.train_x, args.batch_size // world, beta,
-                             self.train_y, args.binarize, self.step, order, on_step, **self.step_args)
+            tr = train_epoch(
+                self.step_model,
+                self.optimizer,
+                self.train_x,
+                args.batch_size // world,
+                beta,
+                self.train_y,
+                args.binarize,
+                self.step,
+                order,
+                on_step,
+                **self.step_args,
+            )
             self.check_step(epoch, *pending.pop())
         seconds = time.perf_counter() - t0  # train_epoch has read its sums: the device is done
         if world > 1:  # every process took as many images: the mean of the processes' means
             means = torch.tensor([tr["loss"], tr["recon"], tr["kl"]], device=self.device)
             dist.all_reduce(means)
             tr = dict(zip(tr, (means / world).tolist()))
-            for buffer in self.model.buffers():  # BatchNorm's statistics of rank 0's share, as DDP does
+            for (
+                buffer
+            ) in self.model.buffers():  # BatchNorm's statistics of rank 0's share, as DDP does
                 dist.broadcast(buffer, src=0)
         return tr, seconds
 
@@ -1474,28 +1887,54 @@ class Run:
             if self.rank > 0:  # the test set is small: rank 0 evaluates it while the others go on
                 continue
             te = evaluate(self.model, self.test_x, beta, args.recon, self.test_y)
-            if not all(map(math.isfinite, (te["loss"], te["recon"], te["kl"]))):  # the last step diverged
-                raise UserError(f"the test loss became non-finite after epoch {epoch} (recon "
-                                f"{te['recon']:.4g}, kl {te['kl']:.4g}), so training stopped; "
-                                f"{self.saved()}; try a lower --lr (now {args.lr:g}) or --grad_clip 10.", 3)
-            r = dict(epoch=epoch, beta=beta, **{f"train_{k}": v for k, v in tr.items()}, test_loss=te["loss"],
-                     test_recon=te["recon"], test_kl=te["kl"], test_active_units=te["active_units"],
-                     seconds=time.perf_counter() - t0, images_per_sec=len(self.train_x) / train_seconds)
+            if not all(
+                map(math.isfinite, (te["loss"], te["recon"], te["kl"]))
+            ):  # the last step diverged
+                raise UserError(
+                    f"the test loss became non-finite after epoch {epoch} (recon "
+                    f"{te['recon']:.4g}, kl {te['kl']:.4g}), so training stopped; "
+                    f"{self.saved()}; try a lower --lr (now {args.lr:g}) or --grad_clip 10.",
+                    3,
+                )
+            r = dict(
+                epoch=epoch,
+                beta=beta,
+                **{f"train_{k}": v for k, v in tr.items()},
+                test_loss=te["loss"],
+                test_recon=te["recon"],
+                test_kl=te["kl"],
+                test_active_units=te["active_units"],
+                seconds=time.perf_counter() - t0,
+                images_per_sec=len(self.train_x) / train_seconds,
+            )
             self.history.append(r)
-            print(f"epoch {epoch:3d}/{args.epochs} | beta {beta:.3f} | train loss {r['train_loss']:8.3f} "
-                  f"recon {r['train_recon']:8.3f} kl {r['train_kl']:7.3f} | test loss {r['test_loss']:8.3f} "
-                  f"recon {r['test_recon']:8.3f} kl {r['test_kl']:7.3f} | AU {r['test_active_units']:3d} | "
-                  f"{r['seconds']:6.2f} s {r['images_per_sec']:7.0f} img/s", flush=True)
+            print(
+                f"epoch {epoch:3d}/{args.epochs} | beta {beta:.3f} | train loss {r['train_loss']:8.3f} "
+                f"recon {r['train_recon']:8.3f} kl {r['train_kl']:7.3f} | test loss {r['test_loss']:8.3f} "
+                f"recon {r['test_recon']:8.3f} kl {r['test_kl']:7.3f} | AU {r['test_active_units']:3d} | "
+                f"{r['seconds']:6.2f} s {r['images_per_sec']:7.0f} img/s",
+                flush=True,
+            )
             if warning := collapse_warning(te["kl"], te["active_units"], len(self.test_x)):
                 print(warning, flush=True)
             if epoch in (1, 5, 15, args.epochs):
-                save_reconstructions(self.model, fixed, os.path.join(args.out_dir, f"reconstructions_epoch"
-                                     f"{epoch:03d}.png"), None if self.test_y is None else self.test_y[:16])
+                save_reconstructions(
+                    self.model,
+                    fixed,
+                    os.path.join(args.out_dir, f"reconstructions_epoch{epoch:03d}.png"),
+                    None if self.test_y is None else self.test_y[:16],
+                )
             save_csv(self.history, os.path.join(args.out_dir, "metrics.csv"))
             cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-            save_checkpoint(os.path.join(args.out_dir, "checkpoint.pt"), self.model, self.optimizer,
-                            epoch=epoch, config=self.config, history=self.history,
-                            rng=dict(cpu=torch.get_rng_state(), cuda=cuda))
+            save_checkpoint(
+                os.path.join(args.out_dir, "checkpoint.pt"),
+                self.model,
+                self.optimizer,
+                epoch=epoch,
+                config=self.config,
+                history=self.history,
+                rng=dict(cpu=torch.get_rng_state(), cuda=cuda),
+            )
             self.saved_epoch = epoch
 
 
@@ -1516,19 +1955,28 @@ def train(args, explicit=()):
         refuse_other_run(args.out_dir, args.overwrite)
     device = select_device(args.device, args.deterministic)
     rank, world, device = init_distributed(device)
-    main_thread = threading.current_thread() is threading.main_thread()  # only it can set signal handlers
+    main_thread = (
+        threading.current_thread() is threading.main_thread()
+    )  # only it can set signal handlers
     on_sigterm = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None
     try:
-        with contextlib.redirect_stdout(sys.stdout if rank == 0 else io.StringIO()):  # rank 0 speaks for all
+        with contextlib.redirect_stdout(
+            sys.stdout if rank == 0 else io.StringIO()
+        ):  # rank 0 speaks for all
             torch.manual_seed(args.seed + rank)  # rank 0 draws what a single process would
             run = Run(args, device, rank, world, model, state)
             try:
                 run.fit()
-            except KeyboardInterrupt as e:  # every file is written atomically: the last checkpoint is whole
+            except (
+                KeyboardInterrupt
+            ) as e:  # every file is written atomically: the last checkpoint is whole
                 signum = e.args[0] if e.args else signal.SIGINT
                 hint = f"; continue with: python vae.py --resume --out_dir {args.out_dir}"
-                raise UserError(f"stopped by {signal.Signals(signum).name} in epoch {len(run.history) + 1}; "
-                                f"{run.saved()}{hint if run.saved_epoch else ''}", 128 + signum) from None
+                raise UserError(
+                    f"stopped by {signal.Signals(signum).name} in epoch {len(run.history) + 1}; "
+                    f"{run.saved()}{hint if run.saved_epoch else ''}",
+                    128 + signum,
+                ) from None
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, on_sigterm)
@@ -1536,14 +1984,31 @@ def train(args, explicit=()):
             dist.destroy_process_group()
     if rank == 0:  # the final evaluation on the whole test set, by one process
         plot_losses(run.history, os.path.join(args.out_dir, "loss_curves.png"))
-        report(run.model, run.test_x, run.labels, run.config, args.out_dir, args.nll_samples,
-               extra=dict(epoch=run.history[-1]["epoch"]), classes=run.classes)
+        report(
+            run.model,
+            run.test_x,
+            run.labels,
+            run.config,
+            args.out_dir,
+            args.nll_samples,
+            extra=dict(epoch=run.history[-1]["epoch"]),
+            classes=run.classes,
+        )
     return run.model.eval(), run.history
 
 
 # The flags that checkpoint mode uses; it names any other flag given as ignored.
-CHECKPOINT_FLAGS = {"checkpoint", "data_dir", "out_dir", "nll_samples", "interpolate", "device", "seed",
-                    "deterministic", "overwrite"}
+CHECKPOINT_FLAGS = {
+    "checkpoint",
+    "data_dir",
+    "out_dir",
+    "nll_samples",
+    "interpolate",
+    "device",
+    "seed",
+    "deterministic",
+    "overwrite",
+}
 
 
 def evaluate_checkpoint(args, explicit=()):
@@ -1553,12 +2018,17 @@ def evaluate_checkpoint(args, explicit=()):
     (default: eval/ beside the checkpoint). Returns the results' dict."""
     ignored = sorted(f"--{k}" for k in set(explicit) - CHECKPOINT_FLAGS)
     if ignored:
-        print(f"note: --checkpoint evaluates the saved model as it was trained, so it ignores "
-              f"{', '.join(ignored)}", flush=True)
+        print(
+            f"note: --checkpoint evaluates the saved model as it was trained, so it ignores "
+            f"{', '.join(ignored)}",
+            flush=True,
+        )
     out_dir = args.out_dir or os.path.join(os.path.dirname(args.checkpoint), "eval")
     if {"checkpoint.pt", "metrics.csv"} & set(run_files(out_dir)):  # not even with --overwrite
-        raise UserError(f"'{out_dir}' holds a training run, which an evaluation must not change; leave "
-                        f"--out_dir out (eval/ beside the checkpoint) or choose another folder.")
+        raise UserError(
+            f"'{out_dir}' holds a training run, which an evaluation must not change; leave "
+            f"--out_dir out (eval/ beside the checkpoint) or choose another folder."
+        )
     refuse_other_run(out_dir, args.overwrite, training=False)
     device = select_device(args.device, args.deterministic)
     torch.manual_seed(args.seed)
@@ -1567,17 +2037,34 @@ def evaluate_checkpoint(args, explicit=()):
     if "interpolate" in explicit:
         config["interpolate"] = args.interpolate
     if args.nll_samples > 0 and config["recon"] != "bce":
-        raise UserError(f"--nll_samples needs a model trained with --recon bce, the Bernoulli likelihood; "
-                        f"this checkpoint used --recon {config['recon']}.")
+        raise UserError(
+            f"--nll_samples needs a model trained with --recon bce, the Bernoulli likelihood; "
+            f"this checkpoint used --recon {config['recon']}."
+        )
     dataset = config["dataset"]
-    data_dir = args.data_dir or config["data_dir"] or ("./mnist" if dataset == "mnist" else "./data")
-    data = load_dataset(dataset, data_dir, config["image_size"], config["channels"], config["binarize"])
+    data_dir = (
+        args.data_dir or config["data_dir"] or ("./mnist" if dataset == "mnist" else "./data")
+    )
+    data = load_dataset(
+        dataset, data_dir, config["image_size"], config["channels"], config["binarize"]
+    )
     check_classes(model, data["classes"], data_dir)
     lock = prepare_output_dir(out_dir, args.overwrite, training=False)  # noqa: F841 (held while it writes)
-    print(f"{type(model).__name__} from {args.checkpoint} (epoch {state.get('epoch', '?')}), device "
-          f"{device}, writing to {out_dir}", flush=True)
-    return report(model, data["test_x"].to(device), data["test_y"], config, out_dir, args.nll_samples,
-                  extra=dict(checkpoint=args.checkpoint, epoch=state.get("epoch")), classes=data["classes"])
+    print(
+        f"{type(model).__name__} from {args.checkpoint} (epoch {state.get('epoch', '?')}), device "
+        f"{device}, writing to {out_dir}",
+        flush=True,
+    )
+    return report(
+        model,
+        data["test_x"].to(device),
+        data["test_y"],
+        config,
+        out_dir,
+        args.nll_samples,
+        extra=dict(checkpoint=args.checkpoint, epoch=state.get("epoch")),
+        classes=data["classes"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1590,12 +2077,14 @@ def evaluate_checkpoint(args, explicit=()):
 
 def _number(kind, low, high):
     """An argparse type: a number of `kind` (int or float) from low to high."""
+
     def parse(text):
         with contextlib.suppress(ValueError):  # not a number
             if low <= kind(text) <= high:  # also false for nan
                 return kind(text)
         what = "an integer" if kind is int else "a number"
         raise argparse.ArgumentTypeError(f"expected {what} from {low} to {high}, got '{text}'")
+
     parse.range = f"{low} to {high}"  # for --help
     return parse
 
@@ -1611,42 +2100,84 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser():
     """The command line: every flag with its default and range, in one place (README.md says more)."""
-    p = argparse.ArgumentParser(prog="vae.py", formatter_class=HelpFormatter, allow_abbrev=False,
-                                description="Train a variational autoencoder on MNIST, another dataset or "
-                                "your own images and write its figures, or evaluate a saved one "
-                                "(--checkpoint). Under torchrun, on several processes.")
+    p = argparse.ArgumentParser(
+        prog="vae.py",
+        formatter_class=HelpFormatter,
+        allow_abbrev=False,
+        description="Train a variational autoencoder on MNIST, another dataset or "
+        "your own images and write its figures, or evaluate a saved one "
+        "(--checkpoint). Under torchrun, on several processes.",
+    )
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default="mnist", help="or folder: your images")
     g.add_argument("--data_dir", help="default ./mnist, ./data for the others")
-    g.add_argument("--image_size", type=int, choices=IMAGE_SIZES, help="default: the dataset's; folder: 64")
-    g.add_argument("--channels", type=int, choices=(1, 3), help="default: the dataset's own, 3 for a folder")
+    g.add_argument(
+        "--image_size", type=int, choices=IMAGE_SIZES, help="default: the dataset's; folder: 64"
+    )
+    g.add_argument(
+        "--channels", type=int, choices=(1, 3), help="default: the dataset's own, 3 for a folder"
+    )
     g.add_argument("--binarize", action="store_true", help="the binary likelihood protocol")
     g = p.add_argument_group("model and objective")
     g.add_argument("--model", choices=("conv", "mlp"), default="conv", help="ConvVAE or MLPVAE")
     g.add_argument("--latent_dim", type=_number(int, 1, 4096), default=32, help="size of z")
-    g.add_argument("--width", type=_number(int, 1, 1024), default=32, help="conv: 1st block; MLP: 16x, 8x")
-    g.add_argument("--recon", choices=("bce", "mse"), default="bce", help="Bernoulli, or unit Gaussian")
-    g.add_argument("--beta", type=_number(float, 0.0, 10000.0), default=1.0, help="KL weight; 1 is the ELBO")
-    g.add_argument("--kl_warmup", type=_number(int, 0, 100000), default=0, help="epochs of rising beta")
-    g.add_argument("--free_bits", type=_number(float, 0.0, 100.0), default=0.0, help="nats per latent dim")
+    g.add_argument(
+        "--width", type=_number(int, 1, 1024), default=32, help="conv: 1st block; MLP: 16x, 8x"
+    )
+    g.add_argument(
+        "--recon", choices=("bce", "mse"), default="bce", help="Bernoulli, or unit Gaussian"
+    )
+    g.add_argument(
+        "--beta", type=_number(float, 0.0, 10000.0), default=1.0, help="KL weight; 1 is the ELBO"
+    )
+    g.add_argument(
+        "--kl_warmup", type=_number(int, 0, 100000), default=0, help="epochs of rising beta"
+    )
+    g.add_argument(
+        "--free_bits", type=_number(float, 0.0, 100.0), default=0.0, help="nats per latent dim"
+    )
     g.add_argument("--conditional", action="store_true", help="a conditional VAE (labels)")
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=_number(int, 0, 100000), default=30, help="passes over the data")
-    g.add_argument("--batch_size", type=_number(int, 1, 65536), default=128, help="of all processes")
-    g.add_argument("--lr", type=_number(float, 1e-08, 10.0), default=1e-3, help="Adam's learning rate")
+    g.add_argument(
+        "--epochs", type=_number(int, 0, 100000), default=30, help="passes over the data"
+    )
+    g.add_argument(
+        "--batch_size", type=_number(int, 1, 65536), default=128, help="of all processes"
+    )
+    g.add_argument(
+        "--lr", type=_number(float, 1e-08, 10.0), default=1e-3, help="Adam's learning rate"
+    )
     g.add_argument("--seed", type=_number(int, 0, 4294967295), default=0, help="random seed")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: best")
-    g.add_argument("--cuda_graph", choices=("auto", "off"), default="auto", help="auto: on for CUDA")
-    g.add_argument("--grad_clip", type=_number(float, 0.0, 1e6), default=0.0, help="max gradient norm")
-    g.add_argument("--deterministic", action="store_true", help="repeatable CUDA runs, slower (CPU runs are)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its checkpoint")
+    g.add_argument(
+        "--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: best"
+    )
+    g.add_argument(
+        "--cuda_graph", choices=("auto", "off"), default="auto", help="auto: on for CUDA"
+    )
+    g.add_argument(
+        "--grad_clip", type=_number(float, 0.0, 1e6), default=0.0, help="max gradient norm"
+    )
+    g.add_argument(
+        "--deterministic", action="store_true", help="repeatable CUDA runs, slower (CPU runs are)"
+    )
+    g.add_argument(
+        "--resume", action="store_true", help="continue the run in --out_dir from its checkpoint"
+    )
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out_dir")
     g = p.add_argument_group("evaluation and outputs")
-    g.add_argument("--nll_samples", type=_number(int, 0, 100000), default=0, help="K for the test NLL")
+    g.add_argument(
+        "--nll_samples", type=_number(int, 0, 100000), default=0, help="K for the test NLL"
+    )
     g.add_argument("--checkpoint", metavar="PATH", help="evaluate this saved model; no training")
     g.add_argument("--out_dir", help="default runs/<model>, and eval/ beside a --checkpoint")
-    g.add_argument("--interpolate", type=_number(int, 0, 100000), nargs=2, default=[4, 9], metavar=("A", "B"),
-                   help="the two classes of interpolation.png")
+    g.add_argument(
+        "--interpolate",
+        type=_number(int, 0, 100000),
+        nargs=2,
+        default=[4, 9],
+        metavar=("A", "B"),
+        help="the two classes of interpolation.png",
+    )
     return p
 
 
@@ -1655,12 +2186,16 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume and (args.overwrite or args.checkpoint):
-        parser.error("--resume continues the run in --out_dir: it goes with neither --overwrite nor "
-                     "--checkpoint")
+        parser.error(
+            "--resume continues the run in --out_dir: it goes with neither --overwrite nor "
+            "--checkpoint"
+        )
     if args.checkpoint is None and args.epochs == 0:
         parser.error("--epochs 0 trains nothing; to evaluate a saved model, give --checkpoint PATH")
     if args.nll_samples > 0 and args.recon != "bce" and args.checkpoint is None:
-        parser.error("--nll_samples needs --recon bce: the NLL is defined for the Bernoulli likelihood only")
+        parser.error(
+            "--nll_samples needs --recon bce: the NLL is defined for the Bernoulli likelihood only"
+        )
     if args.checkpoint is None:
         args.out_dir = args.out_dir or os.path.join("runs", args.model)
         if args.data_dir is None and args.dataset == "folder" and not args.resume:
@@ -1677,22 +2212,33 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     words = {w.split("=")[0] for w in argv if w.startswith("--")}
-    explicit = {a.dest for a in build_parser()._actions if words & set(a.option_strings)}  # flags written out
+    explicit = {
+        a.dest for a in build_parser()._actions if words & set(a.option_strings)
+    }  # flags written out
     try:
         return evaluate_checkpoint(args, explicit) if args.checkpoint else train(args, explicit)[1]
     except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the other processes would say it again
+        if (
+            int(os.environ.get("RANK", "0")) == 0
+        ):  # under torchrun the other processes would say it again
             print(f"vae.py: error: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt:  # outside the training loop
         print("vae.py: interrupted.", file=sys.stderr)
         raise SystemExit(130) from None
     except OSError as e:  # e.g. a full disk while writing a figure
-        print(f"vae.py: error: {e.strerror or e} ({e.filename or 'no file name'}).", file=sys.stderr)
+        print(
+            f"vae.py: error: {e.strerror or e} ({e.filename or 'no file name'}).", file=sys.stderr
+        )
         raise SystemExit(1) from None
-    except torch.OutOfMemoryError:  # the images, the model or a batch: the last checkpoint is intact
-        print("vae.py: error: the GPU ran out of memory; use a smaller --batch_size, --image_size or "
-              "--width.", file=sys.stderr)
+    except (
+        torch.OutOfMemoryError
+    ):  # the images, the model or a batch: the last checkpoint is intact
+        print(
+            "vae.py: error: the GPU ran out of memory; use a smaller --batch_size, --image_size or "
+            "--width.",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
 
 
