@@ -2,9 +2,10 @@
 vae.py: a Variational Autoencoder in one file, to read, to copy and to run.
 
 Part 1 is the VAE: models, loss, a training step and loop, evaluation, the log-likelihood,
-sampling and interpolation. It needs only torch: copy it alone and you have a working VAE.
-Part 2, from the line "# Part 2:", is the tool around it: datasets, the GPU fast path, several
-GPUs, checkpoints, figures, the command line. README.md has the commands, pictures and results.
+sampling, interpolation, saving and loading. It needs only torch: copy it alone and you have a
+working VAE. Part 2, from the line "# Part 2:", is the tool around it: datasets, the GPU fast
+path, several GPUs, checkpoints, figures, the command line. README.md has the commands, pictures
+and results.
 
     python vae.py --data_dir ./mnist --epochs 30 --beta 0.5     # train on MNIST
     python vae.py --help                                        # every flag
@@ -12,17 +13,19 @@ GPUs, checkpoints, figures, the command line. README.md has the commands, pictur
 
 The model (Kingma & Welling 2013). An image x is generated from a code z of latent_dim
 numbers: z ~ p(z) = N(0, I), then x ~ p(x|z), a decoder network giving each pixel's
-probability. The posterior p(z|x) has no closed form (it needs an integral over all z), so an
+distribution. The posterior p(z|x) has no closed form (it needs an integral over all z), so an
 encoder network approximates it by q(z|x) = N(mu(x), diag(exp(logvar(x)))), logvar = log sigma^2.
-Both are trained by maximising, for each image, the evidence lower bound (ELBO) on its log-likelihood:
+Both are trained by maximising, for each image, the evidence lower bound (ELBO) on its
+log-likelihood:
 
     log p(x) >= ELBO(x) = E_q(z|x)[log p(x|z)] - KL(q(z|x) || p(z))
 
-KL is the Kullback-Leibler divergence, E_q[log q(z|x) - log p(z)] >= 0: how far q is from the prior.
-We minimise loss = recon + beta * kl: recon = -log p(x|z) for one z ~ q(z|x) (an unbiased
+KL is the Kullback-Leibler divergence, E_q[log q(z|x) - log p(z)] >= 0: how far q is from the
+prior. We minimise loss = recon + beta * kl: recon = -log p(x|z) for one z ~ q(z|x) (an unbiased
 estimate of minus the first term), kl the second in closed form, both in nats per image (natural
-logarithms; divide by ln 2 for bits). beta = 1 is the negative ELBO; another beta is the beta-VAE
-of Higgins et al. (2017), not a bound.
+logarithms; divide by ln 2 for bits). With beta = 1 the loss is the negative ELBO, an upper bound
+on -log p(x); beta > 1 (the beta-VAE of Higgins et al. 2017) is a looser bound, since KL >= 0;
+beta < 1 is no bound at all.
 
 References: Kingma & Welling, "Auto-Encoding Variational Bayes", 2013, arXiv:1312.6114;
 Higgins et al., "beta-VAE: Learning Basic Visual Concepts with a Constrained Variational
@@ -51,7 +54,8 @@ import torch.nn.functional as F
 ##   decode(z) -> x_hat             x_hat: (B, C, H, W) in [0, 1], the mean of p(x|z)
 ##   forward(x) -> (x_hat, mu, logvar);   sample(n) -> n images decoded from z ~ N(0, I)
 ## The decoder ends in logits, and the loss takes those (decode_logits): cross-entropy after
-## a sigmoid that has rounded to 0 or 1 is clipped and loses its gradient; from logits it is exact.
+## a sigmoid that has rounded to 0 or 1 is clipped and loses its gradient; from the logits it
+## is computed stably, without that rounding.
 
 ## Why the encoder predicts logvar = log sigma^2 and not sigma: a linear layer outputs any
 ## real number, and sigma must be positive. exp(logvar) is positive for every output, a step
@@ -82,8 +86,8 @@ def in_eval_mode(fn):
 class VAE(nn.Module):
     """What every VAE here shares. A subclass builds `encoder`: x -> features h (B, n_h), `fc_mu`
     and `fc_logvar`: (B, n_h + num_classes) -> (B, latent_dim), `decoder`: z (B, latent_dim +
-    num_classes) -> logits (B, C, H, W), and keeps its constructor's arguments, as plain Python values, in
-    `model_args`: a checkpoint rebuilds the model as `type(model)(**model.model_args)`.
+    num_classes) -> logits (B, C, H, W), and keeps its constructor's arguments, as plain Python
+    values, in `model_args`: `load_model` rebuilds the model as `type(model)(**model.model_args)`.
 
     Conditional VAE (Sohn, Lee & Yan 2015, Sec. 3), when num_classes > 0: the encoder
     q(z|x, y) and the decoder p(x|z, y) also see the one-hot label y, appended to the
@@ -96,10 +100,12 @@ class VAE(nn.Module):
         super().__init__()
         if min(image_size, channels, latent_dim) < 1 or num_classes < 0:
             raise ValueError(
-                f"image_size, channels and latent_dim must be positive and num_classes "
-                f">= 0, got {image_size}, {channels}, {latent_dim} and {num_classes}"
+                f"image_size, channels and latent_dim must be positive and num_classes >= 0, "
+                f"got {image_size}, {channels}, {latent_dim} and {num_classes}"
             )
-        self.image_size, self.channels, self.latent_dim = image_size, channels, latent_dim
+        self.image_size = image_size
+        self.channels = channels
+        self.latent_dim = latent_dim
         self.num_classes = num_classes
 
     def with_label(self, h, y):
@@ -109,9 +115,7 @@ class VAE(nn.Module):
             return h
         if y is None:
             raise ValueError("this conditional VAE needs the class labels y")
-        onehot = (
-            y if y.is_floating_point() else F.one_hot(y.long(), self.num_classes)
-        )  # (B, num_classes)
+        onehot = y if y.is_floating_point() else F.one_hot(y.long(), self.num_classes)  # (B, K)
         return torch.cat([h, onehot.to(h.dtype)], dim=1)
 
     def encode(self, x, y=None):
@@ -119,16 +123,17 @@ class VAE(nn.Module):
         h = self.with_label(self.encoder(x), y)  # (B, n_h + num_classes)
         return self.fc_mu(h), self.fc_logvar(h).clamp(*LOGVAR_RANGE)
 
-    def reparameterize(self, mu, logvar):
+    def reparameterize(self, mu, logvar, generator=None):
         """Draw z ~ N(mu, exp(logvar)) as z = mu + sigma * eps, eps ~ N(0, I); (B, latent_dim).
 
         The reparameterization trick (Kingma & Welling 2013, Sec. 2.4): the randomness is in
         eps, which does not depend on the encoder, so z is a differentiable function of mu and
         logvar and the gradient reaches the encoder. It samples in eval mode too: the test
-        ELBO is an expectation over q(z|x), like the training one.
+        ELBO is an expectation over q(z|x), like the training one. generator: a torch.Generator
+        on mu's device for eps (evaluation passes its own); None draws from the global one.
         """
         std = torch.exp(0.5 * logvar)  # sigma = sqrt(exp(logvar))
-        eps = torch.randn_like(std)
+        eps = torch.randn(std.shape, generator=generator, device=std.device, dtype=std.dtype)
         return mu + std * eps
 
     def decode_logits(self, z, y=None):
@@ -154,7 +159,10 @@ class VAE(nn.Module):
     def sample(self, n, y=None, generator=None):
         """n images decoded from z ~ N(0, I) (labels y (n,) if conditional): (n, C, H, W) in [0, 1],
         without gradients; generator: a torch.Generator on the model's device, for repeatable draws.
-        The model's mode and buffers are left as they were."""
+
+        Each image is the decoder's mean E[x|z], not a draw x ~ p(x|z): the pixels are independent
+        given z, so a draw adds salt-and-pepper noise that shows the likelihood's noise rather than
+        what z encodes. The model's mode and buffers are left as they were."""
         device = next(self.parameters()).device
         z = torch.randn(n, self.latent_dim, device=device, generator=generator)
         return self.decode(z, y)
@@ -186,14 +194,16 @@ class ConvVAE(VAE):
             base_channels=base_channels,
             num_classes=num_classes,
         )
-        side, widths = image_size, []
+        side = image_size
+        widths = []
         while side % 2 == 0 and side > 7:  # at least twice, since image_size % 4 == 0
             side //= 2
             widths.append(min(base_channels * 2 ** len(widths), 256))
         self.feature_shape = (widths[-1], side, side)
         features = math.prod(self.feature_shape)
 
-        enc, c_in = [], channels
+        enc = []
+        c_in = channels
         for w in widths:
             enc += [
                 nn.Conv2d(c_in, w, 4, stride=2, padding=1, bias=False),  # (B, w, S/2, S/2)
@@ -208,22 +218,20 @@ class ConvVAE(VAE):
         dec = [
             nn.Linear(latent_dim + num_classes, features),
             nn.LeakyReLU(0.2),
-            nn.Unflatten(1, self.feature_shape),
-        ]  # (B, w_last, side, side)
+            nn.Unflatten(1, self.feature_shape),  # (B, w_last, side, side)
+        ]
         for w_in, w_out in zip(widths[::-1], widths[-2::-1]):
             dec += [
                 nn.ConvTranspose2d(w_in, w_out, 4, stride=2, padding=1, bias=False),  # side x 2
                 nn.BatchNorm2d(w_out),
                 nn.LeakyReLU(0.2),
             ]
-        dec += [
-            nn.ConvTranspose2d(widths[0], channels, 4, stride=2, padding=1)
-        ]  # (B, C, H, W) logits
+        dec.append(nn.ConvTranspose2d(widths[0], channels, 4, stride=2, padding=1))  # logits
         self.decoder = nn.Sequential(*dec)
 
 
 class MLPVAE(VAE):
-    """Fully connected VAE: P -> hidden[0] -> hidden[1] ... -> latent_dim and back, P = C * H * W pixels.
+    """Fully connected VAE: P -> hidden[0] -> hidden[1] ... -> latent_dim and back, P = C * H * W.
 
     image_size: H = W, any; channels: C; latent_dim: size of z; hidden: the encoder's layer
     widths, reversed in the decoder; num_classes: K > 0 for a conditional VAE (see `VAE`).
@@ -239,22 +247,21 @@ class MLPVAE(VAE):
             num_classes=num_classes,
         )
         pixels = channels * image_size * image_size
-        enc, n_in = [nn.Flatten()], pixels  # (B, C, H, W) -> (B, P)
+        enc = [nn.Flatten()]  # (B, C, H, W) -> (B, P)
+        n_in = pixels
         for h in hidden:
             enc += [nn.Linear(n_in, h), nn.ReLU()]
             n_in = h
         self.encoder = nn.Sequential(*enc)
         self.fc_mu = nn.Linear(n_in + num_classes, latent_dim)
         self.fc_logvar = nn.Linear(n_in + num_classes, latent_dim)
-        dec, n_in = [], latent_dim + num_classes
+        dec = []
+        n_in = latent_dim + num_classes
         for h in reversed(hidden):
             dec += [nn.Linear(n_in, h), nn.ReLU()]
             n_in = h
-        dec += [
-            nn.Linear(n_in, pixels),
-            nn.Unflatten(1, (channels, image_size, image_size)),
-        ]  # logits
-        self.decoder = nn.Sequential(*dec)
+        dec += [nn.Linear(n_in, pixels), nn.Unflatten(1, (channels, image_size, image_size))]
+        self.decoder = nn.Sequential(*dec)  # ends in logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,6 +274,26 @@ class MLPVAE(VAE):
 ## the data, which keeps the loss in nats per image whatever the batch size. Averaging the
 ## reconstruction over pixels instead would shrink it 784-fold against the KL: the same as
 ## a beta of 784, the usual origin of an unexplained tiny KL weight in VAE code.
+
+
+def to_float(images):
+    """uint8 images in [0, 255] -> float32 in [0, 1]; float images are returned as they are.
+
+    Every Part 1 function that takes images takes either kind. Raises ValueError for float
+    images outside [0, 1] (0-255 floats, say: under a Bernoulli likelihood the loss then has no
+    lower bound and the logits run off to infinity). Checked on the CPU only: on a GPU, reading
+    the result would make every step wait.
+    """
+    if images.dtype == torch.uint8:
+        return images.float().div_(255)
+    if images.device.type == "cpu" and images.numel():
+        low, high = torch.aminmax(images)  # one pass
+        if low < 0 or high > 1:
+            raise ValueError(
+                f"images must be uint8 in [0, 255] or floats in [0, 1], got floats from "
+                f"{low.item():g} to {high.item():g}; divide 0-255 images by 255"
+            )
+    return images
 
 
 def kl_per_dimension(mu, logvar):
@@ -288,27 +315,36 @@ def kl_divergence(mu, logvar):
     return kl_per_dimension(mu, logvar).sum(-1)
 
 
-def reconstruction_loss(recon_logits, x, recon="bce"):
+def reconstruction_loss(recon_logits, x, likelihood="bernoulli", sigma=0.1):
     """-log p(x|z) for one z, in nats per image: logits and x (B, C, H, W) -> (B,).
 
-    recon='bce': each pixel Bernoulli with mean sigmoid(logit) (Kingma & Welling 2013,
-        Appendix C.1), computed from the logits for stability. x in [0, 1]; it is a
-        normalised likelihood only for binary x (see `get_batch`).
-    recon='mse': each pixel Gaussian with mean sigmoid(logit) and unit variance, without
-        the constant 0.5 * log(2 pi) per pixel: 0.5 * squared error.
-    Raises ValueError when recon is neither.
+    likelihood='bernoulli': each pixel Bernoulli with mean sigmoid(logit) (Kingma & Welling
+        2013, Appendix C.1), computed from the logits for stability. A probability only for
+        binary x: on grey pixels it is a cross-entropy that compares runs, not a likelihood.
+    likelihood='gaussian': each pixel Normal(sigmoid(logit), sigma^2), one sigma for all
+        pixels: a density of continuous x, with its constant,
+            -log N(x; m, sigma^2) = (x - m)^2 / (2 sigma^2) + log sigma + 1/2 log(2 pi).
+        sigma acts like beta: loss = recon + kl = (1 / sigma^2) (1/2 sum (x - m)^2 +
+        sigma^2 kl) + const, a squared-error autoencoder whose KL weight is sigma^2. On [0, 1]
+        pixels sigma = 1 weighs the reconstruction so little that the KL wins and few latent
+        dimensions are used; a small sigma asks for sharp reconstructions. (A sigma learned
+        per pixel would have no floor on MNIST's always-black pixels: hence one, fixed.)
+    Raises ValueError when likelihood is neither.
     """
     logits = recon_logits.float()  # sum the pixels in float32, also for a bf16 model
-    if recon == "bce":
+    if likelihood == "bernoulli":
         per_pixel = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
-    elif recon == "mse":
-        per_pixel = 0.5 * (torch.sigmoid(logits) - x).pow(2)
+    elif likelihood == "gaussian":
+        per_pixel = (x - torch.sigmoid(logits)).pow(2) / (2 * sigma**2)
+        per_pixel = per_pixel + math.log(sigma) + 0.5 * math.log(2 * math.pi)
     else:
-        raise ValueError(f"recon must be 'bce' or 'mse', got '{recon}'")
+        raise ValueError(f"likelihood must be 'bernoulli' or 'gaussian', got '{likelihood}'")
     return per_pixel.flatten(1).sum(1)  # (B, C*H*W) -> (B,)
 
 
-def vae_loss(recon_logits, x, mu, logvar, beta=1.0, recon="bce", free_bits=0.0):
+def vae_loss(
+    recon_logits, x, mu, logvar, beta=1.0, likelihood="bernoulli", sigma=0.1, free_bits=0.0
+):
     """The negative (beta-)ELBO and its two parts, each averaged over the batch:
 
         loss = recon + beta * kl     (Kingma & Welling 2013, eq. 10; Higgins et al. 2017, eq. 4)
@@ -328,24 +364,18 @@ def vae_loss(recon_logits, x, mu, logvar, beta=1.0, recon="bce", free_bits=0.0):
         recon_logits: (B, C, H, W) decoder logits, `model(x, return_logits=True)[0]`. The
             images of `model(x)` are valid logits too, so they are not caught: the sigmoid
             is applied twice and the model learns grey blurs.
-        x: (B, C, H, W) float targets in [0, 1]. With 0-255 pixels the Bernoulli loss has no
-            lower bound and the logits run off to infinity: uint8 raises, and so, on the CPU,
-            do values outside [0, 1] (on a GPU the check would stall every step).
+        x: (B, C, H, W) targets, uint8 or floats in [0, 1] (see `to_float`).
         mu, logvar: (B, latent_dim) from `model.encode`.
-        beta: weight of the KL term, >= 0 (a float or a 0-dim tensor); 1 for the ELBO.
-        recon: 'bce' or 'mse', see `reconstruction_loss`.
-        free_bits: L >= 0, nats per latent dimension.
+        beta: weight of the KL term (a float or a 0-dim tensor); 1 for the ELBO.
+        likelihood, sigma: p(x|z), see `reconstruction_loss`.
+        free_bits: L, nats per latent dimension.
 
     Returns (loss, recon, kl): scalar tensors in nats per image; loss == recon + beta * kl
-    when free_bits is 0, and kl is always the true KL. Raises ValueError: x is uint8, or (on
-    the CPU) outside [0, 1]; recon is unknown.
+    when free_bits is 0, and kl is always the true KL. Raises ValueError: x out of range, an
+    unknown likelihood. beta and free_bits are not checked here, where they may be tensors
+    inside a CUDA graph: `beta_schedule` and `train_epoch` refuse negative ones.
     """
-    low, high = (
-        torch.aminmax(x) if x.device.type == "cpu" else (0, 1)
-    )  # one pass; a GPU is not asked
-    if x.dtype == torch.uint8 or low < 0 or high > 1:
-        raise ValueError("vae_loss needs targets x in [0, 1]; divide 0-255 images by 255")
-    rec = reconstruction_loss(recon_logits, x, recon).mean()
+    rec = reconstruction_loss(recon_logits, to_float(x), likelihood, sigma).mean()
     kl_dims = kl_per_dimension(mu, logvar).mean(0)  # (D,) batch means
     kl = kl_dims.sum()
     kl_term = kl_dims.clamp(min=free_bits).sum() if free_bits > 0 else kl
@@ -360,11 +390,6 @@ def vae_loss(recon_logits, x, mu, logvar, beta=1.0, recon="bce", free_bits=0.0):
 ## Kept as uint8 (4x smaller than float32), the images become floats a batch at a time.
 
 
-def to_float(images):
-    """uint8 images in [0, 255] -> float32 in [0, 1]; float images are returned as they are."""
-    return images.float().div_(255) if images.dtype == torch.uint8 else images
-
-
 def get_batch(images, idx, binarize=False):
     """images[idx] as floats (B, C, H, W) in [0, 1]. With binarize, each pixel is drawn as
     Bernoulli(intensity) afresh on every call: the dynamic binarization of Burda et al.
@@ -373,30 +398,36 @@ def get_batch(images, idx, binarize=False):
     return torch.bernoulli(x) if binarize else x
 
 
-def train_step(model, optimizer, x, beta=1.0, y=None, recon="bce", free_bits=0.0, grad_clip=0.0):
-    """One optimizer step on a batch x (B, C, H, W) in [0, 1] (labels y (B,) if conditional).
-
-    beta, recon, free_bits: see `vae_loss`. grad_clip > 0 first rescales the gradient to at
-    most that global L2 norm. Returns the detached (4,) tensor [recon + beta * kl, recon,
-    kl, gradient norm], nats per image, left on the device (reading it makes a GPU wait).
+def train_step(model, optimizer, x, beta=1.0, y=None, grad_clip=0.0, **loss_args):
+    """One optimizer step on a batch x (B, C, H, W), uint8 or in [0, 1] (labels y (B,) if
+    conditional). beta and **loss_args (likelihood, sigma, free_bits): see `vae_loss`.
+    grad_clip > 0 first rescales the gradient to at most that global L2 norm. Returns the
+    detached (4,) tensor [recon + beta * kl, recon, kl, gradient norm], nats per image, left on
+    the device (reading it makes a GPU wait).
     """
+    x = to_float(x)
     logits, mu, logvar = model(x, y, return_logits=True)
-    loss, rec, kl = vae_loss(logits, x, mu, logvar, beta, recon, free_bits)
+    loss, rec, kl = vae_loss(logits, x, mu, logvar, beta, **loss_args)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     # With max_norm = inf this only measures the norm, which a caller may check for inf or nan.
-    grad_norm = torch.nn.utils.clip_grad_norm_(
-        model.parameters(), grad_clip if grad_clip > 0 else math.inf
-    )
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     optimizer.step()
     return torch.stack([rec + beta * kl, rec, kl, grad_norm]).detach()
 
 
 def beta_schedule(epoch, beta, kl_warmup=0):
-    """The KL weight of a 1-based epoch: rising linearly from 0 at epoch 1 to `beta` at epoch
+    """The KL weight of epoch 1, 2, ...: rising linearly from 0 at epoch 1 to `beta` at epoch
     kl_warmup + 1, constant after (KL annealing, Bowman et al. 2016, Sec. 3.1). Starting with
-    a small KL weight lets the decoder learn to use z before the KL pulls q to the prior."""
-    if kl_warmup <= 0:
+    a small KL weight lets the decoder learn to use z before the KL pulls q to the prior.
+    Raises ValueError for an epoch under 1, or a negative beta or kl_warmup."""
+    if epoch < 1 or beta < 0 or kl_warmup < 0:
+        raise ValueError(
+            f"beta_schedule needs epoch >= 1 (epochs count from 1), beta >= 0 and kl_warmup >= 0, "
+            f"got {epoch}, {beta} and {kl_warmup}"
+        )
+    if kl_warmup == 0:
         return beta
     return beta * min(1.0, (epoch - 1) / kl_warmup)
 
@@ -420,15 +451,19 @@ def train_epoch(
             train_epoch(model, optimizer, images, beta=beta_schedule(epoch, beta, kl_warmup))
 
     images: (N, C, H, W) uint8, or float in [0, 1], on the model's device; labels: (N,) int64
-    there, for a conditional model; beta, binarize, **step_args (recon, free_bits, grad_clip):
-    see `train_step` and `get_batch`. Other code hooks in without changing this loop: `step`
-    replaces `train_step`, same signature (Part 2's CUDA graph); `order` the permutation of
-    range(N) (Part 2's share of a multi-process run); `on_step(i, stats)` runs after each step
-    i = 1, 2, ... (Part 2's progress bar and non-finite check).
+    there, for a conditional model; beta, binarize, **step_args (likelihood, sigma, free_bits,
+    grad_clip): see `train_step` and `get_batch`. Other code hooks in without changing this
+    loop: `step` replaces `train_step`, same signature (Part 2's CUDA graph); `order` the
+    permutation of range(N) (Part 2's share of a multi-process run); `on_step(i, stats)` runs
+    after each step i = 1, 2, ... (Part 2's progress bar and non-finite check).
 
     Returns the epoch's mean loss (recon + beta * kl, the free-bits floor aside), recon and kl: a
-    dict, nats per image.
+    dict, nats per image. Raises ValueError for a negative beta or free_bits.
     """
+    if beta < 0 or step_args.get("free_bits", 0) < 0:
+        raise ValueError(
+            f"beta and free_bits must be >= 0, got {beta} and {step_args.get('free_bits', 0)}"
+        )
     model.train()
     if order is None:
         order = torch.randperm(len(images), device=images.device)
@@ -448,73 +483,107 @@ def train_epoch(
 # ---------------------------------------------------------------------------------------------
 # Evaluation and generation
 #
-## `evaluate` gives the test loss, the same single-sample estimate as the training loss, and
-## what the latent space uses. `log_likelihood` gives the number the field compares models
-## by: an estimate of log p(x) itself, which tightens towards it as the samples K grow.
+## `evaluate` gives the test -ELBO, the same single-sample estimate as the training loss at
+## beta = 1, and what the latent space uses. `log_likelihood` gives the number the field
+## compares models by: an estimate of log p(x) itself, which tightens towards it as the samples
+## K grow. Both draw z from a torch.Generator of their own, seeded 0 unless one is passed: the
+## same weights give the same numbers, and evaluating never moves the training's random stream.
 
-ACTIVE_UNIT_THRESHOLD = (
-    0.01  # Burda et al. (2015), Sec. 5.2: unit u is active if Cov_x(E_q[z_u]) > 0.01
-)
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2015), Sec. 5.2: u is active if Cov_x(E_q[z_u]) > 0.01
+
+
+def own_generator(generator, device):
+    """`generator`, or a new torch.Generator on `device` seeded 0 when it is None."""
+    return generator if generator is not None else torch.Generator(device).manual_seed(0)
 
 
 @in_eval_mode
-def evaluate(model, images, beta=1.0, recon="bce", labels=None, batch_size=1000):
-    """Mean loss, recon and KL over a split, in eval mode, with z sampled from q(z|x).
+def evaluate(
+    model, images, labels=None, likelihood="bernoulli", sigma=0.1, generator=None, batch_size=1000
+):
+    """The test -ELBO, its recon and KL, over a split, in eval mode, with z sampled from q(z|x).
 
-    images: (N, C, H, W) uint8, or float in [0, 1], on the model's device; labels: (N,) there, for
-    a conditional model. Returns a dict: loss (recon + beta * kl), recon, kl: nats per image, the
-    mean over images; kl_per_dim: the same per latent dimension; mu_var: for each dimension u, the
-    variance of mu_u across images; active_units: how many dimensions have mu_var > 0.01.
+    images: (N, C, H, W) uint8, or float in [0, 1], on the model's device; labels: (N,) there,
+    for a conditional model; likelihood, sigma: p(x|z), see `reconstruction_loss`; generator:
+    for z (default: `own_generator`). Returns a dict: neg_elbo (recon + kl), recon, kl: nats
+    per image, the mean over images; kl_per_dim: the KL per latent dimension; mu_var: for
+    each dimension u, the variance of mu_u across images; active_units: how many dimensions
+    have mu_var > ACTIVE_UNIT_THRESHOLD.
     """
-    sums = torch.zeros(3, device=images.device)  # loss, recon, kl, summed over images
-    dims = torch.zeros(3, model.latent_dim, device=images.device)  # per dimension: sum mu, mu^2, KL
+    generator = own_generator(generator, images.device)
+    recon = torch.zeros((), device=images.device)  # summed over images
+    dims = torch.zeros(3, model.latent_dim, device=images.device)  # per dim: sum KL, mu, mu^2
     for start in range(0, len(images), batch_size):
         x = to_float(images[start : start + batch_size])
         y = None if labels is None else labels[start : start + batch_size]
-        logits, mu, logvar = model(x, y, return_logits=True)
-        sums += torch.stack(vae_loss(logits, x, mu, logvar, beta, recon)) * len(x)
-        dims += torch.stack([mu.sum(0), mu.pow(2).sum(0), kl_per_dimension(mu, logvar).sum(0)])
+        mu, logvar = model.encode(x, y)
+        z = model.reparameterize(mu, logvar, generator)
+        recon += reconstruction_loss(model.decode_logits(z, y), x, likelihood, sigma).sum()
+        dims += torch.stack([kl_per_dimension(mu, logvar).sum(0), mu.sum(0), mu.pow(2).sum(0)])
     n = len(images)
-    loss, rec, kl = (sums / n).tolist()
-    mu_var = (dims[1] / n - (dims[0] / n).pow(2)).clamp(min=0)  # Var_x(mu_u), (D,)
+    kl_per_dim, mu_mean, mu_sq = dims / n
+    mu_var = (mu_sq - mu_mean.pow(2)).clamp(min=0)  # Var_x(mu_u), (D,)
+    rec = recon.item() / n
+    kl = kl_per_dim.sum().item()
     return dict(
-        loss=loss,
+        neg_elbo=rec + kl,
         recon=rec,
         kl=kl,
-        kl_per_dim=(dims[2] / n).tolist(),
+        kl_per_dim=kl_per_dim.tolist(),
         mu_var=mu_var.tolist(),
         active_units=int((mu_var > ACTIVE_UNIT_THRESHOLD).sum()),
     )
 
 
 @in_eval_mode
-def log_likelihood(model, x, k, y=None, max_decodes=4096, log_px_given_z=None):
+def log_likelihood(
+    model,
+    x,
+    k,
+    y=None,
+    likelihood="bernoulli",
+    sigma=0.1,
+    generator=None,
+    max_decodes=4096,
+    log_px_given_z=None,
+):
     """Importance-weighted estimate of log p(x), in nats per image (Burda et al. 2015, eq. 8):
 
         log p(x) ~= log (1/K) sum_k w_k,   w_k = p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x)
 
-    Why it is a lower bound that tightens with K. p(x) = E_q[w] exactly (importance
-    sampling), and the log of an average is at least the average of the logs (Jensen, log
-    is concave), so
+    Why it is a lower bound, above the ELBO. p(x) = E_q[w] exactly (importance sampling),
+    and the log of an average is at least the average of the logs (Jensen, log is concave), so
         log p(x) = log E[(1/K) sum_k w_k] >= E[log (1/K) sum_k w_k]   (the estimate)
                                           >= E[(1/K) sum_k log w_k] = E_q[log w] = ELBO.
-    K = 1 is the ELBO. The gap in the first inequality comes from the randomness of the average
-    (1/K) sum_k w_k: its variance falls as 1/K, so the estimate rises with K (Burda et al., Thm. 1)
-    and reaches log p(x) as K -> infinity.
+    K = 1 is the ELBO. Why it rises with K (Burda et al., Thm. 1): the mean of K weights is the
+    average of the means of its subsets of K - 1, so by Jensen again the bound with K is at
+    least the bound with K - 1. And it reaches log p(x) as K -> infinity: the mean of the w_k
+    then converges to p(x) itself (for bounded w_k), and the first gap closes.
 
     Args:
         model: a module with `encode`, `decode_logits` and `latent_dim`; it runs in eval mode.
-        x: (B, C, H, W) in [0, 1], or uint8; binary for a true Bernoulli likelihood.
+        x: (B, C, H, W) uint8 or in [0, 1] (see `to_float`); binary for a true Bernoulli
+            likelihood.
         k: the number of importance samples, >= 1; decoded `max_decodes` images at a time.
-        y: (B,) labels for a conditional model, whose estimate is then of log p(x|y).
-        log_px_given_z: function (logits, x) -> (N,) log p(x|z); default Bernoulli.
+        y: (B,) integer or (B, num_classes) one-hot labels for a conditional model, whose
+            estimate is then of log p(x|y).
+        likelihood, sigma: p(x|z) as the model was trained with it (`reconstruction_loss`).
+        generator: for the z_k (default: `own_generator`).
+        log_px_given_z: a function (logits, x) -> (N,) log p(x|z) for a model of your own,
+            used instead of likelihood and sigma.
 
     Returns:
-        (B,) estimates of log p(x) in nats (negative numbers; the NLL is minus them).
+        (B,) estimates of log p(x) in nats (the NLL is minus them). Raises ValueError: x out
+        of range, an unknown likelihood.
     """
     if log_px_given_z is None:
-        log_px_given_z = lambda logits, target: -reconstruction_loss(logits, target, "bce")  # noqa: E731
-    x, b = to_float(x), len(x)
+
+        def log_px_given_z(logits, target):
+            return -reconstruction_loss(logits, target, likelihood, sigma)
+
+    x = to_float(x)
+    b = len(x)
+    generator = own_generator(generator, x.device)
     cond = () if y is None else (y,)  # so that a model with encode(x) and decode_logits(z) works
     mu, logvar = (t.float() for t in model.encode(x, *cond))  # (B, D)
     std = torch.exp(0.5 * logvar)
@@ -523,11 +592,10 @@ def log_likelihood(model, x, k, y=None, max_decodes=4096, log_px_given_z=None):
     log_w = []
     for start in range(0, k, chunk):
         n = min(chunk, k - start)
-        eps = torch.randn(n, b, model.latent_dim, device=x.device)
+        eps = torch.randn(n, b, model.latent_dim, device=x.device, generator=generator)
         z = mu + std * eps  # (n, B, D)
-        logits = model.decode_logits(
-            z.flatten(0, 1), *(c.repeat(n) for c in cond)
-        )  # (n*B, C, H, W)
+        labels = [torch.cat([c] * n) for c in cond]  # (n*B,) or (n*B, K), in z's order
+        logits = model.decode_logits(z.flatten(0, 1), *labels)  # (n*B, C, H, W)
         log_px_z = log_px_given_z(logits, x.repeat(n, 1, 1, 1)).view(n, b)
         log_pz = -0.5 * (z.pow(2) + log_2pi).sum(-1)  # log N(z; 0, I), (n, B)
         log_qz = -0.5 * (eps.pow(2) + logvar + log_2pi).sum(-1)  # log N(z; mu, sigma^2), (n, B)
@@ -537,22 +605,75 @@ def log_likelihood(model, x, k, y=None, max_decodes=4096, log_px_given_z=None):
 
 
 @in_eval_mode
+def reconstruct(model, x, y=None):
+    """Images x (B, C, H, W), uint8 or in [0, 1], decoded from their posterior means mu: (B, C,
+    H, W) in [0, 1]. The mean is the model's best single guess of z, so this shows what the code
+    keeps of each image; a random z ~ q(z|x) would add the posterior's noise to it."""
+    x = to_float(x)
+    return model.decode(model.encode(x, y)[0], y)
+
+
+@in_eval_mode
 def interpolate(model, x_a, x_b, steps=10, y_a=None, y_b=None):
     """Decode `steps` points on the line from mu(x_a) to mu(x_b): (steps, C, H, W) in [0, 1].
 
-    x_a, x_b: single images (C, H, W) in [0, 1], or uint8. The first and last images are
-    decode(mu(x_a)) and decode(mu(x_b)). A conditional model takes their labels y_a, y_b (ints),
-    and its one-hot label moves from y_a to y_b along with z.
+    x_a, x_b: single images, (C, H, W) or (1, C, H, W), uint8 or in [0, 1]. The first and last
+    images are decode(mu(x_a)) and decode(mu(x_b)). A conditional model takes their labels y_a,
+    y_b (ints), and its one-hot label moves from y_a to y_b along with z. ValueError when x_a
+    or x_b is not one image.
     """
+    ends = []
+    for x in (x_a, x_b):
+        if x.ndim == 4 and len(x) == 1:
+            x = x[0]
+        if x.ndim != 3:
+            raise ValueError(f"interpolate takes single images (C, H, W), got {tuple(x.shape)}")
+        ends.append(to_float(x))
     y = None
     if model.num_classes:
-        y = F.one_hot(
-            torch.tensor([y_a, y_b], device=x_a.device), model.num_classes
-        ).float()  # (2, K)
-    mu = model.encode(to_float(torch.stack([x_a, x_b])), y)[0]  # (2, D)
+        y = F.one_hot(torch.tensor([y_a, y_b], device=x_a.device), model.num_classes).float()
+    mu = model.encode(torch.stack(ends), y)[0]  # (2, D)
     t = torch.linspace(0, 1, steps, device=x_a.device).unsqueeze(1)  # (steps, 1)
     z = (1 - t) * mu[0] + t * mu[1]  # (steps, D)
-    return model.decode(z, None if y is None else (1 - t) * y[0] + t * y[1])
+    return model.decode(z, None if y is None else (1 - t) * y[0] + t * y[1])  # y: (steps, K)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading
+#
+## A saved model describes itself, as nanoGPT's checkpoints do: the file holds the class's name
+## and constructor arguments beside the weights, so `load_model` rebuilds it from the file alone.
+## torch.load(weights_only=True) reads tensors and plain values only: a pickle that carries Python
+## objects could run code when loaded, so it is refused.
+
+
+def save_model(file, model, **extra):
+    """Save model (a ConvVAE or MLPVAE) to `file` (a path or a binary file object) as a plain
+    dict: model_class, model_args, model (the weights), and the plain values of `extra`."""
+    state = dict(model_class=type(model).__name__, model_args=model.model_args)
+    torch.save(dict(state, model=model.state_dict(), **extra), file)
+
+
+def load_model(file, map_location="cpu"):
+    """The model of a `save_model` file, on map_location in eval mode, and the file's dict:
+    (model, state). Raises ValueError when the file is not one of `save_model` or its weights do
+    not fit the model it describes; torch.load's errors (no file, not a PyTorch file, a pickle
+    with code) pass through."""
+    state = torch.load(file, map_location=map_location, weights_only=True)
+    classes = {cls.__name__: cls for cls in (ConvVAE, MLPVAE)}
+    if not isinstance(state, dict) or state.get("model_class") not in classes:
+        raise ValueError(
+            "it names no model class of vae.py (its model_class is missing or unknown)"
+        )
+    try:
+        model = classes[state["model_class"]](**state["model_args"])
+        model.load_state_dict(state["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise ValueError(
+            f"its weights do not fit the {state['model_class']}({state.get('model_args')}) it "
+            f"describes ({type(e).__name__})"
+        ) from None
+    return model.to(map_location).eval(), state
 
 
 # =============================================================================================
@@ -978,8 +1099,9 @@ class CUDAGraphStep:
 
     On a GPU, an MNIST VAE's eager step is bound by the CPU launching its ~100 kernels one by one;
     a replay launches the whole step (forward, backward, Adam) at once ("whole-network capture" in
-    PyTorch's CUDA Graphs notes). A call copies its batch and beta into the graph's buffers (recon,
-    free_bits, grad_clip are fixed here); a batch of another size (an epoch's last) runs eagerly.
+    PyTorch's CUDA Graphs notes). A call copies its batch and beta into the graph's buffers (the
+    step_args likelihood, sigma, free_bits, grad_clip are fixed here); a batch of another size (an
+    epoch's last) runs eagerly.
     x, y: an example batch (B, C, H, W) on the GPU, and labels (B,) for a conditional model; the
     optimizer must be Adam(capturable=True). The warm-up steps that capture needs are undone.
     """
@@ -1093,7 +1215,7 @@ def save_csv(rows, path):
 
 RUN_FILES = re.compile(
     r"checkpoint\.pt|config\.json|metrics\.csv|evaluation\.json|per_class\.csv|\.tmp-.*|"
-    r"(reconstructions_epoch\d+|samples|samples_per_class|interpolation|loss_curves|"
+    r"(reconstructions(_epoch\d+)?|samples|samples_per_class|interpolation|loss_curves|"
     r"traversals|latent_distribution|class_means|latent_pca|recon_error_hist|best_worst|"
     r"manifold)\.png"
 )
@@ -1150,41 +1272,32 @@ def prepare_output_dir(out_dir, overwrite=False, resume=False, training=True):
 
 
 def save_checkpoint(path, model, optimizer=None, **extra):
-    """Save a self-describing checkpoint, atomically: a plain dict of the model's class name and
-    constructor arguments (`model_class`, `model_args`), its weights (`model`), the optimizer's
-    state if given, and the plain values of `extra` (a run adds epoch, config, history, rng), so
-    that `load_checkpoint` rebuilds the model from the file alone."""
-    state = dict(
-        model_class=type(model).__name__, model_args=model.model_args, model=model.state_dict()
-    )
-    state.update(extra)
+    """Part 1's `save_model`, atomically, with the optimizer's state if given and the plain values
+    of `extra` (a run adds epoch, config, history, rng)."""
     if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
-    buffer = (
-        io.BytesIO()
-    )  # torch's zip writer turns a full disk into an unclear RuntimeError; a file doesn't
-    torch.save(state, buffer)
+        extra["optimizer"] = optimizer.state_dict()
+    buffer = io.BytesIO()  # torch's zip writer turns a full disk into an unclear RuntimeError
+    save_model(buffer, model, **extra)
     _atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path, device="cpu"):
-    """Rebuild the model of a `save_checkpoint` file (a ConvVAE or MLPVAE of any size, conditional or
-    not): (model on `device` in eval mode, the checkpoint's dict). torch.load(weights_only=True) refuses
-    pickles that carry Python objects (they could run code when loaded). UserError, one sentence for
-    each way it can fail: no file, not a PyTorch file, a pickle with code, not vae.py's, a model it
-    cannot build or whose weights differ, a run's field that is missing or of the wrong type."""
+    """Part 1's `load_model` of a `save_checkpoint` file: (model on `device` in eval mode, the
+    checkpoint's dict). UserError, one sentence for each way it can fail: no file, not a PyTorch
+    file, a pickle with code, not vae.py's, a model whose weights do not fit, a run's field that
+    is missing or of the wrong type."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        model, state = load_model(path, device)
     except FileNotFoundError:
         raise UserError(f"there is no checkpoint at '{path}'.") from None
     except IsADirectoryError:
         raise UserError(
             f"'{path}' is a folder; give its checkpoint file, '{path}/checkpoint.pt'."
         ) from None
+    except ValueError as e:  # load_model's: a PyTorch file, but not one of save_model
+        raise UserError(f"'{path}' cannot be loaded as a model of vae.py: {e}.") from None
     except Exception as e:  # the unpickler fails in many ways on a file that is not a checkpoint
-        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(
-            e
-        ):  # it names code to import and run
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):  # code to import and run
             raise UserError(
                 f"'{path}' was refused: it holds Python objects beyond tensors and plain data, "
                 f"which could run code when loaded, and vae.py loads only with "
@@ -1194,27 +1307,9 @@ def load_checkpoint(path, device="cpu"):
             f"'{path}' is not a checkpoint written by vae.py (not a PyTorch file, "
             f"or a truncated one)."
         ) from None
-    if not isinstance(state, dict) or "model" not in state or "model_class" not in state:
-        raise UserError(
-            f"'{path}' is a PyTorch file but not a checkpoint written by vae.py: it names no "
-            f"model_class (an older vae.py's checkpoint does not; train it again with this one)."
-        )
-    try:
-        model = {"ConvVAE": ConvVAE, "MLPVAE": MLPVAE}[state["model_class"]](**state["model_args"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(
-            f"'{path}' describes no model vae.py can build ({type(e).__name__}: {e})."
-        ) from None
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, TypeError, AttributeError):
-        raise UserError(
-            f"'{path}' comes from an incompatible model: its weights do not fit the "
-            f"{type(model).__name__}({model.model_args}) that it describes."
-        ) from None
     if "config" in state:
         _check_run_state(state, model, path)
-    return model.to(device).eval(), state
+    return model, state
 
 
 def _check_run_state(state, model, path):
@@ -1244,7 +1339,7 @@ def _check_run_state(state, model, path):
         isinstance(history, list)
         and len(history) == state["epoch"]
         and all(
-            isinstance(row, dict) and {"epoch", "beta", "train_loss", "test_loss"} <= set(row)
+            isinstance(row, dict) and {"epoch", "beta", "train_loss", "test_neg_elbo"} <= set(row)
             for row in history
         ),
         "history",
@@ -1281,17 +1376,36 @@ def _figure(width, height):
     return Figure(figsize=(width, height), layout="constrained")
 
 
+def save_figure(fig, path):
+    """Write a matplotlib figure to path as a PNG, atomically (see `_atomic_write`)."""
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
+def save_grid(images, path, nrow):
+    """Save images (N, C, H, W) in [0, 1] as one PNG grid of nrow images per row, atomically."""
+    from torchvision.utils import save_image
+
+    _atomic_write(
+        path, lambda f: save_image(images, f, format="png", nrow=nrow, padding=2, pad_value=0.5)
+    )
+
+
 def _literal(name):
     """A folder name as matplotlib should draw it: '$' escaped (it would start mathematics), and bytes
     that are not UTF-8 (a file system allows them) as U+FFFD, which a font can show."""
     return os.fsencode(str(name)).decode("utf-8", "replace").replace("$", r"\$")
 
 
-def save_grid(images, path, nrow):
-    """Save images (N, C, H, W) in [0, 1] as one PNG grid of nrow images per row."""
-    from torchvision.utils import save_image
-
-    save_image(images, path, nrow=nrow, padding=2, pad_value=0.5)
+def _hist(ax, values, **kwargs):
+    """ax.hist of a tensor's values in 100 bins, whatever their spread: matplotlib cannot cut a
+    range narrower than float resolution (all values equal, or equal to 7 digits near 1e30) into
+    bins, so such a range is widened around its values."""
+    values = values.double().flatten().numpy()
+    low, high = values.min(), values.max()
+    scale = max(abs(low), abs(high), 1.0)
+    if high - low < 1e-6 * scale:
+        low, high = low - 1e-3 * scale, high + 1e-3 * scale
+    ax.hist(values, bins=100, range=(low, high), **kwargs)
 
 
 def _grid_figure(rows, row_labels, title, path, col_labels=None):
@@ -1299,28 +1413,22 @@ def _grid_figure(rows, row_labels, title, path, col_labels=None):
     from torchvision.utils import make_grid
 
     r, n = rows.shape[:2]
-    grid = make_grid(
-        rows.flatten(0, 1).float().cpu(), nrow=n, padding=2, pad_value=1.0
-    )  # (3, h, w)
-    h, w = grid.shape[1:]
+    grid = make_grid(rows.flatten(0, 1).float().cpu(), nrow=n, padding=2, pad_value=1.0)
+    h, w = grid.shape[1:]  # grid: (3, h, w)
     ax = _figure(1.5 + w / 50, 0.6 + h / 50).subplots()
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_yticks(
-        [2 + (h - 2) / r * (i + 0.5) for i in range(r)], [_literal(t) for t in row_labels]
-    )
-    ax.set_xticks(
-        [] if col_labels is None else [2 + (w - 2) / n * (i + 0.5) for i in range(n)], col_labels
-    )
+    ax.set_yticks([2 + (h - 2) / r * (i + 0.5) for i in range(r)], map(_literal, row_labels))
+    col_ticks = [] if col_labels is None else [2 + (w - 2) / n * (i + 0.5) for i in range(n)]
+    ax.set_xticks(col_ticks, col_labels)
     ax.tick_params(length=0)
     ax.set_title(title)
-    ax.figure.savefig(path, dpi=100)
+    save_figure(ax.figure, path)
 
 
-@in_eval_mode
 def save_reconstructions(model, x, path, y=None):
-    """Images x above their reconstructions, decoded from the posterior mean mu (the model's best
-    single guess, not a random z)."""
-    save_grid(torch.cat([x, model.decode(model.encode(x, y)[0], y)]), path, nrow=len(x))
+    """Images x (B, C, H, W) in [0, 1] above their reconstructions from the posterior mean
+    (`reconstruct`)."""
+    save_grid(torch.cat([x, reconstruct(model, x, y)]), path, nrow=len(x))
 
 
 def save_samples(model, path, classes=None, seed=0):
@@ -1330,10 +1438,10 @@ def save_samples(model, path, classes=None, seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
     if not model.num_classes:
         return save_grid(model.sample(64, generator=g), path, nrow=8)
-    k, z = model.num_classes, torch.randn(10, model.latent_dim, device=device, generator=g)
-    images = model.decode(
-        z.repeat(k, 1), torch.arange(k, device=device).repeat_interleave(10)
-    )  # (10K,C,H,W)
+    k = model.num_classes
+    z = torch.randn(10, model.latent_dim, device=device, generator=g)
+    labels = torch.arange(k, device=device).repeat_interleave(10)
+    images = model.decode(z.repeat(k, 1), labels)  # (10 K, C, H, W)
     _grid_figure(
         images.view(k, 10, *images.shape[1:]),
         [str(c) for c in classes],
@@ -1343,25 +1451,38 @@ def save_samples(model, path, classes=None, seed=0):
 
 
 def plot_losses(history, path):
-    """Loss, recon and KL per epoch, train and test, in nats per image, from the metrics' rows."""
-    epochs, betas = [row["epoch"] for row in history], sorted({row["beta"] for row in history})
-    beta = f"{betas[0]:g}" if len(betas) == 1 else f"beta (from {betas[0]:g} to {betas[-1]:g})"
-    fig = _figure(12, 3.5)
-    for ax, key, title in zip(
-        fig.subplots(1, 3),
-        ("loss", "recon", "kl"),
-        (f"loss = recon + {beta} * KL", "reconstruction -log p(x|z)", "KL(q(z|x) || p(z))"),
-    ):
-        ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", ms=3, label="train")
+    """The -ELBO, recon and KL per epoch, train and test, in nats per image, from the metrics' rows.
+    The training ones are means over each epoch as it learns, with the run's beta; the -ELBO
+    weighs the KL by 1 whatever beta the run minimised, which the first title names."""
+    epochs = [row["epoch"] for row in history]
+    betas = sorted({row["beta"] for row in history})
+    if betas != [1]:
+        shown = f"{betas[0]:g}" if len(betas) == 1 else f"from {betas[0]:g} to {betas[-1]:g}"
+        trained = f"\n(the run minimised recon + beta * KL, beta {shown})"
+    else:
+        trained = ""
+    fig = _figure(12, 3.8)
+    panels = (
+        ("neg_elbo", f"-ELBO = recon + KL{trained}"),
+        ("recon", "reconstruction -log p(x|z)"),
+        ("kl", "KL(q(z|x) || p(z))"),
+    )
+    for ax, (key, title) in zip(fig.subplots(1, 3), panels):
+        if key == "neg_elbo":
+            train = [row["train_recon"] + row["train_kl"] for row in history]
+        else:
+            train = [row[f"train_{key}"] for row in history]
+        ax.plot(epochs, train, "o-", ms=3, label="train")
         ax.plot(epochs, [row[f"test_{key}"] for row in history], "s-", ms=3, label="test")
         ax.set(title=title, xlabel="epoch", ylabel="nats per image")
+        ax.xaxis.get_major_locator().set_params(integer=True)  # epochs 1, 2, not 1.2
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
 
 
 @in_eval_mode
-def encode_split(model, images, recon="bce", labels=None, batch_size=1000):
+def encode_split(model, images, labels=None, likelihood="bernoulli", sigma=0.1, batch_size=1000):
     """A split's posteriors and reconstructions, on the CPU: mu, logvar (N, D); recon_error (N,),
     -log p(x | z = mu) in nats; x_hat (N, C, H, W) uint8. images: uint8 on the model's device."""
     out = {"mu": [], "logvar": [], "recon_error": [], "x_hat": []}
@@ -1371,27 +1492,37 @@ def encode_split(model, images, recon="bce", labels=None, batch_size=1000):
         mu, logvar = model.encode(x, y)
         logits = model.decode_logits(mu, y)
         x_hat = (torch.sigmoid(logits) * 255).round().to(torch.uint8)
-        for key, value in zip(out, (mu, logvar, reconstruction_loss(logits, x, recon), x_hat)):
+        error = reconstruction_loss(logits, x, likelihood, sigma)
+        for key, value in zip(out, (mu, logvar, error, x_hat)):
             out[key].append(value.cpu())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def save_latent_distribution(mu, logvar, stats, path):
-    """Histograms of mu and sigma (N, D) against the prior, and each dimension's KL, the active units
-    (stats['mu_var'] > ACTIVE_UNIT_THRESHOLD, as `evaluate` counts them) in blue."""
+def save_latent_distribution(mu, logvar, stats, path, seed=0):
+    """The aggregate posterior q(z) against the prior, the posteriors' sigmas, and each dimension's
+    KL, the active units (stats['mu_var'] > ACTIVE_UNIT_THRESHOLD, as `evaluate` counts them) in
+    blue. mu, logvar: (N, D) on the CPU.
+
+    What should match the prior N(0, I) is q(z) = mean over images x of q(z|x), drawn here as
+    z = mu + sigma * eps, one per image (seed: for eps): its variance is Var(mu) + E[sigma^2],
+    so narrow posteriors (sigma << 1) can only match it if the means spread nearly as wide."""
+    g = torch.Generator().manual_seed(seed)
+    std = torch.exp(0.5 * logvar)
+    z = mu + std * torch.randn(mu.shape, generator=g)  # (N, D), one draw of q(z|x) per image
     fig = _figure(15, 3.8)
-    ax_mu, ax_sigma, ax_kl = fig.subplots(1, 3)
-    ax_mu.hist(mu.flatten().numpy(), bins=100, density=True, alpha=0.7, label="mu, all dimensions")
-    t = torch.linspace(-4, 4, 200)
-    ax_mu.plot(t, torch.exp(-0.5 * t**2) / math.sqrt(2 * math.pi), "k", label="prior N(0, 1)")
-    ax_mu.set(title="posterior means mu over the test set", xlabel="mu", ylabel="density")
-    ax_sigma.hist(
-        torch.exp(0.5 * logvar).flatten().numpy(),
-        bins=100,
-        range=(0, 1.2),
-        alpha=0.7,
-        label="sigma, all dimensions",
+    ax_z, ax_sigma, ax_kl = fig.subplots(1, 3)
+    _hist(
+        ax_z,
+        z,
+        density=True,
+        alpha=0.6,
+        label=f"z ~ q(z) (variance {z.var(correction=0).item():.2f})",
     )
+    _hist(ax_z, mu, density=True, histtype="step", color="C1", label="mu, the posterior means")
+    t = torch.linspace(-4, 4, 200)
+    ax_z.plot(t, torch.exp(-0.5 * t**2) / math.sqrt(2 * math.pi), "k", label="prior N(0, 1)")
+    ax_z.set(title="aggregate posterior q(z), all dimensions", xlabel="z", ylabel="density")
+    ax_sigma.hist(std.flatten().numpy(), bins=100, range=(0, 1.2), alpha=0.7, label="sigma")
     ax_sigma.axvline(1.0, color="k", label="prior sigma = 1")
     ax_sigma.set(title="posterior standard deviations sigma", xlabel="sigma", ylabel="count")
     kl = torch.tensor(stats["kl_per_dim"])
@@ -1404,9 +1535,9 @@ def save_latent_distribution(mu, logvar, stats, path):
         xlabel="latent dimension",
         ylabel="nats per image",
     )
-    ax_mu.legend()
+    ax_z.legend(fontsize=8)
     ax_sigma.legend()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
 
 
 def save_traversals(model, x, kl_per_dim, path, y=None, n_dims=8, span=3.0):
@@ -1434,22 +1565,16 @@ def save_class_means(model, mu, labels, classes, path, per_class=8, noise=0.1, s
     class's label for a conditional model); labels (N,) and names `classes` on the CPU."""
     g = torch.Generator().manual_seed(seed)
     present = sorted(set(labels.tolist()))
-    z = torch.stack(
-        [
-            mu[labels == c].mean(0) + noise * torch.randn(per_class, mu.shape[1], generator=g)
-            for c in present
-        ]
-    )  # (classes, per_class, D)
+    means = torch.stack([mu[labels == c].mean(0) for c in present])  # (classes, D)
+    z = means[:, None] + noise * torch.randn(len(present), per_class, mu.shape[1], generator=g)
     device = next(model.parameters()).device
-    images = model.decode(
-        z.flatten(0, 1).to(device),
-        torch.tensor(present, device=device).repeat_interleave(per_class),
-    )  # (classes * per_class, C, H, W)
-    title = f"class means of mu + {noise} * N(0, I), decoded{' with the label' if model.num_classes else ''}"
+    y = torch.tensor(present, device=device).repeat_interleave(per_class)
+    images = model.decode(z.flatten(0, 1).to(device), y)  # (classes * per_class, C, H, W)
+    with_label = " with the label" if model.num_classes else ""
     _grid_figure(
         images.view(len(present), per_class, *images.shape[1:]),
         [str(classes[c]) for c in present],
-        title,
+        f"class means of mu + {noise} * N(0, I), decoded{with_label}",
         path,
     )
 
@@ -1457,52 +1582,47 @@ def save_class_means(model, mu, labels, classes, path, per_class=8, noise=0.1, s
 def save_latent_pca(mu, labels, classes, path):
     """The means mu (N, D) on their first two principal components, coloured by class (labels (N,)
     and names; None for unlabelled images: one colour)."""
-    centered = mu - mu.mean(0)
+    centered = (mu - mu.mean(0)).double()  # float64: means near 1e15 still have a variance
     _, s, v = torch.linalg.svd(centered, full_matrices=False)
-    proj = torch.cat([centered @ v[:2].T, torch.zeros(len(mu), 2)], dim=1)[
-        :, :2
-    ]  # (N, 2): 0 when D = 1
-    explained = (s**2 / (s**2).sum().clamp(min=1e-12)).tolist() + [0.0]  # 0 for one image
+    proj = torch.cat([centered @ v[:2].T, torch.zeros(len(mu), 2)], dim=1)[:, :2]  # (N, 2)
+    explained = (s**2 / (s**2).sum().clamp(min=1e-300)).tolist() + [0.0]  # PC 2 is 0 when D = 1
     ax = _figure(6.5, 5.5).subplots()
     if labels is None:
         ax.scatter(*proj.T, s=2, alpha=0.5)
     else:
         for c in sorted(set(labels.tolist())):
-            ax.scatter(
-                *proj[labels == c].T, s=2, alpha=0.5, color=f"C{c % 10}", label=_literal(classes[c])
-            )
+            points = proj[labels == c].T
+            ax.scatter(*points, s=2, alpha=0.5, color=f"C{c % 10}", label=_literal(classes[c]))
         ax.legend(markerscale=6, title="class", loc="best", fontsize=8)
     ax.set(
         title="test-set means mu, first two principal components",
         xlabel=f"PC 1 ({explained[0]:.0%} of variance)",
         ylabel=f"PC 2 ({explained[1]:.0%} of variance)",
     )
-    ax.figure.savefig(path, dpi=100)
+    save_figure(ax.figure, path)
 
 
 def save_error_analysis(images, enc, labels, classes, out_dir, n=16):
     """The histogram of reconstruction errors, the n best and worst reconstructed images, and the
     per-class table (in per_class.csv; returned, [] without labels). images: (N, C, H, W) uint8 on
     the CPU; enc: `encode_split`'s dict; labels: (N,) or None."""
-    error, kl = enc["recon_error"], kl_divergence(enc["mu"], enc["logvar"])
+    error = enc["recon_error"]
+    kl = kl_divergence(enc["mu"], enc["logvar"])
     ax = _figure(6.5, 4).subplots()
-    ax.hist(error.numpy(), bins=100)
-    ax.set(
-        title="reconstruction error per test image",
-        xlabel="-log p(x | z = mu), nats",
-        ylabel="images",
-    )
-    ax.figure.savefig(os.path.join(out_dir, "recon_error_hist.png"), dpi=100)
+    _hist(ax, error)
+    ax.set(title="reconstruction error per test image", xlabel="-log p(x | z = mu), nats")
+    ax.set_ylabel("images")
+    save_figure(ax.figure, os.path.join(out_dir, "recon_error_hist.png"))
     order = torch.argsort(error)
-    best, worst = order[:n], order.flip(0)[:n]
-    grid = (
-        torch.stack([images[best], enc["x_hat"][best], images[worst], enc["x_hat"][worst]]).float()
-        / 255
+    best = order[:n]
+    worst = order.flip(0)[:n]
+    grid = torch.stack([images[best], enc["x_hat"][best], images[worst], enc["x_hat"][worst]])
+    title = (
+        f"best and worst reconstructed test images ({error[best[0]]:.4g} to "
+        f"{error[worst[0]]:.4g} nats)"
     )
-    title = f"best and worst reconstructed test images ({error[best[0]]:.0f} to {error[worst[0]]:.0f} nats)"
-    _grid_figure(
-        grid, ["best", "recon", "worst", "recon"], title, os.path.join(out_dir, "best_worst.png")
-    )
+    path = os.path.join(out_dir, "best_worst.png")
+    _grid_figure(grid.float() / 255, ["best", "recon", "worst", "recon"], title, path)
     rows = []
     for c in sorted(set(labels.tolist())) if labels is not None else ():
         m = labels == c
@@ -1521,23 +1641,24 @@ def save_error_analysis(images, enc, labels, classes, out_dir, n=16):
 
 
 @in_eval_mode
-def write_analysis(
-    model, test_x, test_y, stats, out_dir, recon="bce", ends=(4, 9), seed=0, classes=None
-):
+def write_analysis(model, test_x, test_y, stats, out_dir, config, classes=None):
     """Write every figure of a trained model into out_dir, in eval mode; returns the per-class rows.
     test_x: (N, C, H, W) uint8 on the model's device; test_y: (N,) on the CPU, or None (no class
-    figures then), and `classes` their names; stats: `evaluate`'s dict; ends = (A, B): the
-    interpolation joins the first test images of classes A and B (else test images 0 and 1)."""
+    figures then), and `classes` their names; stats: `evaluate`'s dict; config: the run's
+    settings, of which it reads likelihood and sigma, seed (for every random draw) and
+    interpolate = (A, B): the interpolation joins the first test images of classes A and B
+    (else test images 0 and 1)."""
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
+    seed = config["seed"]
     conditional = model.num_classes > 0
     label = (lambda i: int(test_y[i])) if conditional else (lambda i: None)
-    enc = encode_split(
-        model, test_x, recon, labels=test_y.to(test_x.device) if conditional else None
-    )
+    y = test_y.to(test_x.device) if conditional else None
+    enc = encode_split(model, test_x, y, config["likelihood"], config["sigma"])
     save_samples(
         model, path("samples_per_class.png" if conditional else "samples.png"), classes, seed
     )
-    (a, b), labels = ends, [] if test_y is None else test_y.tolist()
+    a, b = config["interpolate"]
+    labels = [] if test_y is None else test_y.tolist()
     i, j = 0, min(1, len(test_x) - 1)
     if a != b and a in labels and b in labels:
         i, j = labels.index(a), labels.index(b)
@@ -1546,31 +1667,24 @@ def write_analysis(
             f"note: --interpolate {a} {b} does not name two classes that the test set has, so "
             f"interpolation.png joins test images 0 and 1"
         )
-    x_i, x_j = to_float(test_x[i]), to_float(test_x[j])
-    save_grid(
-        torch.cat([x_i[None], interpolate(model, x_i, x_j, 10, label(i), label(j)), x_j[None]]),
-        path("interpolation.png"),
-        nrow=12,
-    )
-    save_latent_distribution(enc["mu"], enc["logvar"], stats, path("latent_distribution.png"))
-    save_traversals(
-        model, to_float(test_x[0]), stats["kl_per_dim"], path("traversals.png"), label(0)
-    )
+    x_i = to_float(test_x[i])
+    x_j = to_float(test_x[j])
+    path_ij = interpolate(model, x_i, x_j, 10, label(i), label(j))
+    save_grid(torch.cat([x_i[None], path_ij, x_j[None]]), path("interpolation.png"), nrow=12)
+    save_latent_distribution(enc["mu"], enc["logvar"], stats, path("latent_distribution.png"), seed)
+    x_0 = to_float(test_x[0])
+    save_traversals(model, x_0, stats["kl_per_dim"], path("traversals.png"), label(0))
     if test_y is None:
         print(
-            "note: the images have no class labels, so class_means.png and per_class.csv are not written "
-            "and latent_pca.png has one colour"
+            "note: the images have no class labels, so class_means.png and per_class.csv are not "
+            "written and latent_pca.png has one colour"
         )
     else:
         save_class_means(model, enc["mu"], test_y, classes, path("class_means.png"), seed=seed)
     save_latent_pca(enc["mu"], test_y, classes, path("latent_pca.png"))
-    if (
-        model.latent_dim == 2 and not conditional
-    ):  # the decoded grid over [-3, 3]^2, z1 rightwards, z2 up
-        z = torch.cartesian_prod(torch.linspace(3, -3, 20), torch.linspace(-3, 3, 20)).flip(
-            1
-        )  # (400, 2)
-        save_grid(model.decode(z.to(test_x.device)), path("manifold.png"), nrow=20)
+    if model.latent_dim == 2 and not conditional:  # decoded over [-3, 3]^2, z1 rightwards, z2 up
+        z = torch.cartesian_prod(torch.linspace(3, -3, 20), torch.linspace(-3, 3, 20)).flip(1)
+        save_grid(model.decode(z.to(test_x.device)), path("manifold.png"), nrow=20)  # z: (400, 2)
     return save_error_analysis(test_x.cpu(), enc, test_y, classes, out_dir)
 
 
@@ -1578,82 +1692,131 @@ def write_analysis(
 # A training run, and the evaluation of a saved model
 
 
+def eval_generator(seed, device):
+    """The random generator of one evaluation: a new one, seeded `seed`, at every call, so that
+    evaluating the same weights twice gives the same numbers, and the training's own random
+    stream is the same whether or not, and how often, the model is evaluated."""
+    return torch.Generator(device).manual_seed(seed)
+
+
 @in_eval_mode
-def evaluate_nll(model, images, k, labels=None, batch_size=100):
-    """Mean -log p(x) of a split, by `log_likelihood` with k samples: (nats per image, bits per dim =
-    nats / (C H W ln 2)). images: uint8 on the model's device, binary for the standard protocol;
-    labels: for a conditional model, whose number is then -log p(x|y)."""
+def evaluate_nll(model, images, k, labels=None, likelihood="bernoulli", sigma=0.1, seed=0):
+    """Mean -log p(x) of a split, by `log_likelihood` with k samples, under the likelihood the model
+    was trained with: (nats per image, bits per dim = nats / (C H W ln 2)). images: uint8 on the
+    model's device, binary for the standard protocol; labels: for a conditional model, whose
+    number is then -log p(x|y)."""
+    generator = eval_generator(seed, images.device)
     total = torch.zeros((), device=images.device)
-    for start in range(0, len(images), batch_size):
-        y = None if labels is None else labels[start : start + batch_size]
-        total += log_likelihood(model, to_float(images[start : start + batch_size]), k, y).sum()
+    for start in range(0, len(images), 100):
+        x = images[start : start + 100]
+        y = None if labels is None else labels[start : start + 100]
+        total += log_likelihood(model, x, k, y, likelihood, sigma, generator).sum()
     nll = -total.item() / len(images)
     return nll, nll / (images[0].numel() * math.log(2))
 
 
-def collapse_warning(kl, active_units, n_images):
-    """A warning when the posterior has collapsed onto the prior (a KL under 0.1 nats per image, or no
-    active unit among at least 10 images: the decoder ignores z; Bowman et al. 2016), else None."""
-    if kl >= 0.1 and (
-        active_units > 0 or n_images < 10
-    ):  # fewer images tell too little of a variance
+def density_note(likelihood, images):
+    """A note for a -ELBO or NLL that is not a probability: a Bernoulli likelihood of images
+    (uint8) that are not binary; else ''."""
+    if likelihood == "bernoulli" and not bool(((images == 0) | (images == 255)).all()):
+        return (
+            " (Bernoulli on grey pixels: not a probability; it compares runs of vae.py, and "
+            "--binarize gives the standard binary protocol)"
+        )
+    return ""
+
+
+def constant_decoder_cost(images, likelihood="bernoulli", sigma=0.1):
+    """The test -ELBO, in nats per image, of a model that ignores z and says 0.5 for every pixel
+    (logits 0, KL 0): P ln 2 for P pixels under a Bernoulli likelihood. Any trained model should
+    cost less; ten times more means that training has diverged. images: uint8 (N, C, H, W)."""
+    total = 0.0
+    for start in range(0, len(images), 1000):
+        x = to_float(images[start : start + 1000])
+        total += reconstruction_loss(torch.zeros_like(x), x, likelihood, sigma).sum().item()
+    return total / len(images)
+
+
+def divergence_warning(neg_elbo, previous, constant_cost, lr):
+    """A warning when the test -ELBO is finite but exploding: ten times what a decoder saying 0.5
+    for every pixel costs (`constant_decoder_cost`), or grown ten-fold since the last epoch
+    (`previous`, or None); else None. A test loss creeping up as a model overfits passes."""
+    if neg_elbo > 10 * abs(constant_cost):
+        what = (
+            f"over 10 times the {constant_cost:.4g} nats of a decoder that says 0.5 for every pixel"
+        )
+    elif previous is not None and neg_elbo - previous > 9 * abs(previous):
+        what = f"ten times or more the {previous:.4g} nats of the epoch before"
+    else:
         return None
     return (
-        f"warning: posterior collapse: the test KL is {kl:.3f} nats and {active_units} latent units are "
-        f"active, so q(z|x) is the prior and the decoder ignores z; try --kl_warmup 10, --free_bits 0.5 "
-        f"or a smaller --beta."
+        f"warning: training has diverged: the test -ELBO is {neg_elbo:.4g} nats, {what}; try a "
+        f"lower --lr (now {lr:g}) or --grad_clip 10."
     )
 
 
+def collapse_warning(kl, active_units, n_images):
+    """A warning when the posterior has collapsed (Bowman et al. 2016): a test KL under 0.1 nats
+    per image, q(z|x) is then the prior for every image; or no active unit among at least 10
+    images (fewer tell too little of a variance), z then varies too little across images to say
+    much of them. Else None."""
+    advice = "try --kl_warmup 10, --free_bits 0.5 or a smaller --beta."
+    if kl < 0.1:
+        return (
+            f"warning: posterior collapse: the test KL is {kl:.3f} nats, so q(z|x) is the prior "
+            f"for every image and the decoder ignores z; {advice}"
+        )
+    if active_units == 0 and n_images >= 10:
+        return (
+            f"warning: no active latent unit: no mean mu_u varies across the test images by more "
+            f"than {ACTIVE_UNIT_THRESHOLD} (the test KL is {kl:.3f} nats), so z tells the decoder "
+            f"little about each image; {advice}"
+        )
+    return None
+
+
 def report(model, test_x, test_y, config, out_dir, nll_samples=0, extra=None, classes=None):
-    """The final evaluation of a trained model: the test -ELBO and loss, the NLL if asked, every figure;
-    all in evaluation.json, whose dict it returns. test_x: (N, C, H, W) uint8 on the model's device;
-    test_y: (N,) on the CPU, or None."""
-    y, beta = test_y.to(test_x.device) if model.num_classes else None, config["beta"]
-    te = evaluate(model, test_x, beta, config["recon"], y)
-    results = dict(
-        extra or {},
-        beta=beta,
-        test_loss=te["loss"],
+    """The final evaluation of a trained model: the test -ELBO and the beta-weighted loss, the NLL
+    if asked, every figure; all in evaluation.json, whose dict it returns. test_x: (N, C, H, W)
+    uint8 on the model's device; test_y: (N,) on the CPU, or None; config: the run's settings
+    (beta, likelihood, sigma, seed, interpolate)."""
+    y = test_y.to(test_x.device) if model.num_classes else None
+    beta = config["beta"]
+    likelihood = config["likelihood"]
+    sigma = config["sigma"]
+    generator = eval_generator(config["seed"], test_x.device)
+    te = evaluate(model, test_x, y, likelihood, sigma, generator)
+    results = dict(extra or {}, likelihood=likelihood)
+    if likelihood == "gaussian":
+        results["sigma"] = sigma
+    results.update(
+        test_neg_elbo=te["neg_elbo"],
         test_recon=te["recon"],
         test_kl=te["kl"],
+        beta=beta,
+        test_loss=te["recon"] + beta * te["kl"],
         active_units=te["active_units"],
         kl_per_dim=te["kl_per_dim"],
         mu_var=te["mu_var"],
     )
-    loss = "" if beta == 1 else f"; loss with beta {beta:g}: {te['loss']:.3f}"
+    note = density_note(likelihood, test_x)
     print(
-        f"test -ELBO {te['recon'] + te['kl']:.3f} = recon {te['recon']:.3f} + kl {te['kl']:.3f} nats/image "
-        f"(one z per image){loss}; {te['active_units']} of {model.latent_dim} latent units active"
+        f"test -ELBO {te['neg_elbo']:.3f} = recon {te['recon']:.3f} + kl {te['kl']:.3f} "
+        f"nats/image (one z per image){note}; {te['active_units']} of {model.latent_dim} latent "
+        f"units active"
     )
+    if beta != 1:
+        print(f"test loss with beta {beta:g}, recon + {beta:g} * kl: {results['test_loss']:.3f}")
     if nll_samples > 0:
         t0 = time.perf_counter()
-        nll, bpd = evaluate_nll(model, test_x, nll_samples, y)
-        note = (
-            ""
-            if config.get("binarize")
-            else (
-                " (continuous pixels under a Bernoulli likelihood: not "
-                "comparable with binarized-MNIST results; see --binarize)"
-            )
-        )
+        nll, bpd = evaluate_nll(model, test_x, nll_samples, y, likelihood, sigma, config["seed"])
         print(
-            f"test {'NLL' if y is None else '-log p(x|y)'} (K={nll_samples}): {nll:.2f} nats/image, "
-            f"{bpd:.4f} bits/dim [{time.perf_counter() - t0:.0f} s]{note}",
+            f"test {'NLL' if y is None else '-log p(x|y)'} (K={nll_samples}): {nll:.2f} "
+            f"nats/image, {bpd:.4f} bits/dim [{time.perf_counter() - t0:.0f} s]{note}",
             flush=True,
         )
         results.update(nll_samples=nll_samples, test_nll=nll, test_nll_bits_per_dim=bpd)
-    results["per_class"] = write_analysis(
-        model,
-        test_x,
-        test_y,
-        te,
-        out_dir,
-        config["recon"],
-        config.get("interpolate") or (4, 9),
-        config.get("seed", 0),
-        classes,
-    )
+    results["per_class"] = write_analysis(model, test_x, test_y, te, out_dir, config, classes)
     save_json(results, os.path.join(out_dir, "evaluation.json"))
     return results
 
@@ -1775,7 +1938,12 @@ class Run:
                 group["lr"] = args.lr  # --lr may change on resume
             self.history, self.saved_epoch = state["history"], state["epoch"]
             self.first_epoch = self.saved_epoch + 1
-        self.step_args = dict(recon=args.recon, free_bits=args.free_bits, grad_clip=args.grad_clip)
+        self.step_args = dict(
+            likelihood=args.likelihood,
+            sigma=args.sigma,
+            free_bits=args.free_bits,
+            grad_clip=args.grad_clip,
+        )
         self.step = train_step
         if graph:
             x, y = to_float(self.train_x[: args.batch_size]), self.train_y
@@ -1880,27 +2048,32 @@ class Run:
 
     def fit(self):
         """Train from the first epoch to the last; evaluate, log and save each (on rank 0)."""
-        args, fixed = self.args, to_float(self.test_x[:16])  # the same test images in every figure
+        args = self.args
+        fixed = to_float(self.test_x[:16])  # the same test images in every figure
+        constant_cost = constant_decoder_cost(self.test_x, args.likelihood, args.sigma)
         for epoch in range(self.first_epoch, args.epochs + 1):
-            t0, beta = time.perf_counter(), beta_schedule(epoch, args.beta, args.kl_warmup)
+            t0 = time.perf_counter()
+            beta = beta_schedule(epoch, args.beta, args.kl_warmup)
             tr, train_seconds = self.train_one_epoch(epoch, beta)
             if self.rank > 0:  # the test set is small: rank 0 evaluates it while the others go on
                 continue
-            te = evaluate(self.model, self.test_x, beta, args.recon, self.test_y)
-            if not all(
-                map(math.isfinite, (te["loss"], te["recon"], te["kl"]))
-            ):  # the last step diverged
+            generator = eval_generator(args.seed, self.device)
+            te = evaluate(
+                self.model, self.test_x, self.test_y, args.likelihood, args.sigma, generator
+            )
+            if not all(map(math.isfinite, (te["recon"], te["kl"]))):  # the last step diverged
                 raise UserError(
-                    f"the test loss became non-finite after epoch {epoch} (recon "
+                    f"the test -ELBO became non-finite after epoch {epoch} (recon "
                     f"{te['recon']:.4g}, kl {te['kl']:.4g}), so training stopped; "
                     f"{self.saved()}; try a lower --lr (now {args.lr:g}) or --grad_clip 10.",
                     3,
                 )
+            previous = self.history[-1]["test_neg_elbo"] if self.history else None
             r = dict(
                 epoch=epoch,
                 beta=beta,
                 **{f"train_{k}": v for k, v in tr.items()},
-                test_loss=te["loss"],
+                test_neg_elbo=te["neg_elbo"],
                 test_recon=te["recon"],
                 test_kl=te["kl"],
                 test_active_units=te["active_units"],
@@ -1909,14 +2082,19 @@ class Run:
             )
             self.history.append(r)
             print(
-                f"epoch {epoch:3d}/{args.epochs} | beta {beta:.3f} | train loss {r['train_loss']:8.3f} "
-                f"recon {r['train_recon']:8.3f} kl {r['train_kl']:7.3f} | test loss {r['test_loss']:8.3f} "
-                f"recon {r['test_recon']:8.3f} kl {r['test_kl']:7.3f} | AU {r['test_active_units']:3d} | "
-                f"{r['seconds']:6.2f} s {r['images_per_sec']:7.0f} img/s",
+                f"epoch {epoch:3d}/{args.epochs} | beta {beta:.3f} | train loss "
+                f"{r['train_loss']:8.3f} recon {r['train_recon']:8.3f} kl {r['train_kl']:7.3f} | "
+                f"test -ELBO {r['test_neg_elbo']:8.3f} recon {r['test_recon']:8.3f} kl "
+                f"{r['test_kl']:7.3f} | AU {r['test_active_units']:3d} | {r['seconds']:6.2f} s "
+                f"{r['images_per_sec']:7.0f} img/s",
                 flush=True,
             )
-            if warning := collapse_warning(te["kl"], te["active_units"], len(self.test_x)):
-                print(warning, flush=True)
+            for warning in (
+                divergence_warning(te["neg_elbo"], previous, constant_cost, args.lr),
+                collapse_warning(te["kl"], te["active_units"], len(self.test_x)),
+            ):
+                if warning:
+                    print(warning, flush=True)
             if epoch in (1, 5, 15, args.epochs):
                 save_reconstructions(
                     self.model,
@@ -1997,7 +2175,8 @@ def train(args, explicit=()):
     return run.model.eval(), run.history
 
 
-# The flags that checkpoint mode uses; it names any other flag given as ignored.
+# The flags that checkpoint mode uses; it names any other flag given as ignored. A file of
+# `save_checkpoint` without a run's settings is evaluated with MODEL_FILE_FLAGS too.
 CHECKPOINT_FLAGS = {
     "checkpoint",
     "data_dir",
@@ -2009,20 +2188,16 @@ CHECKPOINT_FLAGS = {
     "deterministic",
     "overwrite",
 }
+MODEL_FILE_FLAGS = ("dataset", "binarize", "likelihood", "sigma", "beta")
 
 
 def evaluate_checkpoint(args, explicit=()):
-    """`--checkpoint PATH`: evaluate a saved model and write every figure; nothing is trained. The model
-    and its training settings come from the checkpoint (or the flags, for a file of `save_checkpoint`
-    without a run), the data from --data_dir (default: the run's own), the outputs go to --out_dir
+    """`--checkpoint PATH`: evaluate a saved model; nothing is trained. It writes what `report`
+    writes, reconstructions.png, and loss_curves.png when the file holds a run's metrics. The model
+    and its training settings come from the checkpoint (from the flags of MODEL_FILE_FLAGS for a
+    file without a run's settings, which a note names), the data from --data_dir (default: the
+    run's own), every random draw from --seed (default: the run's), the outputs go to --out_dir
     (default: eval/ beside the checkpoint). Returns the results' dict."""
-    ignored = sorted(f"--{k}" for k in set(explicit) - CHECKPOINT_FLAGS)
-    if ignored:
-        print(
-            f"note: --checkpoint evaluates the saved model as it was trained, so it ignores "
-            f"{', '.join(ignored)}",
-            flush=True,
-        )
     out_dir = args.out_dir or os.path.join(os.path.dirname(args.checkpoint), "eval")
     if {"checkpoint.pt", "metrics.csv"} & set(run_files(out_dir)):  # not even with --overwrite
         raise UserError(
@@ -2031,15 +2206,27 @@ def evaluate_checkpoint(args, explicit=()):
         )
     refuse_other_run(out_dir, args.overwrite, training=False)
     device = select_device(args.device, args.deterministic)
-    torch.manual_seed(args.seed)
     model, state = load_checkpoint(args.checkpoint, device)
-    config = {**vars(args), **model.model_args, **state.get("config", {}), "out_dir": out_dir}
-    if "interpolate" in explicit:
-        config["interpolate"] = args.interpolate
-    if args.nll_samples > 0 and config["recon"] != "bce":
-        raise UserError(
-            f"--nll_samples needs a model trained with --recon bce, the Bernoulli likelihood; "
-            f"this checkpoint used --recon {config['recon']}."
+    saved = state.get("config")
+    used = CHECKPOINT_FLAGS if saved else CHECKPOINT_FLAGS | set(MODEL_FILE_FLAGS)
+    ignored = sorted(f"--{k}" for k in set(explicit) - used)
+    if ignored:
+        print(
+            f"note: --checkpoint evaluates the saved model as it was trained, so it ignores "
+            f"{', '.join(ignored)}",
+            flush=True,
+        )
+    config = {**vars(args), **model.model_args, **(saved or {}), "out_dir": out_dir}
+    for key in ("interpolate", "seed"):
+        if key in explicit:
+            config[key] = getattr(args, key)
+    if not saved:
+        shown = {k: f"--{k}" if config[k] else f"no --{k}" for k in ("binarize",)}
+        settings = ", ".join(shown.get(k, f"--{k} {config[k]}") for k in MODEL_FILE_FLAGS)
+        print(
+            f"note: '{args.checkpoint}' holds a model without a training run's settings, so it is "
+            f"evaluated with {settings} (set them with those flags)",
+            flush=True,
         )
     dataset = config["dataset"]
     data_dir = (
@@ -2055,9 +2242,16 @@ def evaluate_checkpoint(args, explicit=()):
         f"{device}, writing to {out_dir}",
         flush=True,
     )
+    test_x = data["test_x"].to(device)
+    y = data["test_y"][:16].to(device) if model.num_classes else None
+    save_reconstructions(
+        model, to_float(test_x[:16]), os.path.join(out_dir, "reconstructions.png"), y
+    )
+    if saved:
+        plot_losses(state["history"], os.path.join(out_dir, "loss_curves.png"))
     return report(
         model,
-        data["test_x"].to(device),
+        test_x,
         data["test_y"],
         config,
         out_dir,
@@ -2125,7 +2319,16 @@ def build_parser():
         "--width", type=_number(int, 1, 1024), default=32, help="conv: 1st block; MLP: 16x, 8x"
     )
     g.add_argument(
-        "--recon", choices=("bce", "mse"), default="bce", help="Bernoulli, or unit Gaussian"
+        "--likelihood",
+        choices=("bernoulli", "gaussian"),
+        default="bernoulli",
+        help="p(x|z) of each pixel",
+    )
+    g.add_argument(
+        "--sigma",
+        type=_number(float, 0.001, 100.0),
+        default=0.1,
+        help="the Gaussian's standard deviation, one for all pixels; as beta, sigma^2 weighs the KL",
     )
     g.add_argument(
         "--beta", type=_number(float, 0.0, 10000.0), default=1.0, help="KL weight; 1 is the ELBO"
@@ -2192,10 +2395,6 @@ def parse_args(argv=None):
         )
     if args.checkpoint is None and args.epochs == 0:
         parser.error("--epochs 0 trains nothing; to evaluate a saved model, give --checkpoint PATH")
-    if args.nll_samples > 0 and args.recon != "bce" and args.checkpoint is None:
-        parser.error(
-            "--nll_samples needs --recon bce: the NLL is defined for the Bernoulli likelihood only"
-        )
     if args.checkpoint is None:
         args.out_dir = args.out_dir or os.path.join("runs", args.model)
         if args.data_dir is None and args.dataset == "folder" and not args.resume:
