@@ -106,21 +106,23 @@ def profile_steps(step_model, optimizer, train_x, batch_size, step, device, step
     print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=40))
 
 
-def bench_model(name, data, args, device, rate):
+def bench_model(name, args, device, rate):
+    """Time one model as vae.py's command line builds it (its fast settings, its step)."""
     torch.manual_seed(0)
-    train_x, test_x = data["train_x"].to(device), data["test_x"].to(device)
-    model, step_model, optimizer = vae.setup_training(
-        vae.build_model(name, 28, 1, args.latent_dim), 1e-3, device
-    )
+    flags = ["--model", name, "--latent_dim", str(args.latent_dim), "--data_dir", args.data_dir]
+    flags += ["--batch_size", str(args.batch_size), "--cuda_graph", args.cuda_graph]
+    run_args = vae.parse_args(flags)
+    data = vae.load_data(run_args, device)
+    train_x = data["train_x"]
+    test_x = data["test_x"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    run = vae.Run(run_args, data, device)
+    model = run.model
+    step_model = run.step_model
+    optimizer = run.optimizer
+    step = run.step
     flops = flops_per_image(model, vae.to_float(train_x[: args.batch_size]))
-    use_graph = args.cuda_graph == "auto" and device.type == "cuda"
-    step = (
-        vae.CUDAGraphStep(step_model, optimizer, vae.to_float(train_x[: args.batch_size]))
-        if use_graph
-        else vae.train_step
-    )
 
     # Warm-up: one full epoch and a test pass, so that cuDNN's autotuning and the allocator's caches
     # are behind us.
@@ -194,7 +196,6 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = vae.select_device(args.device)
-    data = vae.load_dataset("mnist", args.data_dir)
     rate = matmul_rate(device, torch.float32)
     name = (
         torch.cuda.get_device_name()
@@ -213,7 +214,7 @@ def main(argv=None):
     )
     print(header)
     for name in models:
-        r = bench_model(name, data, args, device, rate)
+        r = bench_model(name, args, device, rate)
         loader = (
             f"{r['loader_s']:9.2f} {r['loader_s'] / r['epoch_s']:7.1f}x"
             if args.loader

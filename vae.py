@@ -677,8 +677,9 @@ def load_model(file, map_location="cpu"):
 
 
 # =============================================================================================
-# Part 2: the tool. Datasets, the GPU fast path, several processes, faults, files and
-# checkpoints, figures and the latent-space analysis, the command line. It builds on Part 1.
+# Part 2: the tool. Datasets, the GPU fast path, several processes, files and checkpoints,
+# figures, the command line. It builds on Part 1; `main`, at the end, is the list of what a run
+# does.
 # =============================================================================================
 
 import argparse
@@ -697,7 +698,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
 
 
 class UserError(Exception):
@@ -713,95 +713,188 @@ class UserError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Data
 #
-# Each split is read once into one uint8 tensor (N, C, S, S), the form Part 1's loop takes, with every
-# conversion (channels, size) done here. Two sources: torchvision's datasets, and any folder of images.
+# Each split is read once into one uint8 tensor (N, C, S, S), the form Part 1's loop takes, with
+# every conversion (channels, size) done here. Two sources: torchvision's datasets, and any folder
+# of images. A new dataset is a new entry of DATASETS and a branch of `load_dataset`.
 
-TORCHVISION_DATASETS = {
-    "mnist": "MNIST",
-    "fashion-mnist": "FashionMNIST",
-    "kmnist": "KMNIST",
-    "cifar10": "CIFAR10",
-}  # torchvision's class names
-DATASETS = (*TORCHVISION_DATASETS, "folder")
+DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
+DATASETS.update({"cifar10": "CIFAR10", "folder": None})  # torchvision's class, or your images
 IMAGE_SIZES = (28, 32, 64, 128)
-FOLDER_DEFAULTS = (3, 64)  # channels and side of a folder's images unless --channels / --image_size
-IMG_EXTENSIONS = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".ppm",
-    ".bmp",
-    ".pgm",
-    ".tif",
-    ".tiff",
-    ".webp",
-)  # torchvision's
-FOLDER_SPLIT_SEED, FOLDER_TEST_FRACTION = (
-    0,
-    0.1,
-)  # one fixed test split of a folder, whatever --seed
-MAX_PIXELS = 50_000_000  # of one decoded image: 150 MB in RGB, for each of the threads that read
-WORKERS = min(8, os.cpu_count() or 1)  # threads that decode images
+MAX_PIXELS = 50_000_000  # of one decoded image: 150 MB in RGB, for each thread that decodes
+FOLDER_TEST_FRACTION = 0.1  # without train/ and val/: a fixed random 10% (seed 0) is the test split
 
 
-def dataset_files(name, data_dir):
-    """(torchvision class, folder, file names) that torchvision reads for dataset `name`."""
-    from torchvision import datasets  # imported here: importing torchvision takes a second
-
-    cls = getattr(datasets, TORCHVISION_DATASETS[name])
-    if name == "cifar10":
-        files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-        return cls, os.path.join(data_dir, cls.base_folder), files
-    files = [
-        os.path.splitext(f)[0] for f, _ in cls.resources
-    ]  # without .gz: the uncompressed files
-    return cls, os.path.join(data_dir, cls.__name__, "raw"), files
+def load_dataset(name, data_dir, image_size=None, channels=None, binarize=False):
+    """Dataset `name` (of DATASETS) from data_dir, in memory on the CPU: a dict of train_x, test_x
+    (N, C, S, S) uint8; train_y, test_y (N,) int64, or None for unlabelled images; classes (names,
+    or None); note (a sentence for the log, or None). image_size, channels: None keeps a
+    dataset's own (a folder's: 64 and 3). With binarize, the test set is drawn once as binary
+    pixels, Bernoulli(intensity), with a fixed seed on the CPU: the same set on every device.
+    Raises UserError, one sentence naming what is wrong."""
+    if name == "folder":
+        data = load_folder(data_dir, image_size or 64, channels or 3)
+    else:
+        data = load_torchvision(name, data_dir, image_size, channels)
+    if binarize:
+        g = torch.Generator().manual_seed(0)
+        test_x = torch.bernoulli(to_float(data["test_x"]), generator=g)
+        data["test_x"] = test_x.to(torch.uint8) * 255
+    return data
 
 
 def load_torchvision(name, data_dir, image_size=None, channels=None):
-    """Dataset `name` of TORCHVISION_DATASETS from data_dir, downloaded if its files are missing (see
-    `load_dataset`). image_size, channels: None keeps the dataset's own."""
+    """A torchvision dataset, read with torchvision from data_dir and downloaded if its files are
+    missing (see `load_dataset`)."""
+    from torchvision import datasets  # imported here: importing torchvision takes a second
     from torchvision.transforms.functional import resize, rgb_to_grayscale
 
-    cls, folder, files = dataset_files(name, data_dir)
-    present, out = all(os.path.isfile(os.path.join(folder, f)) for f in files), dict(note=None)
-    for split, train in (("train", True), ("test", False)):
+    cls = getattr(datasets, DATASETS[name])
+    if name == "cifar10":
+        folder = os.path.join(data_dir, cls.base_folder)
+        files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    else:
+        folder = os.path.join(data_dir, cls.__name__, "raw")
+        files = [os.path.splitext(f)[0] for f, _ in cls.resources]  # the uncompressed files
+    present = all(os.path.isfile(os.path.join(folder, f)) for f in files)
+    data = dict(note=None)
+    for split in ("train", "test"):
         try:  # torchvision prints every mirror it tries: kept quiet
             with (
                 contextlib.redirect_stdout(io.StringIO()),
                 contextlib.redirect_stderr(io.StringIO()),
             ):
-                ds = cls(data_dir, train=train, download=not present)
+                ds = cls(data_dir, train=split == "train", download=not present)
         except Exception as e:
-            reason = (
-                [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-            )[-1]
-            if present:  # a truncated or corrupt file
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            reason = (lines or [type(e).__name__])[-1]
+            if present:  # a truncated or damaged file
                 raise UserError(
                     f"cannot read the {cls.__name__} files in '{folder}' ({type(e).__name__}: "
                     f"{reason}); replace them with the original files."
                 ) from None
             how = "extracted from cifar-10-python.tar.gz" if name == "cifar10" else "uncompressed"
             raise UserError(
-                f"{cls.__name__} is not in '{folder}' and could not be downloaded ({reason}); "
-                f"put the {len(files)} files {', '.join(files)} ({how}) in that folder, or point "
-                f"--data_dir at a folder whose {os.path.relpath(folder, data_dir)}/ has "
-                f"them."
+                f"{cls.__name__} is not in '{folder}' and could not be downloaded ({reason}); put "
+                f"the {len(files)} files {', '.join(files)} ({how}) in that folder, or point "
+                f"--data_dir at a folder whose {os.path.relpath(folder, data_dir)}/ has them."
             ) from None
         x = torch.as_tensor(ds.data)
-        x = (
-            x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-        )  # (N, H, W) or (N, H, W, C) -> NCHW
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, H, W[, C]) -> NCHW
         if channels == 3 and x.shape[1] == 1:  # gray repeated into RGB
             x = x.expand(-1, 3, -1, -1)
         if channels == 1 and x.shape[1] == 3:  # RGB to luma, with PIL's weights (ITU-R 601-2)
             x = torch.cat([rgb_to_grayscale(chunk) for chunk in x.split(4096)])
         if image_size and image_size != x.shape[-1]:  # in chunks: resize makes a float copy
-            x = torch.cat(
-                [resize(chunk, [image_size] * 2, antialias=True) for chunk in x.split(4096)]
+            x = torch.cat([resize(c, [image_size] * 2, antialias=True) for c in x.split(4096)])
+        data[f"{split}_x"] = x.contiguous()
+        data[f"{split}_y"] = torch.as_tensor(ds.targets).long()
+    return dict(data, classes=list(ds.classes))
+
+
+def list_images(root, seen):
+    """(paths, labels or None, class names or None) of the images under root: each subfolder is a
+    class (ImageFolder's layout, root/<class>/**/<image>); without subfolders, root's images are one
+    unlabelled set. Hidden files and folders are skipped; `seen` holds the real paths already
+    taken, so that a symbolic link loop ends and no file is read twice (the two splits share it);
+    only regular files with an image extension of torchvision's are taken."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    def entries(folder):
+        try:
+            found = [e for e in os.scandir(folder) if not e.name.startswith(".")]
+        except OSError as e:
+            raise UserError(f"cannot list the folder '{folder}' ({e.strerror or e}).") from None
+        return sorted(found, key=lambda e: e.name)
+
+    def images(folder, recursive=True):
+        seen.add(os.path.realpath(folder))
+        for entry in entries(folder):
+            real = os.path.realpath(entry.path)
+            if real in seen:
+                continue
+            if recursive and entry.is_dir():
+                yield from images(entry.path)
+            elif entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS):
+                seen.add(real)
+                yield entry.path
+
+    classes = [e.name for e in entries(root) if e.is_dir()]
+    if not classes:
+        return list(images(root, recursive=False)), None, None
+    paths = []
+    labels = []
+    for c, name in enumerate(classes):
+        found = list(images(os.path.join(root, name)))
+        paths += found
+        labels += [c] * len(found)
+    return paths, labels, classes
+
+
+def folder_splits(data_dir):
+    """(train, test, classes, note) of an image folder, each split (paths, labels or None):
+    train/ and val/ (or test/) if it has them, else a fixed random FOLDER_TEST_FRACTION of it."""
+    has = lambda d: os.path.isdir(os.path.join(data_dir, d))  # noqa: E731
+    test_name = next((d for d in ("val", "test") if has(d)), None)
+    seen = set()
+    if has("train") and test_name:
+        train_paths, train_y, classes = list_images(os.path.join(data_dir, "train"), seen)
+        test_paths, test_y, test_classes = list_images(os.path.join(data_dir, test_name), seen)
+        if (classes is None) != (test_classes is None) or not set(test_classes or ()) <= set(
+            classes or ()
+        ):
+            raise UserError(
+                f"'{data_dir}/{test_name}' has classes {test_classes} that do not match those "
+                f"of '{data_dir}/train', {classes}."
             )
-        out[f"{split}_x"], out[f"{split}_y"] = x.contiguous(), torch.as_tensor(ds.targets).long()
-    return dict(out, classes=list(ds.classes))
+        if classes is not None:  # class indices follow the training split's names
+            test_y = [classes.index(test_classes[c]) for c in test_y]
+        note = f"splits: {data_dir}/train, {test_name}"
+        return (train_paths, train_y), (test_paths, test_y), classes, note
+    root = os.path.join(data_dir, "train") if has("train") else data_dir
+    paths, labels, classes = list_images(root, seen)
+    if len(paths) < 2:
+        raise UserError(
+            f"'{root}' holds {len(paths)} images in formats vae.py reads; it needs at least 2."
+        )
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0)).tolist()
+    n_test = max(1, round(FOLDER_TEST_FRACTION * len(paths)))
+    split = lambda part: ([paths[i] for i in part], labels and [labels[i] for i in part])  # noqa
+    note = (
+        f"no train/ and val/ (or test/) subfolders in '{data_dir}', so a fixed random "
+        f"{FOLDER_TEST_FRACTION:.0%} of its images (seed 0) is the test split"
+    )
+    return split(order[n_test:]), split(order[:n_test]), classes, note
+
+
+def load_image(path, image_size, channels):
+    """One image file -> (channels, image_size, image_size) uint8: its centre square, resized to
+    image_size (antialiased), as RGB or gray. Cropping first means that nothing long is ever made
+    longer. A JPEG is decoded at the smallest scale that keeps image_size; an image still over
+    MAX_PIXELS is refused. Pixels of more than 8 bits are scaled by their mode's range (16 bits,
+    or 32-bit signed integers; floats as [0, 1]). UserError names a file it cannot read."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor, resize
+
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB" if channels == 3 else "L", (image_size, image_size))
+            if im.width * im.height > MAX_PIXELS:
+                raise ValueError(f"{im.width}x{im.height} pixels, over the {MAX_PIXELS:,} it reads")
+            side = min(im.size)
+            left = (im.width - side) // 2
+            top = (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side))
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                scale = {"F": 1.0, "I": 2**31 - 1}.get(im.mode, 65535)
+                pixels = np.asarray(im, np.float64) * (255 / scale)
+                im = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
+            im = im.convert("RGB" if channels == 3 else "L")  # also palette and alpha images
+            return pil_to_tensor(resize(im, [image_size, image_size], antialias=True))
+    except Exception as e:  # PIL raises many types for a broken file
+        raise UserError(
+            f"cannot read the image '{path}' ({type(e).__name__}: {e}); remove or replace that "
+            f"file."
+        ) from None
 
 
 def available_memory():
@@ -810,218 +903,50 @@ def available_memory():
         return int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
 
 
-def _image_files(folder, seen, recursive=True, dirs=False):
-    """The image files in folder (and below it), by name, hidden ones skipped, each real file or folder
-    once (`seen` holds real paths, whatever symbolic links point to); with dirs, its subfolders' names."""
-    try:
-        entries = sorted(
-            (e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name
-        )
-    except OSError as e:
-        raise UserError(f"cannot list the folder '{folder}' ({e.strerror or e}).") from None
-    if dirs:
-        return [e.name for e in entries if e.is_dir()]
-    seen.add(os.path.realpath(folder))
-    found = []
-    for entry in entries:
-        real = os.path.realpath(entry.path)
-        if real in seen:
-            continue
-        if recursive and entry.is_dir():
-            found += _image_files(entry.path, seen)
-        elif entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS):  # a regular file
-            seen.add(real)
-            found.append(entry.path)
-    return found
-
-
-def list_images(root, seen=None):
-    """(paths, labels or None, class names or None) of the images under root: each subfolder is a
-    class (ImageFolder's layout, root/<class>/**/<image>); without subfolders, root's images are one
-    unlabelled set. `seen` is shared by the two splits' calls, so that no file is in both."""
-    seen = set() if seen is None else seen
-    classes = _image_files(root, seen, dirs=True)
-    if not classes:
-        return _image_files(root, seen, recursive=False), None, None
-    paths, labels = [], []
-    for c, name in enumerate(classes):
-        found = _image_files(os.path.join(root, name), seen)
-        paths += found
-        labels += [c] * len(found)
-    return paths, labels, classes
-
-
-@contextlib.contextmanager
-def _open_image(path, image_size, channels):
-    """PIL's lazy image of a file, a JPEG set to decode at the smallest scale that keeps image_size;
-    UserError naming the file when it, or the code using it, fails to read it."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB" if channels == 3 else "L", (image_size, image_size))
-            yield im
-    except Exception as e:  # PIL raises many types for a broken file
-        raise UserError(
-            f"cannot read the image '{path}' ({type(e).__name__}: {e}); remove or replace that "
-            f"file."
-        ) from None
-
-
-def load_image(path, image_size, channels):
-    """One image file -> (channels, image_size, image_size) uint8: its centre square, resized to
-    image_size (antialiased), as RGB or gray. Pixels of more than 8 bits are scaled by their mode's
-    range (16 bits, or 32-bit signed integers; floats as [0, 1]). A JPEG is decoded at the smallest
-    scale that keeps image_size; an image still over MAX_PIXELS is refused. UserError names a file
-    it cannot read."""
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor, resize
-
-    with _open_image(path, image_size, channels) as im:
-        if im.width * im.height > MAX_PIXELS:
-            raise ValueError(
-                f"{im.width}x{im.height} pixels, more than the {MAX_PIXELS:,} it decodes"
-            )
-        side = min(
-            im.size
-        )  # cropped before it is resized, so that nothing long is ever made longer
-        left, top = (im.width - side) // 2, (im.height - side) // 2
-        im = im.crop((left, top, left + side, top + side))
-        if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-            scale = 1.0 if im.mode == "F" else 65535 if im.mode.startswith("I;16") else 2**31 - 1
-            pixels = np.asarray(im, np.float64) * (255 / scale)
-            im = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
-        im = im.convert("RGB" if channels == 3 else "L")  # also palette and alpha images
-        return pil_to_tensor(resize(im, [image_size, image_size], antialias=True))
-
-
-def read_images(paths, image_size, channels, desc):
-    """Decode image files into one (N, channels, image_size, image_size) uint8 tensor."""
+def load_folder(data_dir, image_size=64, channels=3):
+    """A folder of images (see `load_dataset` and `folder_splits`), read into memory once, by as
+    many threads as the machine has cores (PIL decodes without the GIL)."""
     from tqdm import tqdm
 
-    x = torch.empty(len(paths), channels, image_size, image_size, dtype=torch.uint8)
-    load = functools.partial(load_image, image_size=image_size, channels=channels)
-    with ThreadPoolExecutor(WORKERS) as pool:  # PIL decodes without the GIL
-        try:
-            for i, image in enumerate(
-                tqdm(
-                    pool.map(load, paths),
-                    total=len(paths),
-                    leave=False,
-                    unit="image",
-                    desc=desc,
-                    disable=not sys.stderr.isatty(),
-                )
-            ):
-                x[i] = image
-        except BaseException:
-            pool.shutdown(
-                cancel_futures=True
-            )  # a bad file stops the reading now, not after the rest
-            raise
-    return x
-
-
-def folder_splits(data_dir):
-    """(train, test, classes, note) of an image folder; each split is (paths, labels or None)."""
-    has = lambda d: os.path.isdir(os.path.join(data_dir, d))  # noqa: E731
-    test_name = next((d for d in ("val", "test") if has(d)), None)
-    if has("train") and test_name:
-        seen = set()
-        train_paths, train_y, classes = list_images(os.path.join(data_dir, "train"), seen)
-        test_paths, test_y, test_classes = list_images(os.path.join(data_dir, test_name), seen)
-        if (classes is None) != (test_classes is None) or not set(test_classes or ()) <= set(
-            classes or ()
-        ):
-            raise UserError(
-                f"'{data_dir}/{test_name}' has classes {test_classes} that do not match those of "
-                f"'{data_dir}/train', {classes}."
-            )
-        if classes is not None:  # class indices follow the training split's names
-            test_y = [classes.index(test_classes[c]) for c in test_y]
-        return (
-            (train_paths, train_y),
-            (test_paths, test_y),
-            classes,
-            f"splits: {data_dir}/train, {test_name}",
-        )
-    root = os.path.join(data_dir, "train") if has("train") else data_dir
-    paths, labels, classes = list_images(root)
-    if len(paths) < 2:
-        raise UserError(
-            f"'{root}' holds {len(paths)} images in formats vae.py reads "
-            f"({', '.join(IMG_EXTENSIONS)}); it needs at least 2."
-        )
-    order = torch.randperm(
-        len(paths), generator=torch.Generator().manual_seed(FOLDER_SPLIT_SEED)
-    ).tolist()
-    n_test = max(1, round(FOLDER_TEST_FRACTION * len(paths)))
-    split = lambda part: ([paths[i] for i in part], labels and [labels[i] for i in part])  # noqa: E731
-    return (
-        split(order[n_test:]),
-        split(order[:n_test]),
-        classes,
-        (
-            f"no train/ and val/ (or test/) subfolders in '{data_dir}', so a fixed random "
-            f"{FOLDER_TEST_FRACTION:.0%} of its images (seed {FOLDER_SPLIT_SEED}) is the test split"
-        ),
-    )
-
-
-def load_folder(data_dir, image_size=None, channels=None):
-    """A folder of images (see `load_dataset`), read into memory once. Layout: class subfolders, or
-    images directly in data_dir (no labels); `train/` and `val/` (or `test/`) subfolders are the
-    splits, else a fixed random 10% is the test split. image_size: default 64; channels: 3 or 1."""
-    channels, image_size = channels or FOLDER_DEFAULTS[0], image_size or FOLDER_DEFAULTS[1]
     if not os.path.isdir(data_dir):
         raise UserError(
             f"--data_dir '{data_dir}' is not a folder; --dataset folder needs a folder of images "
             f"(class subfolders, or images directly in it)."
         )
     train, test, classes, note = folder_splits(data_dir)
-    for split, (paths, _) in (("training", train), ("test", test)):
-        if not paths:
-            raise UserError(
-                f"the {split} split of '{data_dir}' has no images in formats vae.py reads "
-                f"({', '.join(IMG_EXTENSIONS)})."
-            )
-    paths, largest = train[0] + test[0], 0
-    for path in paths:  # the largest image as it will be decoded, from the files' headers
-        with _open_image(path, image_size, channels) as im:
-            largest = max(largest, min(im.width * im.height, MAX_PIXELS))
-    # The images as they are held, and one decoded image (4 bytes a pixel) for each thread that decodes.
-    need, free = len(paths) * channels * image_size**2 + WORKERS * 4 * largest, available_memory()
+    n = len(train[0]) + len(test[0])
+    need = n * channels * image_size**2  # bytes, as they are held after resizing
+    free = available_memory()
     if free is not None and need > 0.8 * free:  # checked before any image is decoded
         raise UserError(
-            f"'{data_dir}': {len(paths):,} images of {channels}x{image_size}x{image_size} need "
-            f"{need / 1e9:.1f} GB of memory to read and hold, and {free / 1e9:.1f} GB is "
-            f"available; use a smaller --image_size, --channels 1, or fewer or smaller images."
+            f"'{data_dir}': {n:,} images of {channels}x{image_size}x{image_size} need "
+            f"{need / 1e9:.1f} GB of memory, and {free / 1e9:.1f} GB is available; use a smaller "
+            f"--image_size, --channels 1, or fewer images."
         )
-    out = dict(
-        classes=classes, note=note + ("" if classes else "; no class subfolders, so no labels")
+    data = dict(
+        classes=classes, note=note if classes else f"{note}; no class subfolders, no labels"
     )
+    load = functools.partial(load_image, image_size=image_size, channels=channels)
     for split, (paths, labels) in (("train", train), ("test", test)):
-        out[f"{split}_x"] = read_images(paths, image_size, channels, f"reading {split}")
-        out[f"{split}_y"] = None if labels is None else torch.tensor(labels, dtype=torch.long)
-    return out
-
-
-def binarize_once(images, seed=0):
-    """uint8 images with each pixel drawn once as Bernoulli(intensity), in {0, 255}: the fixed binary
-    test set (a fixed seed, drawn on the CPU so that every device gets the same set)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.bernoulli(to_float(images.cpu()), generator=g).to(torch.uint8) * 255
-
-
-def load_dataset(dataset, data_dir, image_size=None, channels=None, binarize=False):
-    """Dataset `dataset` (one of DATASETS) from data_dir, in memory on the CPU: a dict of train_x, test_x
-    (N, C, S, S) uint8; train_y, test_y (N,) int64, or None for unlabelled images; classes (names, or
-    None); note (a sentence for the log, or None). With binarize, the test set is `binarize_once`d.
-    Raises UserError, one sentence naming what is wrong."""
-    load = load_folder if dataset == "folder" else functools.partial(load_torchvision, dataset)
-    data = load(data_dir, image_size, channels)
-    if binarize:
-        data["test_x"] = binarize_once(data["test_x"])
+        if not paths:
+            raise UserError(f"the {split} split of '{data_dir}' has no images vae.py reads.")
+        x = torch.empty(len(paths), channels, image_size, image_size, dtype=torch.uint8)
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+            progress = tqdm(
+                pool.map(load, paths),
+                total=len(paths),
+                desc=f"reading {split}",
+                leave=False,
+                disable=not sys.stderr.isatty(),
+            )
+            try:
+                for i, image in enumerate(progress):
+                    x[i] = image
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # a bad file stops the reading now
+                raise
+        data[f"{split}_x"] = x
+        data[f"{split}_y"] = None if labels is None else torch.tensor(labels, dtype=torch.long)
     return data
 
 
@@ -1033,15 +958,11 @@ def select_device(name, deterministic=False):
     """'auto' -> cuda, then mps, then cpu; a named device must be available (else UserError).
     deterministic: PyTorch's deterministic algorithms, for repeatable CUDA runs (CPU runs are)."""
     if deterministic:
-        os.environ.setdefault(
-            "CUBLAS_WORKSPACE_CONFIG", ":4096:8"
-        )  # cuBLAS needs it for determinism
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
         torch.use_deterministic_algorithms(True)
-    available = {
-        "cpu": True,
-        "cuda": torch.cuda.is_available(),
-        "mps": torch.backends.mps.is_available(),
-    }
+    available = dict(
+        cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available()
+    )
     if name == "auto":
         name = next(d for d in ("cuda", "mps", "cpu") if available[d])
     elif not available[name]:
@@ -1049,49 +970,32 @@ def select_device(name, deterministic=False):
             f"--device {name} was asked for but is not available here; use --device auto or cpu."
         )
     if name == "cuda":
-        torch.backends.cudnn.benchmark = (
-            not deterministic
-        )  # fixed shapes: let cuDNN pick its fastest kernels
-        torch.backends.cuda.matmul.allow_tf32 = (
-            True  # fp32 matmuls on tensor cores, as cuDNN's convolutions
-        )
+        torch.backends.cudnn.benchmark = not deterministic  # fixed shapes: cuDNN's fastest kernels
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores, as cuDNN's
     return torch.device(name)
 
 
-def build_model(model, image_size, channels, latent_dim, width=32, num_classes=0):
-    """The command line's model: 'conv', a ConvVAE whose first block has `width` channels, or 'mlp',
-    an MLPVAE with hidden layers of 16 and 8 times `width` units (512 and 256 at 32)."""
-    if model == "conv":
-        return ConvVAE(
-            image_size, channels, latent_dim, base_channels=width, num_classes=num_classes
+def init_distributed(device):
+    """Join the process group when started by torchrun: (rank, world size, this process's device);
+    (0, 1, device) without torchrun's variables. nccl on CUDA, each process on cuda:LOCAL_RANK;
+    gloo on the CPU. UserError on mps, or with more processes on a machine than it has GPUs."""
+    if "LOCAL_RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "mps":
+        raise UserError(
+            "torchrun needs --device cuda or cpu: PyTorch has no distributed backend for mps."
         )
-    return MLPVAE(
-        image_size, channels, latent_dim, hidden=(16 * width, 8 * width), num_classes=num_classes
-    )
-
-
-def setup_training(model, lr, device, distributed=False):
-    """The model on `device` with its fast settings, and its Adam: (model, step_model, optimizer).
-    step_model is what training calls: the model, or under torchrun the model in DDP, which averages
-    the processes' gradients. Save and evaluate `model`, which is never wrapped."""
-    model = model.to(device)
-    if isinstance(model, ConvVAE) and not distributed:
-        # NHWC runs convolutions about 25% faster on CPUs (oneDNN) and tensor-core GPUs; not under DDP,
-        # whose gradient buckets expect the parameters' default strides.
-        model = model.to(memory_format=torch.channels_last)
-    # Fused Adam updates all parameters in one kernel, not a dozen per tensor; capturable keeps its
-    # step count on the GPU, so that a CUDA graph can record it.
-    optimizer = torch.optim.Adam(
-        model.parameters(),
-        lr=lr,
-        fused=device.type in ("cuda", "cpu"),
-        capturable=device.type == "cuda",
-    )
-    ids = [device] if device.type == "cuda" else None
-    step_model = (
-        nn.parallel.DistributedDataParallel(model, device_ids=ids) if distributed else model
-    )
-    return model, step_model, optimizer  # DDP starts from rank 0's weights
+    if device.type == "cuda":
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(
+                f"torchrun started process {local_rank} on a machine with "
+                f"{torch.cuda.device_count()} GPU(s); give --nproc_per_node at most that."
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 class CUDAGraphStep:
@@ -1101,20 +1005,20 @@ class CUDAGraphStep:
     a replay launches the whole step (forward, backward, Adam) at once ("whole-network capture" in
     PyTorch's CUDA Graphs notes). A call copies its batch and beta into the graph's buffers (the
     step_args likelihood, sigma, free_bits, grad_clip are fixed here); a batch of another size (an
-    epoch's last) runs eagerly.
-    x, y: an example batch (B, C, H, W) on the GPU, and labels (B,) for a conditional model; the
-    optimizer must be Adam(capturable=True). The warm-up steps that capture needs are undone.
+    epoch's last) runs eagerly. x, y: an example batch (B, C, H, W) on the GPU, and labels (B,)
+    for a conditional model; the optimizer must be Adam(capturable=True). The warm-up steps that
+    capture needs are undone.
     """
 
     def __init__(self, model, optimizer, x, y=None, **step_args):
-        self.x, self.y, self.beta = x.clone(), None if y is None else y.clone(), x.new_ones(())
+        self.x = x.clone()
+        self.y = None if y is None else y.clone()
+        self.beta = x.new_ones(())
         step = functools.partial(
             train_step, model, optimizer, self.x, self.beta, self.y, **step_args
         )
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        opt_before = {
-            p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in optimizer.state
-        }
+        adam = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in optimizer.state}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -1127,10 +1031,8 @@ class CUDAGraphStep:
         model.load_state_dict(before)  # copies into the tensors that the graph reads
         with torch.no_grad():
             for p in (p for group in optimizer.param_groups for p in group["params"]):
-                for k, v in optimizer.state[p].items():
-                    v.copy_(
-                        opt_before[p][k]
-                    ) if p in opt_before else v.zero_()  # zero = a fresh Adam
+                for k, v in optimizer.state[p].items():  # zero: a fresh Adam's state
+                    v.copy_(adam[p][k]) if p in adam else v.zero_()
 
     def __call__(self, model, optimizer, x, beta=1.0, y=None, **step_args):
         """As `train_step`: the (4,) [loss, recon, kl, gradient norm] of one step on x."""
@@ -1144,29 +1046,6 @@ class CUDAGraphStep:
         return self.out.clone()  # the next replay rewrites self.out
 
 
-def init_distributed(device):
-    """Join the process group when started by torchrun: (rank, world size, this process's device);
-    (0, 1, device) without torchrun's variables. nccl on CUDA, each process on cuda:LOCAL_RANK; gloo
-    on the CPU. UserError on mps, or with more processes on a machine than it has GPUs."""
-    if "LOCAL_RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "mps":
-        raise UserError(
-            "torchrun needs --device cuda or cpu: PyTorch has no distributed backend for mps."
-        )
-    if device.type == "cuda":
-        local_rank, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
-        if local_rank >= gpus:
-            raise UserError(
-                f"torchrun started process {local_rank} on a machine with {gpus} GPU(s); give "
-                f"--nproc_per_node at most {gpus}."
-            )
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 # ---------------------------------------------------------------------------------------------
 # Files: atomic writes, run folders, checkpoints
 #
@@ -1174,9 +1053,9 @@ def init_distributed(device):
 # mid-write leaves the previous complete file, never half of one.
 
 
-def _atomic_write(path, write):
-    """Write `path` through write(f), atomically. UserError when the disk is full or the folder
-    unwritable; `path` then keeps its previous content."""
+def atomic_write(path, write):
+    """Write `path` through write(f), f a binary file, atomically. UserError (exit code 1) when the
+    disk is full or the folder unwritable; `path` then keeps its previous content."""
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")  # one writer per process and file
     try:
@@ -1198,8 +1077,8 @@ def _atomic_write(path, write):
 
 
 def save_json(obj, path):
-    """Write obj as JSON to path, atomically (see `_atomic_write`)."""
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
+    """Write obj as JSON to path, atomically."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
 
 
 def save_csv(rows, path):
@@ -1208,9 +1087,8 @@ def save_csv(rows, path):
     writer = csv.DictWriter(text, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(
-        path, lambda f: f.write(text.getvalue().encode(errors="surrogateescape"))
-    )  # bytes of names
+    # surrogateescape: a folder name's bytes that are not UTF-8 are written as they are
+    atomic_write(path, lambda f: f.write(text.getvalue().encode(errors="surrogateescape")))
 
 
 RUN_FILES = re.compile(
@@ -1222,7 +1100,7 @@ RUN_FILES = re.compile(
 
 
 def run_files(folder):
-    """The names of the files in `folder` that a run of vae.py writes."""
+    """The names of the files in `folder` that a run of vae.py writes, sorted."""
     with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         return sorted(name for name in os.listdir(folder) if RUN_FILES.fullmatch(name))
     return []
@@ -1232,11 +1110,11 @@ def refuse_other_run(out_dir, overwrite, training=True):
     """UserError when out_dir holds files of another run and `overwrite` is not given."""
     found = [name for name in run_files(out_dir) if not name.startswith(".tmp-")]
     if found and not overwrite:
+        more = ", ..." if len(found) > 3 else ""
         resume = "continue it with --resume, " if training and "checkpoint.pt" in found else ""
         raise UserError(
-            f"'{out_dir}' already holds the files of another run ({', '.join(found[:3])}"
-            f"{', ...' if len(found) > 3 else ''}); {resume}replace them with --overwrite, or "
-            f"choose another --out_dir."
+            f"'{out_dir}' already holds the files of another run ({', '.join(found[:3])}{more}); "
+            f"{resume}replace them with --overwrite, or choose another --out_dir."
         )
 
 
@@ -1259,8 +1137,7 @@ def prepare_output_dir(out_dir, overwrite=False, resume=False, training=True):
     except OSError:
         lock.close()
         raise UserError(
-            f"another run is writing into '{out_dir}' now; let it finish, or choose another "
-            f"--out_dir."
+            f"another run is writing into '{out_dir}' now; let it finish, or choose another --out_dir."
         ) from None
     if not resume:  # again, now that no other run can write here
         refuse_other_run(out_dir, overwrite, training)
@@ -1278,14 +1155,14 @@ def save_checkpoint(path, model, optimizer=None, **extra):
         extra["optimizer"] = optimizer.state_dict()
     buffer = io.BytesIO()  # torch's zip writer turns a full disk into an unclear RuntimeError
     save_model(buffer, model, **extra)
-    _atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path, device="cpu"):
     """Part 1's `load_model` of a `save_checkpoint` file: (model on `device` in eval mode, the
     checkpoint's dict). UserError, one sentence for each way it can fail: no file, not a PyTorch
-    file, a pickle with code, not vae.py's, a model whose weights do not fit, a run's field that
-    is missing or of the wrong type."""
+    file, a pickle with code, not vae.py's, weights that do not fit, a run's field that is missing
+    or of the wrong type (an edited file: the first such field is named)."""
     try:
         model, state = load_model(path, device)
     except FileNotFoundError:
@@ -1300,12 +1177,10 @@ def load_checkpoint(path, device="cpu"):
         if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):  # code to import and run
             raise UserError(
                 f"'{path}' was refused: it holds Python objects beyond tensors and plain data, "
-                f"which could run code when loaded, and vae.py loads only with "
-                f"weights_only=True."
+                f"which could run code when loaded, and vae.py loads only with weights_only=True."
             ) from None
         raise UserError(
-            f"'{path}' is not a checkpoint written by vae.py (not a PyTorch file, "
-            f"or a truncated one)."
+            f"'{path}' is not a checkpoint written by vae.py (not a PyTorch file, or a truncated one)."
         ) from None
     if "config" in state:
         _check_run_state(state, model, path)
@@ -1378,14 +1253,14 @@ def _figure(width, height):
 
 def save_figure(fig, path):
     """Write a matplotlib figure to path as a PNG, atomically (see `_atomic_write`)."""
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def save_grid(images, path, nrow):
     """Save images (N, C, H, W) in [0, 1] as one PNG grid of nrow images per row, atomically."""
     from torchvision.utils import save_image
 
-    _atomic_write(
+    atomic_write(
         path, lambda f: save_image(images, f, format="png", nrow=nrow, padding=2, pad_value=0.5)
     )
 
@@ -1689,47 +1564,34 @@ def write_analysis(model, test_x, test_y, stats, out_dir, config, classes=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# A training run, and the evaluation of a saved model
+# The final report: the numbers of a trained model, and every figure
 
 
 def eval_generator(seed, device):
-    """The random generator of one evaluation: a new one, seeded `seed`, at every call, so that
-    evaluating the same weights twice gives the same numbers, and the training's own random
-    stream is the same whether or not, and how often, the model is evaluated."""
+    """The random generator of one evaluation: a new one, seeded `seed`, at every call, so that the
+    same weights give the same numbers and training draws the same whether or not it is evaluated."""
     return torch.Generator(device).manual_seed(seed)
 
 
 @in_eval_mode
 def evaluate_nll(model, images, k, labels=None, likelihood="bernoulli", sigma=0.1, seed=0):
-    """Mean -log p(x) of a split, by `log_likelihood` with k samples, under the likelihood the model
+    """Mean -log p(x) of a split by `log_likelihood` with k samples, under the likelihood the model
     was trained with: (nats per image, bits per dim = nats / (C H W ln 2)). images: uint8 on the
-    model's device, binary for the standard protocol; labels: for a conditional model, whose
-    number is then -log p(x|y)."""
+    model's device; labels: for a conditional model, whose number is then -log p(x|y)."""
     generator = eval_generator(seed, images.device)
     total = torch.zeros((), device=images.device)
     for start in range(0, len(images), 100):
-        x = images[start : start + 100]
         y = None if labels is None else labels[start : start + 100]
-        total += log_likelihood(model, x, k, y, likelihood, sigma, generator).sum()
+        total += log_likelihood(
+            model, images[start : start + 100], k, y, likelihood, sigma, generator
+        ).sum()
     nll = -total.item() / len(images)
     return nll, nll / (images[0].numel() * math.log(2))
 
 
-def density_note(likelihood, images):
-    """A note for a -ELBO or NLL that is not a probability: a Bernoulli likelihood of images
-    (uint8) that are not binary; else ''."""
-    if likelihood == "bernoulli" and not bool(((images == 0) | (images == 255)).all()):
-        return (
-            " (Bernoulli on grey pixels: not a probability; it compares runs of vae.py, and "
-            "--binarize gives the standard binary protocol)"
-        )
-    return ""
-
-
 def constant_decoder_cost(images, likelihood="bernoulli", sigma=0.1):
-    """The test -ELBO, in nats per image, of a model that ignores z and says 0.5 for every pixel
-    (logits 0, KL 0): P ln 2 for P pixels under a Bernoulli likelihood. Any trained model should
-    cost less; ten times more means that training has diverged. images: uint8 (N, C, H, W)."""
+    """The -ELBO of images (uint8) under a model that ignores z and says 0.5 for every pixel (logits
+    0, KL 0), in nats per image: P ln 2 for P pixels under a Bernoulli likelihood."""
     total = 0.0
     for start in range(0, len(images), 1000):
         x = to_float(images[start : start + 1000])
@@ -1738,9 +1600,9 @@ def constant_decoder_cost(images, likelihood="bernoulli", sigma=0.1):
 
 
 def divergence_warning(neg_elbo, previous, constant_cost, lr):
-    """A warning when the test -ELBO is finite but exploding: ten times what a decoder saying 0.5
-    for every pixel costs (`constant_decoder_cost`), or grown ten-fold since the last epoch
-    (`previous`, or None); else None. A test loss creeping up as a model overfits passes."""
+    """A warning when the test -ELBO explodes but stays finite: over ten times `constant_cost`, or
+    grown ten-fold since the epoch before (`previous`, or None). A creeping rise, as a model
+    overfits, passes. Else None."""
     if neg_elbo > 10 * abs(constant_cost):
         what = (
             f"over 10 times the {constant_cost:.4g} nats of a decoder that says 0.5 for every pixel"
@@ -1756,10 +1618,9 @@ def divergence_warning(neg_elbo, previous, constant_cost, lr):
 
 
 def collapse_warning(kl, active_units, n_images):
-    """A warning when the posterior has collapsed (Bowman et al. 2016): a test KL under 0.1 nats
-    per image, q(z|x) is then the prior for every image; or no active unit among at least 10
-    images (fewer tell too little of a variance), z then varies too little across images to say
-    much of them. Else None."""
+    """A warning when the posterior has collapsed (Bowman et al. 2016): a test KL under 0.1 nats,
+    so q(z|x) is the prior for every image; or no active unit among at least 10 images (fewer tell
+    too little of a variance), so z hardly varies across them. Else None."""
     advice = "try --kl_warmup 10, --free_bits 0.5 or a smaller --beta."
     if kl < 0.1:
         return (
@@ -1779,40 +1640,36 @@ def report(model, test_x, test_y, config, out_dir, nll_samples=0, extra=None, cl
     """The final evaluation of a trained model: the test -ELBO and the beta-weighted loss, the NLL
     if asked, every figure; all in evaluation.json, whose dict it returns. test_x: (N, C, H, W)
     uint8 on the model's device; test_y: (N,) on the CPU, or None; config: the run's settings
-    (beta, likelihood, sigma, seed, interpolate)."""
+    (beta, likelihood, sigma, seed, interpolate). A Bernoulli likelihood of grey pixels is not a
+    probability: its numbers say so."""
     y = test_y.to(test_x.device) if model.num_classes else None
     beta = config["beta"]
     likelihood = config["likelihood"]
     sigma = config["sigma"]
-    generator = eval_generator(config["seed"], test_x.device)
-    te = evaluate(model, test_x, y, likelihood, sigma, generator)
+    seed = config["seed"]
+    te = evaluate(model, test_x, y, likelihood, sigma, eval_generator(seed, test_x.device))
     results = dict(extra or {}, likelihood=likelihood)
     if likelihood == "gaussian":
         results["sigma"] = sigma
-    results.update(
-        test_neg_elbo=te["neg_elbo"],
-        test_recon=te["recon"],
-        test_kl=te["kl"],
-        beta=beta,
-        test_loss=te["recon"] + beta * te["kl"],
-        active_units=te["active_units"],
-        kl_per_dim=te["kl_per_dim"],
-        mu_var=te["mu_var"],
-    )
-    note = density_note(likelihood, test_x)
+    results.update(test_neg_elbo=te["neg_elbo"], test_recon=te["recon"], test_kl=te["kl"])
+    results.update(beta=beta, test_loss=te["recon"] + beta * te["kl"])
+    results.update({k: te[k] for k in ("active_units", "kl_per_dim", "mu_var")})
+    note = ""
+    if likelihood == "bernoulli" and not bool(((test_x == 0) | (test_x == 255)).all()):
+        note = " (Bernoulli on pixels that are not binary: not a probability;"
+        note += " it compares runs of vae.py, and --binarize gives the standard binary protocol)"
     print(
-        f"test -ELBO {te['neg_elbo']:.3f} = recon {te['recon']:.3f} + kl {te['kl']:.3f} "
-        f"nats/image (one z per image){note}; {te['active_units']} of {model.latent_dim} latent "
-        f"units active"
+        f"test -ELBO {te['neg_elbo']:.3f} = recon {te['recon']:.3f} + kl {te['kl']:.3f} nats/image "
+        f"(one z per image){note}; {te['active_units']} of {model.latent_dim} latent units active"
     )
     if beta != 1:
         print(f"test loss with beta {beta:g}, recon + {beta:g} * kl: {results['test_loss']:.3f}")
     if nll_samples > 0:
         t0 = time.perf_counter()
-        nll, bpd = evaluate_nll(model, test_x, nll_samples, y, likelihood, sigma, config["seed"])
+        nll, bpd = evaluate_nll(model, test_x, nll_samples, y, likelihood, sigma, seed)
         print(
-            f"test {'NLL' if y is None else '-log p(x|y)'} (K={nll_samples}): {nll:.2f} "
-            f"nats/image, {bpd:.4f} bits/dim [{time.perf_counter() - t0:.0f} s]{note}",
+            f"test {'NLL' if y is None else '-log p(x|y)'} (K={nll_samples}): {nll:.2f} nats/image, "
+            f"{bpd:.4f} bits/dim [{time.perf_counter() - t0:.0f} s]{note}",
             flush=True,
         )
         results.update(nll_samples=nll_samples, test_nll=nll, test_nll_bits_per_dim=bpd)
@@ -1821,46 +1678,43 @@ def report(model, test_x, test_y, config, out_dir, nll_samples=0, extra=None, cl
     return results
 
 
-# The settings a resumed run may change; everything else comes from its checkpoint.
-RESUMABLE = (
-    "epochs",
-    "lr",
-    "grad_clip",
-    "data_dir",
-    "device",
-    "cuda_graph",
-    "nll_samples",
-    "deterministic",
-)
+# ---------------------------------------------------------------------------------------------
+# A training run
 
 
-def resume_config(args, explicit):
-    """(configuration, model, checkpoint) of a resumed run: the saved config, with the flags of
-    RESUMABLE that the command line gives (`explicit`)."""
-    path = os.path.join(args.out_dir, "checkpoint.pt")
-    if not os.path.exists(path):
+def load_data(args, device, world=1):
+    """The run's data (`load_dataset`'s dict) with train_x, test_x on the device, and train_y,
+    test_y there for a conditional model (else None); labels: the test labels on the CPU, for the
+    figures. Sets args.channels and args.image_size to the data's."""
+    if args.batch_size % world:
         raise UserError(
-            f"--resume found no checkpoint.pt in '{args.out_dir}'; start the run without "
-            f"--resume, or point --out_dir at the run's folder."
+            f"--batch_size {args.batch_size} is the batch of all {world} processes together, so "
+            f"it must be a multiple of {world}."
         )
-    model, state = load_checkpoint(path)
-    if "config" not in state:
-        raise UserError(f"'{path}' holds a model but no training run to resume.")
-    defaults = vars(build_parser().parse_args([]))  # for the flags newer than the checkpoint
-    config = {
-        **defaults,
-        **state["config"],
-        "resume": True,
-        "overwrite": False,
-        "out_dir": args.out_dir,
-    }
-    config.update({k: getattr(args, k) for k in RESUMABLE if k in explicit})
-    if state["epoch"] >= config["epochs"]:
+    data = load_dataset(args.dataset, args.data_dir, args.image_size, args.channels, args.binarize)
+    if data["note"]:
+        print(f"data: {data['note']}", flush=True)
+    if args.conditional and data["train_y"] is None:
         raise UserError(
-            f"the run in '{args.out_dir}' has finished epoch {state['epoch']} of "
-            f"{config['epochs']}; give --resume a larger --epochs to train further."
+            "--conditional needs class labels, and these images have none; use a dataset with "
+            "classes, or a folder with one subfolder per class."
         )
-    return argparse.Namespace(**config), model, state
+    args.channels = data["train_x"].shape[1]
+    args.image_size = data["train_x"].shape[-1]
+    data["labels"] = data["test_y"]
+    for split in ("train", "test"):
+        data[f"{split}_x"] = data[f"{split}_x"].to(device)
+        data[f"{split}_y"] = data[f"{split}_y"].to(device) if args.conditional else None
+    return data
+
+
+def build_model(args, num_classes=0):
+    """The command line's model: --model conv, a ConvVAE whose first block has --width channels,
+    or mlp, an MLPVAE with hidden layers of 16 and 8 times --width units (512 and 256 at 32)."""
+    size = (args.image_size, args.channels, args.latent_dim)
+    if args.model == "conv":
+        return ConvVAE(*size, base_channels=args.width, num_classes=num_classes)
+    return MLPVAE(*size, hidden=(16 * args.width, 8 * args.width), num_classes=num_classes)
 
 
 def check_classes(model, classes, data_dir):
@@ -1873,103 +1727,64 @@ def check_classes(model, classes, data_dir):
 
 
 class Run:
-    """A training run of the command line, in one process: its data and model on the device, its
-    epochs, their log line and files. Under torchrun, rank 0 alone evaluates, prints and writes."""
+    """A training run across its epochs: the model, its optimizer and step, the metrics so far.
+    Under torchrun each process has one, and rank 0 alone evaluates, prints and writes. model,
+    state: a resumed run's model and checkpoint (see `resume_config`), else a new model."""
 
-    def __init__(self, args, device, rank, world, model=None, state=None):
-        self.args, self.device, self.rank, self.world = args, device, rank, world
-        self.load_data()
-        if rank == 0:  # the data is good: now the folder may be made, and an earlier run cleared
-            self.lock = prepare_output_dir(args.out_dir, args.overwrite, args.resume)
-        self.build_model(model, state)
-        if rank == 0:
-            save_json(self.config, os.path.join(args.out_dir, "config.json"))
-
-    def load_data(self):
-        """train_x, test_x (uint8), train_y, test_y (None unless conditional) on the device, labels
-        (the test labels on the CPU, or None) and classes; args.channels and image_size set to them."""
-        args, device = self.args, self.device
-        if args.batch_size % self.world:
-            raise UserError(
-                f"--batch_size {args.batch_size} is the batch of all {self.world} processes "
-                f"together, so it must be a multiple of {self.world}."
-            )
-        data = load_dataset(
-            args.dataset, args.data_dir, args.image_size, args.channels, args.binarize
+    def __init__(self, args, data, device, rank=0, world=1, model=None, state=None):
+        self.args = args
+        self.data = data
+        self.rank = rank
+        self.world = world
+        distributed = dist.is_initialized()  # under torchrun, even with one process
+        num_classes = len(data["classes"]) if args.conditional else 0
+        model = (build_model(args, num_classes) if model is None else model).to(device)
+        check_classes(model, data["classes"], args.data_dir)
+        if isinstance(model, ConvVAE) and not distributed:
+            # NHWC runs convolutions about 25% faster on CPUs (oneDNN) and tensor-core GPUs; not
+            # under DDP, whose gradient buckets expect the parameters' default strides.
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model  # saved and evaluated; step_model is what training calls
+        ids = [device] if device.type == "cuda" else None
+        self.step_model = nn.parallel.DistributedDataParallel(model, ids) if distributed else model
+        # Fused Adam updates all parameters in one kernel, not a dozen per tensor; capturable
+        # keeps its step count on the GPU, so that a CUDA graph can record it.
+        fused = device.type in ("cuda", "cpu")
+        capturable = device.type == "cuda"
+        self.optimizer = torch.optim.Adam(
+            model.parameters(), args.lr, fused=fused, capturable=capturable
         )
-        if data["note"]:
-            print(f"data: {data['note']}", flush=True)
-        if args.conditional and data["train_y"] is None:
-            raise UserError(
-                "--conditional needs class labels, and these images have none; use a dataset "
-                "with classes, or a folder with one subfolder per class."
-            )
-        args.channels, args.image_size = data["train_x"].shape[1], data["train_x"].shape[-1]
-        self.train_x, self.test_x = data["train_x"].to(device), data["test_x"].to(device)
-        self.train_y = self.test_y = None
-        if args.conditional:
-            self.train_y, self.test_y = data["train_y"].to(device), data["test_y"].to(device)
-        self.labels, self.classes = data["test_y"], data["classes"]
-
-    def build_model(self, model, state):
-        """The model (a new one, or a resumed run's `model` and checkpoint `state`), its optimizer and
-        step, the metrics so far and the first epoch. Prints what it trains."""
-        args, device, distributed = (
-            self.args,
-            self.device,
-            dist.is_initialized(),
-        )  # torchrun, even with 1
-        # DDP's gradient exchange would not be in the graph, so there is none under torchrun.
-        graph = args.cuda_graph == "auto" and device.type == "cuda" and not distributed
-        num_classes = len(self.classes) if args.conditional else 0
-        if model is None:
-            model = build_model(
-                args.model, args.image_size, args.channels, args.latent_dim, args.width, num_classes
-            )
-        check_classes(model, self.classes, args.data_dir)
-        self.model, self.step_model, self.optimizer = setup_training(
-            model, args.lr, device, distributed
-        )
-        self.config = dict(vars(args), num_classes=num_classes, classes=self.classes)
-        self.history, self.first_epoch, self.saved_epoch = [], 1, None
+        self.config = dict(vars(args), num_classes=num_classes, classes=data["classes"])
+        self.history = [] if state is None else state["history"]
+        self.saved_epoch = None if state is None else state["epoch"]
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             for group in self.optimizer.param_groups:
                 group["lr"] = args.lr  # --lr may change on resume
-            self.history, self.saved_epoch = state["history"], state["epoch"]
-            self.first_epoch = self.saved_epoch + 1
-        self.step_args = dict(
-            likelihood=args.likelihood,
-            sigma=args.sigma,
-            free_bits=args.free_bits,
-            grad_clip=args.grad_clip,
-        )
+        self.step_args = dict(likelihood=args.likelihood, sigma=args.sigma)
+        self.step_args.update(free_bits=args.free_bits, grad_clip=args.grad_clip)
         self.step = train_step
-        if graph:
-            x, y = to_float(self.train_x[: args.batch_size]), self.train_y
-            y = None if y is None else y[: args.batch_size]
+        # DDP's gradient exchange would not be in the graph, so there is none under torchrun.
+        if args.cuda_graph == "auto" and device.type == "cuda" and not distributed:
+            x = to_float(data["train_x"][: args.batch_size])
+            y = None if data["train_y"] is None else data["train_y"][: args.batch_size]
             self.step = CUDAGraphStep(self.step_model, self.optimizer, x, y, **self.step_args)
-        print(
+        self.constant_cost = constant_decoder_cost(data["test_x"], args.likelihood, args.sigma)
+        graph = ", CUDA graph" if self.step is not train_step else ""
+        self.header = (
             f"{args.model} VAE{f' conditional on {num_classes} classes' if num_classes else ''}, "
-            f"{sum(p.numel() for p in model.parameters()):,} parameters, latent_dim {args.latent_dim}, "
-            f"{len(self.train_x):,} train / {len(self.test_x):,} test {args.dataset} images of "
-            f"{args.channels}x{args.image_size}x{args.image_size}{' binarized' if args.binarize else ''}, "
-            f"device {device}{f' x {self.world} processes' if self.world > 1 else ''}"
-            f"{', CUDA graph' if graph else ''}, writing to {args.out_dir}",
-            flush=True,
+            f"{sum(p.numel() for p in model.parameters()):,} parameters, latent_dim "
+            f"{args.latent_dim}, {len(data['train_x']):,} train / {len(data['test_x']):,} test "
+            f"{args.dataset} images of {args.channels}x{args.image_size}x{args.image_size}"
+            f"{' binarized' if args.binarize else ''}, device {device}"
+            f"{f' x {world} processes' if world > 1 else ''}{graph}"
         )
         if state is not None:  # the generators go on from the saved epoch: on a CPU, bit for bit
             torch.set_rng_state(state["rng"]["cpu"])
             if device.type == "cuda" and state["rng"]["cuda"]:
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-            if (
-                self.rank > 0
-            ):  # the checkpoint holds rank 0's generators; the others get streams of their own
-                torch.manual_seed(args.seed + self.rank + self.world * self.first_epoch)
-            print(
-                f"resuming at epoch {self.first_epoch} of {args.epochs} with saved settings",
-                flush=True,
-            )
+            if rank > 0:  # the checkpoint holds rank 0's generators; the others get their own
+                torch.manual_seed(args.seed + rank + world * self.saved_epoch)
 
     def saved(self):
         """What the run has saved, for the sentence that stops it."""
@@ -1978,8 +1793,8 @@ class Run:
         return "no epoch had finished, so no checkpoint was written"
 
     def check_step(self, epoch, step, stats):
-        """Stop the run (UserError, exit code 3) when a step's [loss, recon, kl, gradient norm] are not
-        all finite, naming a part that went (recon, KL, gradient) rather than the loss that follows it."""
+        """Stop the run (UserError, exit code 3) when a step's [loss, recon, kl, gradient norm] are
+        not all finite, naming the part that went first (recon, KL, gradient), not the loss."""
         if torch.isfinite(stats).all():  # waits for that step only
             return
         values = dict(zip(("loss", "reconstruction term", "KL term", "gradient"), stats.tolist()))
@@ -1992,26 +1807,24 @@ class Run:
             3,
         )
 
-    def train_one_epoch(self, epoch, beta):
-        """One epoch of Part 1's `train_epoch`, with this run's hooks: (its dict, seconds). Its `on_step`
-        draws the progress bar and checks each step once the next one is queued: reading a step's
-        numbers makes the CPU wait for the GPU, which this way never idles."""
+    def train_epoch(self, epoch, beta):
+        """One epoch of Part 1's `train_epoch` with this run's hooks: (its dict, seconds). Its
+        `on_step` draws the progress bar and checks each step once the next one is queued: reading
+        a step's numbers makes the CPU wait for the GPU, which this way never idles."""
         from tqdm import tqdm
 
-        args, n, world, order, pending = self.args, len(self.train_x), self.world, None, []
-        if (
-            world > 1
-        ):  # this process's share of one shuffled order, padded so that all take as many steps
-            sampler = DistributedSampler(range(n), seed=args.seed)
-            sampler.set_epoch(epoch)
-            order = torch.tensor(list(sampler), device=self.device)
-        bar = tqdm(
-            total=-(-n // args.batch_size),
-            desc=f"epoch {epoch}/{args.epochs}",
-            leave=False,
-            unit="batch",
-            disable=not sys.stderr.isatty(),
-        )
+        args = self.args
+        x = self.data["train_x"]
+        n = len(x)
+        order = None
+        if self.world > 1:  # one shuffled order, padded so that all processes take as many steps
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + epoch))
+            order = torch.cat([order, order[: -n % self.world]])[self.rank :: self.world]
+            order = order.to(x.device)
+        steps = -(-n // args.batch_size)
+        desc = f"epoch {epoch}/{args.epochs}"
+        bar = tqdm(total=steps, desc=desc, leave=False, disable=not sys.stderr.isatty())
+        pending = []
 
         def on_step(step, stats):
             bar.update()
@@ -2020,174 +1833,194 @@ class Run:
             pending.append((step, stats))
 
         t0 = time.perf_counter()
+        batch = args.batch_size // self.world
         with bar:
-            tr = train_epoch(
-                self.step_model,
-                self.optimizer,
-                self.train_x,
-                args.batch_size // world,
-                beta,
-                self.train_y,
-                args.binarize,
-                self.step,
-                order,
-                on_step,
-                **self.step_args,
-            )
+            y = self.data["train_y"]
+            loop = (self.step_model, self.optimizer, x, batch, beta, y, args.binarize, self.step)
+            tr = train_epoch(*loop, order, on_step, **self.step_args)
             self.check_step(epoch, *pending.pop())
         seconds = time.perf_counter() - t0  # train_epoch has read its sums: the device is done
-        if world > 1:  # every process took as many images: the mean of the processes' means
-            means = torch.tensor([tr["loss"], tr["recon"], tr["kl"]], device=self.device)
+        if self.world > 1:  # every process took as many images: the mean of their means
+            means = torch.tensor(list(tr.values()), device=x.device)
             dist.all_reduce(means)
-            tr = dict(zip(tr, (means / world).tolist()))
-            for (
-                buffer
-            ) in self.model.buffers():  # BatchNorm's statistics of rank 0's share, as DDP does
+            tr = dict(zip(tr, (means / self.world).tolist()))
+            for buffer in self.model.buffers():  # BatchNorm's statistics of rank 0, as DDP does
                 dist.broadcast(buffer, src=0)
         return tr, seconds
 
-    def fit(self):
-        """Train from the first epoch to the last; evaluate, log and save each (on rank 0)."""
-        args = self.args
-        fixed = to_float(self.test_x[:16])  # the same test images in every figure
-        constant_cost = constant_decoder_cost(self.test_x, args.likelihood, args.sigma)
-        for epoch in range(self.first_epoch, args.epochs + 1):
-            t0 = time.perf_counter()
-            beta = beta_schedule(epoch, args.beta, args.kl_warmup)
-            tr, train_seconds = self.train_one_epoch(epoch, beta)
-            if self.rank > 0:  # the test set is small: rank 0 evaluates it while the others go on
-                continue
-            generator = eval_generator(args.seed, self.device)
-            te = evaluate(
-                self.model, self.test_x, self.test_y, args.likelihood, args.sigma, generator
+    def evaluate_and_log(self, epoch, beta, tr, seconds, t0):
+        """Evaluate the epoch's weights on the test set, add its row to the history, and print its
+        log line and any warning. t0: when the epoch started; seconds: its training time."""
+        args, test_x = self.args, self.data["test_x"]
+        generator = eval_generator(args.seed, test_x.device)
+        te = evaluate(
+            self.model, test_x, self.data["test_y"], args.likelihood, args.sigma, generator
+        )
+        if not all(map(math.isfinite, (te["recon"], te["kl"]))):  # the last step diverged
+            raise UserError(
+                f"the test -ELBO became non-finite after epoch {epoch} (recon {te['recon']:.4g}, "
+                f"kl {te['kl']:.4g}), so training stopped; {self.saved()}; try a lower --lr (now "
+                f"{args.lr:g}) or --grad_clip 10.",
+                3,
             )
-            if not all(map(math.isfinite, (te["recon"], te["kl"]))):  # the last step diverged
-                raise UserError(
-                    f"the test -ELBO became non-finite after epoch {epoch} (recon "
-                    f"{te['recon']:.4g}, kl {te['kl']:.4g}), so training stopped; "
-                    f"{self.saved()}; try a lower --lr (now {args.lr:g}) or --grad_clip 10.",
-                    3,
-                )
-            previous = self.history[-1]["test_neg_elbo"] if self.history else None
-            r = dict(
-                epoch=epoch,
-                beta=beta,
-                **{f"train_{k}": v for k, v in tr.items()},
-                test_neg_elbo=te["neg_elbo"],
-                test_recon=te["recon"],
-                test_kl=te["kl"],
-                test_active_units=te["active_units"],
-                seconds=time.perf_counter() - t0,
-                images_per_sec=len(self.train_x) / train_seconds,
+        previous = self.history[-1]["test_neg_elbo"] if self.history else None
+        r = dict(epoch=epoch, beta=beta, **{f"train_{k}": v for k, v in tr.items()})
+        r.update(test_neg_elbo=te["neg_elbo"], test_recon=te["recon"], test_kl=te["kl"])
+        r.update(test_active_units=te["active_units"], seconds=time.perf_counter() - t0)
+        r.update(images_per_sec=len(self.data["train_x"]) / seconds)
+        self.history.append(r)
+        print(
+            f"epoch {epoch:3d}/{args.epochs} | beta {beta:.3f} | train loss {r['train_loss']:8.3f} "
+            f"recon {r['train_recon']:8.3f} kl {r['train_kl']:7.3f} | test -ELBO "
+            f"{r['test_neg_elbo']:8.3f} recon {r['test_recon']:8.3f} kl {r['test_kl']:7.3f} | AU "
+            f"{r['test_active_units']:3d} | {r['seconds']:6.2f} s {r['images_per_sec']:7.0f} img/s",
+            flush=True,
+        )
+        for warning in (
+            divergence_warning(te["neg_elbo"], previous, self.constant_cost, args.lr),
+            collapse_warning(te["kl"], te["active_units"], len(test_x)),
+        ):
+            if warning:
+                print(warning, flush=True)
+
+    def save(self, epoch):
+        """The epoch's files: metrics.csv, the checkpoint and, at epochs 1, 5, 15 and the last,
+        the reconstructions of the first 16 test images."""
+        out_dir = self.args.out_dir
+        if epoch in (1, 5, 15, self.args.epochs):
+            x = to_float(self.data["test_x"][:16])
+            y = None if self.data["test_y"] is None else self.data["test_y"][:16]
+            save_reconstructions(
+                self.model, x, f"{out_dir}/reconstructions_epoch{epoch:03d}.png", y
             )
-            self.history.append(r)
-            print(
-                f"epoch {epoch:3d}/{args.epochs} | beta {beta:.3f} | train loss "
-                f"{r['train_loss']:8.3f} recon {r['train_recon']:8.3f} kl {r['train_kl']:7.3f} | "
-                f"test -ELBO {r['test_neg_elbo']:8.3f} recon {r['test_recon']:8.3f} kl "
-                f"{r['test_kl']:7.3f} | AU {r['test_active_units']:3d} | {r['seconds']:6.2f} s "
-                f"{r['images_per_sec']:7.0f} img/s",
-                flush=True,
-            )
-            for warning in (
-                divergence_warning(te["neg_elbo"], previous, constant_cost, args.lr),
-                collapse_warning(te["kl"], te["active_units"], len(self.test_x)),
-            ):
-                if warning:
-                    print(warning, flush=True)
-            if epoch in (1, 5, 15, args.epochs):
-                save_reconstructions(
-                    self.model,
-                    fixed,
-                    os.path.join(args.out_dir, f"reconstructions_epoch{epoch:03d}.png"),
-                    None if self.test_y is None else self.test_y[:16],
-                )
-            save_csv(self.history, os.path.join(args.out_dir, "metrics.csv"))
-            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-            save_checkpoint(
-                os.path.join(args.out_dir, "checkpoint.pt"),
-                self.model,
-                self.optimizer,
-                epoch=epoch,
-                config=self.config,
-                history=self.history,
-                rng=dict(cpu=torch.get_rng_state(), cuda=cuda),
-            )
-            self.saved_epoch = epoch
+        save_csv(self.history, os.path.join(out_dir, "metrics.csv"))
+        rng = dict(cpu=torch.get_rng_state(), cuda=[])
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        path = os.path.join(out_dir, "checkpoint.pt")
+        state = dict(epoch=epoch, config=self.config, history=self.history, rng=rng)
+        save_checkpoint(path, self.model, self.optimizer, **state)
+        self.saved_epoch = epoch
+
+    def stopped(self, interrupt):
+        """The UserError of a run stopped by SIGINT or SIGTERM (`interrupt`: a KeyboardInterrupt
+        whose argument, if any, is the signal)."""
+        signum = interrupt.args[0] if interrupt.args else signal.SIGINT
+        hint = f"; continue with: python vae.py --resume --out_dir {self.args.out_dir}"
+        return UserError(
+            f"stopped by {signal.Signals(signum).name} in epoch {len(self.history) + 1}; "
+            f"{self.saved()}{hint if self.saved_epoch else ''}",
+            128 + signum,
+        )
 
 
-def _stop_on_sigterm(signum, frame):
-    raise KeyboardInterrupt(signum)  # SIGTERM stops a run as Ctrl-C does
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """Within it, SIGTERM stops a run as Ctrl-C does: KeyboardInterrupt(SIGTERM). Every file is
+    written atomically, so the last checkpoint stays whole. Only the main thread sets handlers."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# The settings a resumed run may change; everything else comes from its checkpoint.
+RESUMABLE = "epochs lr grad_clip data_dir device cuda_graph nll_samples deterministic".split()
+
+
+def resume_config(args, explicit):
+    """(settings, model, checkpoint) of a resumed run: the saved settings, with the flags of
+    RESUMABLE that the command line writes out (`explicit`)."""
+    path = os.path.join(args.out_dir, "checkpoint.pt")
+    if not os.path.exists(path):
+        raise UserError(
+            f"--resume found no checkpoint.pt in '{args.out_dir}'; start the run without "
+            f"--resume, or point --out_dir at the run's folder."
+        )
+    model, state = load_checkpoint(path)
+    if "config" not in state:
+        raise UserError(f"'{path}' holds a model but no training run to resume.")
+    config = vars(build_parser().parse_args([]))  # for the flags newer than the checkpoint
+    config.update(state["config"], resume=True, overwrite=False, out_dir=args.out_dir)
+    config.update({k: getattr(args, k) for k in RESUMABLE if k in explicit})
+    if state["epoch"] >= config["epochs"]:
+        raise UserError(
+            f"the run in '{args.out_dir}' has finished epoch {state['epoch']} of "
+            f"{config['epochs']}; give --resume a larger --epochs to train further."
+        )
+    return argparse.Namespace(**config), model, state
 
 
 def train(args, explicit=()):
-    """Train, evaluate each epoch, and write every output into args.out_dir: (the model in eval mode,
-    the rows of metrics.csv). args: `parse_args`'s namespace; explicit: the flags written on the command
-    line (a resumed run takes those of RESUMABLE over its saved config). Under torchrun each process
-    runs this, and rank 0 alone prints and writes. UserError: bad input; a non-finite value (exit code
-    3); SIGINT or SIGTERM (130, 143)."""
+    """A run of the command line, in its order: load the data, build or restore the model, and for
+    each epoch train, evaluate and log, save; then the final report. Returns the metrics' rows.
+    Under torchrun each process runs this, and rank 0 alone prints and writes. explicit: the flags
+    written on the command line (a resumed run takes those of RESUMABLE)."""
     model = state = None
     if args.resume:
         args, model, state = resume_config(args, explicit)
     else:
         refuse_other_run(args.out_dir, args.overwrite)
-    device = select_device(args.device, args.deterministic)
-    rank, world, device = init_distributed(device)
-    main_thread = (
-        threading.current_thread() is threading.main_thread()
-    )  # only it can set signal handlers
-    on_sigterm = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main_thread else None
+    rank, world, device = init_distributed(select_device(args.device, args.deterministic))
     try:
-        with contextlib.redirect_stdout(
-            sys.stdout if rank == 0 else io.StringIO()
-        ):  # rank 0 speaks for all
+        with contextlib.redirect_stdout(sys.stdout if rank == 0 else io.StringIO()):
             torch.manual_seed(args.seed + rank)  # rank 0 draws what a single process would
-            run = Run(args, device, rank, world, model, state)
-            try:
-                run.fit()
-            except (
-                KeyboardInterrupt
-            ) as e:  # every file is written atomically: the last checkpoint is whole
-                signum = e.args[0] if e.args else signal.SIGINT
-                hint = f"; continue with: python vae.py --resume --out_dir {args.out_dir}"
-                raise UserError(
-                    f"stopped by {signal.Signals(signum).name} in epoch {len(run.history) + 1}; "
-                    f"{run.saved()}{hint if run.saved_epoch else ''}",
-                    128 + signum,
-                ) from None
+            data = load_data(args, device, world)
+            if rank == 0:  # the data is good: now the folder may be made, an earlier run cleared
+                lock = prepare_output_dir(args.out_dir, args.overwrite, args.resume)  # noqa: F841
+            run = Run(args, data, device, rank, world, model, state)
+            print(f"{run.header}, writing to {args.out_dir}", flush=True)
+            if state is not None:
+                print(
+                    f"resuming at epoch {state['epoch'] + 1} of {args.epochs} with saved settings"
+                )
+            if rank == 0:
+                save_json(run.config, os.path.join(args.out_dir, "config.json"))
+            with sigterm_as_ctrl_c():
+                try:
+                    for epoch in range(len(run.history) + 1, args.epochs + 1):
+                        t0 = time.perf_counter()
+                        beta = beta_schedule(epoch, args.beta, args.kl_warmup)
+                        tr, seconds = run.train_epoch(epoch, beta)
+                        if rank == 0:  # the test set is small: rank 0 evaluates it alone
+                            run.evaluate_and_log(epoch, beta, tr, seconds, t0)
+                            run.save(epoch)
+                except KeyboardInterrupt as e:
+                    raise run.stopped(e) from None
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, on_sigterm)
         if dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:  # the final evaluation on the whole test set, by one process
         plot_losses(run.history, os.path.join(args.out_dir, "loss_curves.png"))
+        extra = dict(epoch=run.history[-1]["epoch"])
         report(
             run.model,
-            run.test_x,
-            run.labels,
+            data["test_x"],
+            data["labels"],
             run.config,
             args.out_dir,
             args.nll_samples,
-            extra=dict(epoch=run.history[-1]["epoch"]),
-            classes=run.classes,
+            extra,
+            data["classes"],
         )
-    return run.model.eval(), run.history
+    return run.history
 
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating a saved model
 
 # The flags that checkpoint mode uses; it names any other flag given as ignored. A file of
-# `save_checkpoint` without a run's settings is evaluated with MODEL_FILE_FLAGS too.
-CHECKPOINT_FLAGS = {
-    "checkpoint",
-    "data_dir",
-    "out_dir",
-    "nll_samples",
-    "interpolate",
-    "device",
-    "seed",
-    "deterministic",
-    "overwrite",
-}
+# `save_model` without a run's settings is evaluated with MODEL_FILE_FLAGS too.
+CHECKPOINT_FLAGS = "checkpoint data_dir out_dir nll_samples interpolate device seed deterministic"
+CHECKPOINT_FLAGS = set(f"{CHECKPOINT_FLAGS} overwrite".split())
 MODEL_FILE_FLAGS = ("dataset", "binarize", "likelihood", "sigma", "beta")
 
 
@@ -2208,39 +2041,36 @@ def evaluate_checkpoint(args, explicit=()):
     device = select_device(args.device, args.deterministic)
     model, state = load_checkpoint(args.checkpoint, device)
     saved = state.get("config")
-    used = CHECKPOINT_FLAGS if saved else CHECKPOINT_FLAGS | set(MODEL_FILE_FLAGS)
-    ignored = sorted(f"--{k}" for k in set(explicit) - used)
+    ignored = set(explicit) - CHECKPOINT_FLAGS - (set() if saved else set(MODEL_FILE_FLAGS))
     if ignored:
         print(
             f"note: --checkpoint evaluates the saved model as it was trained, so it ignores "
-            f"{', '.join(ignored)}",
+            f"{', '.join(sorted(f'--{k}' for k in ignored))}",
             flush=True,
         )
     config = {**vars(args), **model.model_args, **(saved or {}), "out_dir": out_dir}
-    for key in ("interpolate", "seed"):
-        if key in explicit:
-            config[key] = getattr(args, key)
+    config.update({k: getattr(args, k) for k in ("interpolate", "seed") if k in explicit})
     if not saved:
-        shown = {k: f"--{k}" if config[k] else f"no --{k}" for k in ("binarize",)}
-        settings = ", ".join(shown.get(k, f"--{k} {config[k]}") for k in MODEL_FILE_FLAGS)
+        settings = [f"--{k} {config[k]}" for k in MODEL_FILE_FLAGS if k != "binarize"]
+        settings.insert(1, "--binarize" if config["binarize"] else "no --binarize")
         print(
             f"note: '{args.checkpoint}' holds a model without a training run's settings, so it is "
-            f"evaluated with {settings} (set them with those flags)",
+            f"evaluated with {', '.join(settings)} (set them with those flags)",
             flush=True,
         )
-    dataset = config["dataset"]
     data_dir = (
-        args.data_dir or config["data_dir"] or ("./mnist" if dataset == "mnist" else "./data")
+        args.data_dir
+        or config["data_dir"]
+        or ("./mnist" if config["dataset"] == "mnist" else "./data")
     )
     data = load_dataset(
-        dataset, data_dir, config["image_size"], config["channels"], config["binarize"]
+        config["dataset"], data_dir, config["image_size"], config["channels"], config["binarize"]
     )
     check_classes(model, data["classes"], data_dir)
-    lock = prepare_output_dir(out_dir, args.overwrite, training=False)  # noqa: F841 (held while it writes)
+    lock = prepare_output_dir(out_dir, args.overwrite, training=False)  # noqa: F841 (held)
+    epoch = state.get("epoch")
     print(
-        f"{type(model).__name__} from {args.checkpoint} (epoch {state.get('epoch', '?')}), device "
-        f"{device}, writing to {out_dir}",
-        flush=True,
+        f"{type(model).__name__} from {args.checkpoint} (epoch {epoch}), device {device}, writing to {out_dir}"
     )
     test_x = data["test_x"].to(device)
     y = data["test_y"][:16].to(device) if model.num_classes else None
@@ -2249,28 +2079,23 @@ def evaluate_checkpoint(args, explicit=()):
     )
     if saved:
         plot_losses(state["history"], os.path.join(out_dir, "loss_curves.png"))
+    extra = dict(checkpoint=args.checkpoint, epoch=epoch)
     return report(
-        model,
-        test_x,
-        data["test_y"],
-        config,
-        out_dir,
-        args.nll_samples,
-        extra=dict(checkpoint=args.checkpoint, epoch=state.get("epoch")),
-        classes=data["classes"],
+        model, test_x, data["test_y"], config, out_dir, args.nll_samples, extra, data["classes"]
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # The command line
 #
-# Each default lives here, once, and --help prints it. A bad value gets one sentence from argparse (exit
-# code 2) before anything is read or written. Abbreviations are off: --epoch for --epochs is easy to
-# misread, and --resume takes only the flags written out in full.
+# Each default lives here, once, and --help prints it. A bad value gets one sentence from argparse
+# (exit code 2) before anything is read or written. Abbreviations are off: --epoch for --epochs is
+# easy to misread, and --resume takes only the flags written out in full.
 
 
-def _number(kind, low, high):
-    """An argparse type: a number of `kind` (int or float) from low to high."""
+def in_range(kind, low, high):
+    """An argparse type: a number of `kind` (int or float) from low to high. Its name is the range,
+    which a flag's help shows as %(type)s."""
 
     def parse(text):
         with contextlib.suppress(ValueError):  # not a number
@@ -2279,107 +2104,65 @@ def _number(kind, low, high):
         what = "an integer" if kind is int else "a number"
         raise argparse.ArgumentTypeError(f"expected {what} from {low} to {high}, got '{text}'")
 
-    parse.range = f"{low} to {high}"  # for --help
+    parse.__name__ = f"{low} to {high}"
     return parse
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's help with its range and '(default: X)', unless the default is None or False."""
-
-    def _get_help_string(self, action):
-        text = action.help + (f"; {action.type.range}" if hasattr(action.type, "range") else "")
-        shown = not any(action.default is d for d in (None, False, argparse.SUPPRESS))
-        return text + (" (default: %(default)s)" if shown else "")
+    def _get_help_string(self, action):  # no "(default: None)": those helps say what it is
+        shown = action.default is not None and action.default is not False
+        return super()._get_help_string(action) if shown else action.help
 
 
 def build_parser():
     """The command line: every flag with its default and range, in one place (README.md says more)."""
-    p = argparse.ArgumentParser(
-        prog="vae.py",
-        formatter_class=HelpFormatter,
-        allow_abbrev=False,
-        description="Train a variational autoencoder on MNIST, another dataset or "
-        "your own images and write its figures, or evaluate a saved one "
-        "(--checkpoint). Under torchrun, on several processes.",
-    )
+    p = argparse.ArgumentParser(prog="vae.py", formatter_class=HelpFormatter, allow_abbrev=False)
+    p.description = "Train a VAE on MNIST, another dataset or your own images and write its "
+    p.description += "figures, or evaluate a saved one (--checkpoint); under torchrun, in parallel."
+    number = in_range
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, default="mnist", help="or folder: your images")
-    g.add_argument("--data_dir", help="default ./mnist, ./data for the others")
-    g.add_argument(
-        "--image_size", type=int, choices=IMAGE_SIZES, help="default: the dataset's; folder: 64"
-    )
-    g.add_argument(
-        "--channels", type=int, choices=(1, 3), help="default: the dataset's own, 3 for a folder"
-    )
+    g.add_argument("--dataset", choices=DATASETS, default="mnist", help="folder: your images")
+    g.add_argument("--data_dir", help="default ./mnist for mnist, ./data for the others")
+    g.add_argument("--image_size", type=int, choices=IMAGE_SIZES, help="default: the data's")
+    g.add_argument("--channels", type=int, choices=(1, 3), help="default: the data's")
     g.add_argument("--binarize", action="store_true", help="the binary likelihood protocol")
     g = p.add_argument_group("model and objective")
     g.add_argument("--model", choices=("conv", "mlp"), default="conv", help="ConvVAE or MLPVAE")
-    g.add_argument("--latent_dim", type=_number(int, 1, 4096), default=32, help="size of z")
+    g.add_argument("--latent_dim", type=number(int, 1, 4096), default=32, help="%(type)s")
+    g.add_argument("--width", type=number(int, 1, 1024), default=32, help="1st layer, %(type)s")
     g.add_argument(
-        "--width", type=_number(int, 1, 1024), default=32, help="conv: 1st block; MLP: 16x, 8x"
+        "--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli", help="p(x|z)"
     )
     g.add_argument(
-        "--likelihood",
-        choices=("bernoulli", "gaussian"),
-        default="bernoulli",
-        help="p(x|z) of each pixel",
+        "--sigma", type=number(float, 0.001, 100.0), default=0.1, help="gaussian's, %(type)s"
     )
     g.add_argument(
-        "--sigma",
-        type=_number(float, 0.001, 100.0),
-        default=0.1,
-        help="the Gaussian's standard deviation, one for all pixels; as beta, sigma^2 weighs the KL",
+        "--beta", type=number(float, 0.0, 10000.0), default=1.0, help="KL weight, %(type)s"
     )
+    g.add_argument("--kl_warmup", type=number(int, 0, 100000), default=0, help="epochs, %(type)s")
     g.add_argument(
-        "--beta", type=_number(float, 0.0, 10000.0), default=1.0, help="KL weight; 1 is the ELBO"
-    )
-    g.add_argument(
-        "--kl_warmup", type=_number(int, 0, 100000), default=0, help="epochs of rising beta"
-    )
-    g.add_argument(
-        "--free_bits", type=_number(float, 0.0, 100.0), default=0.0, help="nats per latent dim"
+        "--free_bits", type=number(float, 0.0, 100.0), default=0.0, help="nats, %(type)s"
     )
     g.add_argument("--conditional", action="store_true", help="a conditional VAE (labels)")
     g = p.add_argument_group("training")
-    g.add_argument(
-        "--epochs", type=_number(int, 0, 100000), default=30, help="passes over the data"
-    )
-    g.add_argument(
-        "--batch_size", type=_number(int, 1, 65536), default=128, help="of all processes"
-    )
-    g.add_argument(
-        "--lr", type=_number(float, 1e-08, 10.0), default=1e-3, help="Adam's learning rate"
-    )
-    g.add_argument("--seed", type=_number(int, 0, 4294967295), default=0, help="random seed")
+    g.add_argument("--epochs", type=number(int, 0, 100000), default=30, help="%(type)s")
+    g.add_argument("--batch_size", type=number(int, 1, 65536), default=128, help="%(type)s")
+    g.add_argument("--lr", type=number(float, 1e-8, 10.0), default=1e-3, help="%(type)s")
+    g.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="%(type)s")
     g.add_argument(
         "--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: best"
     )
-    g.add_argument(
-        "--cuda_graph", choices=("auto", "off"), default="auto", help="auto: on for CUDA"
-    )
-    g.add_argument(
-        "--grad_clip", type=_number(float, 0.0, 1e6), default=0.0, help="max gradient norm"
-    )
-    g.add_argument(
-        "--deterministic", action="store_true", help="repeatable CUDA runs, slower (CPU runs are)"
-    )
-    g.add_argument(
-        "--resume", action="store_true", help="continue the run in --out_dir from its checkpoint"
-    )
+    g.add_argument("--cuda_graph", choices=("auto", "off"), default="auto", help="auto: on CUDA")
+    g.add_argument("--grad_clip", type=number(float, 0.0, 1e6), default=0.0, help="norm, %(type)s")
+    g.add_argument("--deterministic", action="store_true", help="repeatable CUDA runs, slower")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir")
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out_dir")
     g = p.add_argument_group("evaluation and outputs")
-    g.add_argument(
-        "--nll_samples", type=_number(int, 0, 100000), default=0, help="K for the test NLL"
-    )
+    g.add_argument("--nll_samples", type=number(int, 0, 100000), default=0, help="K, %(type)s")
     g.add_argument("--checkpoint", metavar="PATH", help="evaluate this saved model; no training")
-    g.add_argument("--out_dir", help="default runs/<model>, and eval/ beside a --checkpoint")
+    g.add_argument("--out_dir", help="default runs/<model>, or eval/ beside a --checkpoint")
     g.add_argument(
-        "--interpolate",
-        type=_number(int, 0, 100000),
-        nargs=2,
-        default=[4, 9],
-        metavar=("A", "B"),
-        help="the two classes of interpolation.png",
+        "--interpolate", type=int, nargs=2, default=[4, 9], metavar=("A", "B"), help="classes"
     )
     return p
 
@@ -2390,42 +2173,39 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.resume and (args.overwrite or args.checkpoint):
         parser.error(
-            "--resume continues the run in --out_dir: it goes with neither --overwrite nor "
-            "--checkpoint"
+            "--resume continues the run in --out_dir: it goes with neither --overwrite nor --checkpoint"
         )
     if args.checkpoint is None and args.epochs == 0:
         parser.error("--epochs 0 trains nothing; to evaluate a saved model, give --checkpoint PATH")
     if args.checkpoint is None:
         args.out_dir = args.out_dir or os.path.join("runs", args.model)
-        if args.data_dir is None and args.dataset == "folder" and not args.resume:
-            parser.error("--dataset folder needs --data_dir, the folder of images")
         if args.data_dir is None and not args.resume:
+            if args.dataset == "folder":
+                parser.error("--dataset folder needs --data_dir, the folder of images")
             args.data_dir = "./mnist" if args.dataset == "mnist" else "./data"
     return args
 
 
 def main(argv=None):
-    """Run the command line with argv (default sys.argv[1:]): returns the metrics history, or with
-    --checkpoint the evaluation's results. Bad input prints one sentence to stderr and raises
-    SystemExit with a non-zero code (see UserError)."""
+    """Run the command line with argv (default sys.argv[1:]): train (returns the metrics' rows) or,
+    with --checkpoint, evaluate a saved model (returns its results). Bad input prints one sentence
+    to stderr and raises SystemExit with a non-zero code (see UserError)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     words = {w.split("=")[0] for w in argv if w.startswith("--")}
-    explicit = {
-        a.dest for a in build_parser()._actions if words & set(a.option_strings)
-    }  # flags written out
+    explicit = {a.dest for a in build_parser()._actions if words & set(a.option_strings)}
     try:
-        return evaluate_checkpoint(args, explicit) if args.checkpoint else train(args, explicit)[1]
+        if args.checkpoint:
+            return evaluate_checkpoint(args, explicit)
+        return train(args, explicit)
     except UserError as e:
-        if (
-            int(os.environ.get("RANK", "0")) == 0
-        ):  # under torchrun the other processes would say it again
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the others would say it again
             print(f"vae.py: error: {e}", file=sys.stderr)
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt:  # outside the training loop
         print("vae.py: interrupted.", file=sys.stderr)
         raise SystemExit(130) from None
-    except OSError as e:  # e.g. a full disk while writing a figure
+    except OSError as e:  # e.g. a file that cannot be read
         print(
             f"vae.py: error: {e.strerror or e} ({e.filename or 'no file name'}).", file=sys.stderr
         )
