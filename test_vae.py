@@ -2246,7 +2246,7 @@ def test_the_log_says_when_a_bernoulli_number_is_not_a_probability(mnist_dir, tm
     grey = capsys.readouterr().out.splitlines()
     vae.main(quick_run(mnist_dir, tmp_path / "binary", "--epochs", "1", "--binarize"))
     binary = capsys.readouterr().out
-    note = "Bernoulli on grey pixels: not a probability"
+    note = "Bernoulli on pixels that are not binary: not a probability"
     assert note in next(line for line in grey if line.startswith("test -ELBO"))
     assert note in next(line for line in grey if line.startswith("test NLL"))
     assert "test -ELBO" in binary and note not in binary

@@ -1720,8 +1720,8 @@ def density_note(likelihood, images):
     (uint8) that are not binary; else ''."""
     if likelihood == "bernoulli" and not bool(((images == 0) | (images == 255)).all()):
         return (
-            " (Bernoulli on grey pixels: not a probability; it compares runs of vae.py, and "
-            "--binarize gives the standard binary protocol)"
+            " (Bernoulli on pixels that are not binary: not a probability;"
+            " it compares runs of vae.py, and --binarize gives the standard binary protocol)"
         )
     return ""
 
