@@ -717,8 +717,13 @@ class UserError(Exception):
 # every conversion (channels, size) done here. Two sources: torchvision's datasets, and any folder
 # of images. A new dataset is a new entry of DATASETS and a branch of `load_dataset`.
 
-DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
-DATASETS.update({"cifar10": "CIFAR10", "folder": None})  # torchvision's class, or your images
+DATASETS = {  # each dataset's torchvision class, or None for a folder of your images
+    "mnist": "MNIST",
+    "fashion-mnist": "FashionMNIST",
+    "kmnist": "KMNIST",
+    "cifar10": "CIFAR10",
+    "folder": None,
+}
 IMAGE_SIZES = (28, 32, 64, 128)
 MAX_PIXELS = 50_000_000  # of one decoded image: 150 MB in RGB, for each thread that decodes
 FOLDER_TEST_FRACTION = 0.1  # without train/ and val/: a fixed random 10% (seed 0) is the test split
@@ -1188,7 +1193,8 @@ def load_checkpoint(path, device="cpu"):
 
 
 def _check_run_state(state, model, path):
-    """UserError naming the first field of a run's checkpoint that is missing or not what vae.py wrote."""
+    """UserError naming the first field of a run's checkpoint that is missing or not what vae.py
+    writes (an edited or partial file), before anything uses it."""
 
     def need(ok, field):
         if not ok:
@@ -1197,45 +1203,28 @@ def _check_run_state(state, model, path):
                 f"not what vae.py writes; use another checkpoint."
             )
 
-    config, history, rng, adam = (state.get(k) for k in ("config", "history", "rng", "optimizer"))
+    config = state.get("config")
     need(isinstance(config, dict), "config")
-    for key, default in vars(
-        build_parser().parse_args([])
-    ).items():  # each setting has its flag's type
-        value = config.get(key, default)  # a float flag's value may be an int
-        need(
-            default is None
-            or type(value) in (type(default), int if type(default) is float else None),
-            key,
-        )
+    for key, default in vars(build_parser().parse_args([])).items():  # each flag's type
+        kinds = (float, int) if type(default) is float else (type(default),)
+        need(default is None or type(config.get(key, default)) in kinds, key)
     need(all(type(config.get(k)) is int for k in ("image_size", "channels")), "image size")
-    need(type(state.get("epoch")) is int, "epoch")
-    need(
-        isinstance(history, list)
-        and len(history) == state["epoch"]
-        and all(
-            isinstance(row, dict) and {"epoch", "beta", "train_loss", "test_neg_elbo"} <= set(row)
-            for row in history
-        ),
-        "history",
-    )
-    need(
-        isinstance(rng, dict)
-        and torch.is_tensor(rng.get("cpu"))
-        and isinstance(rng.get("cuda"), list),
-        "random state",
-    )
-    need(
-        isinstance(adam, dict)
-        and isinstance(adam.get("state"), dict)
-        and all(
-            isinstance(s, dict)
-            and torch.is_tensor(s.get("exp_avg"))
-            and s["exp_avg"].shape == p.shape
-            for p, s in zip(model.parameters(), adam["state"].values())
-        ),
-        "optimizer",
-    )
+    epoch = state.get("epoch")
+    need(type(epoch) is int, "epoch")
+    rows = state.get("history")
+    columns = {"epoch", "beta", "train_loss", "test_neg_elbo"}
+    whole = isinstance(rows, list) and len(rows) == epoch
+    need(whole and all(isinstance(r, dict) and columns <= set(r) for r in rows), "history")
+    rng = state.get("rng")
+    need(isinstance(rng, dict) and torch.is_tensor(rng.get("cpu")), "random state")
+    need(isinstance(rng.get("cuda"), list), "random state")
+    adam = state.get("optimizer")
+    moments = adam.get("state") if isinstance(adam, dict) else None
+    need(isinstance(moments, dict), "optimizer")
+    for p, s in zip(model.parameters(), moments.values()):  # Adam's moments fit the weights
+        need(
+            isinstance(s, dict) and getattr(s.get("exp_avg"), "shape", None) == p.shape, "optimizer"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2051,11 +2040,12 @@ def evaluate_checkpoint(args, explicit=()):
     config = {**vars(args), **model.model_args, **(saved or {}), "out_dir": out_dir}
     config.update({k: getattr(args, k) for k in ("interpolate", "seed") if k in explicit})
     if not saved:
-        settings = [f"--{k} {config[k]}" for k in MODEL_FILE_FLAGS if k != "binarize"]
-        settings.insert(1, "--binarize" if config["binarize"] else "no --binarize")
+        binarize = "--binarize" if config["binarize"] else "no --binarize"
         print(
             f"note: '{args.checkpoint}' holds a model without a training run's settings, so it is "
-            f"evaluated with {', '.join(settings)} (set them with those flags)",
+            f"evaluated with --dataset {config['dataset']}, {binarize}, --likelihood "
+            f"{config['likelihood']}, --sigma {config['sigma']}, --beta {config['beta']} (set "
+            f"them with those flags)",
             flush=True,
         )
     data_dir = (
@@ -2069,8 +2059,9 @@ def evaluate_checkpoint(args, explicit=()):
     check_classes(model, data["classes"], data_dir)
     lock = prepare_output_dir(out_dir, args.overwrite, training=False)  # noqa: F841 (held)
     epoch = state.get("epoch")
+    model_name = type(model).__name__
     print(
-        f"{type(model).__name__} from {args.checkpoint} (epoch {epoch}), device {device}, writing to {out_dir}"
+        f"{model_name} from {args.checkpoint} (epoch {epoch}), device {device}, writing to {out_dir}"
     )
     test_x = data["test_x"].to(device)
     y = data["test_y"][:16].to(device) if model.num_classes else None
