@@ -48,7 +48,7 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------------
 # The models
 #
-## Both models share the interface of pytorch/examples' VAE:
+## Both models share the interface of pytorch/examples' VAE, and add sample(n):
 ##   encode(x) -> (mu, logvar)      x: (B, C, H, W) in [0, 1];  mu, logvar: (B, latent_dim)
 ##   reparameterize(mu, logvar) -> z               z: (B, latent_dim)
 ##   decode(z) -> x_hat             x_hat: (B, C, H, W) in [0, 1], the mean of p(x|z)
@@ -87,7 +87,7 @@ class VAE(nn.Module):
     """What every VAE here shares. A subclass builds `encoder`: x -> features h (B, n_h), `fc_mu`
     and `fc_logvar`: (B, n_h + num_classes) -> (B, latent_dim), `decoder`: z (B, latent_dim +
     num_classes) -> logits (B, C, H, W), and keeps its constructor's arguments, as plain Python
-    values, in `model_args`: `load_model` rebuilds the model as `type(model)(**model.model_args)`.
+    values, in `model_args`: `load_model` rebuilds a ConvVAE or MLPVAE as `cls(**model_args)`.
 
     Conditional VAE (Sohn, Lee & Yan 2015, Sec. 3), when num_classes > 0: the encoder
     q(z|x, y) and the decoder p(x|z, y) also see the one-hot label y, appended to the
@@ -161,8 +161,9 @@ class VAE(nn.Module):
         without gradients; generator: a torch.Generator on the model's device, for repeatable draws.
 
         Each image is the decoder's mean E[x|z], not a draw x ~ p(x|z): the pixels are independent
-        given z, so a draw adds salt-and-pepper noise that shows the likelihood's noise rather than
-        what z encodes. The model's mode and buffers are left as they were."""
+        given z, so a draw adds noise to each pixel on its own (salt and pepper under a Bernoulli
+        likelihood), which shows the likelihood's noise rather than what z encodes. The model's
+        mode and buffers are left as they were."""
         device = next(self.parameters()).device
         z = torch.randn(n, self.latent_dim, device=device, generator=generator)
         return self.decode(z, y)
@@ -324,13 +325,17 @@ def reconstruction_loss(recon_logits, x, likelihood="bernoulli", sigma=0.1):
     likelihood='gaussian': each pixel Normal(sigmoid(logit), sigma^2), one sigma for all
         pixels: a density of continuous x, with its constant,
             -log N(x; m, sigma^2) = (x - m)^2 / (2 sigma^2) + log sigma + 1/2 log(2 pi).
-        sigma acts like beta: loss = recon + kl = (1 / sigma^2) (1/2 sum (x - m)^2 +
-        sigma^2 kl) + const, a squared-error autoencoder whose KL weight is sigma^2. On [0, 1]
-        pixels sigma = 1 weighs the reconstruction so little that the KL wins and few latent
-        dimensions are used; a small sigma asks for sharp reconstructions. (A sigma learned
-        per pixel would have no floor on MNIST's always-black pixels: hence one, fixed.)
-    Raises ValueError when likelihood is neither.
+        sigma acts like beta: recon + beta * kl = (1 / sigma^2) (1/2 sum (x - m)^2 + beta
+        sigma^2 kl) + const, a squared-error autoencoder whose KL weight is beta sigma^2. On
+        [0, 1] pixels sigma = 1 weighs the reconstruction so little that the KL wins and few
+        latent dimensions are used; a small sigma asks for sharp reconstructions. One sigma for
+        all pixels, stated by the user: learned per pixel, it would have no floor on MNIST's
+        always-black pixels. On 8-bit images this density (which can exceed 1) compares Gaussian
+        runs with each other, not with published likelihoods of discrete pixels.
+    x: uint8 or floats in [0, 1] (see `to_float`); sigma > 0. Raises ValueError when x is out of
+    range (on the CPU) or likelihood is neither.
     """
+    x = to_float(x)
     logits = recon_logits.float()  # sum the pixels in float32, also for a bf16 model
     if likelihood == "bernoulli":
         per_pixel = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
@@ -371,11 +376,11 @@ def vae_loss(
         free_bits: L, nats per latent dimension.
 
     Returns (loss, recon, kl): scalar tensors in nats per image; loss == recon + beta * kl
-    when free_bits is 0, and kl is always the true KL. Raises ValueError: x out of range, an
-    unknown likelihood. beta and free_bits are not checked here, where they may be tensors
-    inside a CUDA graph: `beta_schedule` and `train_epoch` refuse negative ones.
+    when free_bits is 0, and kl is always the true KL. Raises ValueError: x out of range (checked
+    on the CPU), an unknown likelihood. beta is not checked here, where it may be a tensor inside
+    a CUDA graph: `beta_schedule` and `train_epoch` refuse a negative beta or free_bits.
     """
-    rec = reconstruction_loss(recon_logits, to_float(x), likelihood, sigma).mean()
+    rec = reconstruction_loss(recon_logits, x, likelihood, sigma).mean()
     kl_dims = kl_per_dimension(mu, logvar).mean(0)  # (D,) batch means
     kl = kl_dims.sum()
     kl_term = kl_dims.clamp(min=free_bits).sum() if free_bits > 0 else kl
@@ -487,7 +492,8 @@ def train_epoch(
 ## beta = 1, and what the latent space uses. `log_likelihood` gives the number the field
 ## compares models by: an estimate of log p(x) itself, which tightens towards it as the samples
 ## K grow. Both draw z from a torch.Generator of their own, seeded 0 unless one is passed: the
-## same weights give the same numbers, and evaluating never moves the training's random stream.
+## same weights and batch size give the same numbers, and evaluating never moves the training's
+## random stream.
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. (2015), Sec. 5.2: u is active if Cov_x(E_q[z_u]) > 0.01
 
@@ -551,11 +557,13 @@ def log_likelihood(
 
         log p(x) ~= log (1/K) sum_k w_k,   w_k = p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x)
 
-    Why it is a lower bound, above the ELBO. p(x) = E_q[w] exactly (importance sampling),
-    and the log of an average is at least the average of the logs (Jensen, log is concave), so
+    Why its expectation is a lower bound, above the ELBO (one estimate may land above log p(x)).
+    p(x) = E_q[w] exactly (importance sampling), and the log of an average is at least the
+    average of the logs (Jensen, log is concave), so
         log p(x) = log E[(1/K) sum_k w_k] >= E[log (1/K) sum_k w_k]   (the estimate)
                                           >= E[(1/K) sum_k log w_k] = E_q[log w] = ELBO.
-    K = 1 is the ELBO. Why it rises with K (Burda et al., Thm. 1): the mean of K weights is the
+    K = 1 is the ELBO, estimated with a sampled KL (`evaluate` uses its closed form). Why it
+    rises with K, in expectation (Burda et al., Thm. 1): the mean of K weights is the
     average of the means of its subsets of K - 1, so by Jensen again the bound with K is at
     least the bound with K - 1. And it reaches log p(x) as K -> infinity: the mean of the w_k
     then converges to p(x) itself (for bounded w_k), and the first gap closes.
@@ -574,7 +582,7 @@ def log_likelihood(
 
     Returns:
         (B,) estimates of log p(x) in nats (the NLL is minus them). Raises ValueError: x out
-        of range, an unknown likelihood.
+        of range (checked on the CPU), an unknown likelihood.
     """
     if log_px_given_z is None:
 
@@ -606,9 +614,10 @@ def log_likelihood(
 
 @in_eval_mode
 def reconstruct(model, x, y=None):
-    """Images x (B, C, H, W), uint8 or in [0, 1], decoded from their posterior means mu: (B, C,
-    H, W) in [0, 1]. The mean is the model's best single guess of z, so this shows what the code
-    keeps of each image; a random z ~ q(z|x) would add the posterior's noise to it."""
+    """Images x (B, C, H, W), uint8 or in [0, 1] (labels y (B,) if conditional), decoded from
+    their posterior means mu: (B, C, H, W) in [0, 1]. The mean is the model's best single guess
+    of z, so this shows what the code keeps of each image; a random z ~ q(z|x) would add the
+    posterior's noise to it."""
     x = to_float(x)
     return model.decode(model.encode(x, y)[0], y)
 
@@ -1629,8 +1638,8 @@ def report(model, test_x, test_y, config, out_dir, nll_samples=0, extra=None, cl
     """The final evaluation of a trained model: the test -ELBO and the beta-weighted loss, the NLL
     if asked, every figure; all in evaluation.json, whose dict it returns. test_x: (N, C, H, W)
     uint8 on the model's device; test_y: (N,) on the CPU, or None; config: the run's settings
-    (beta, likelihood, sigma, seed, interpolate). A Bernoulli likelihood of grey pixels is not a
-    probability: its numbers say so."""
+    (beta, likelihood, sigma, seed, interpolate). A Bernoulli likelihood of pixels that are not
+    binary is not a probability: its numbers say so."""
     y = test_y.to(test_x.device) if model.num_classes else None
     beta = config["beta"]
     likelihood = config["likelihood"]
