@@ -2130,51 +2130,38 @@ def build_parser():
     p = argparse.ArgumentParser(prog="vae.py", formatter_class=HelpFormatter, allow_abbrev=False)
     p.description = "Train a VAE on MNIST, another dataset or your own images and write its "
     p.description += "figures, or evaluate a saved one (--checkpoint); under torchrun, in parallel."
-    number = in_range
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, default="mnist", help="folder: your images")
-    g.add_argument("--data_dir", help="default ./mnist for mnist, ./data for the others")
-    g.add_argument("--image_size", type=int, choices=IMAGE_SIZES, help="default: the data's")
-    g.add_argument("--channels", type=int, choices=(1, 3), help="default: the data's")
-    g.add_argument("--binarize", action="store_true", help="the binary likelihood protocol")
-    g = p.add_argument_group("model and objective")
-    g.add_argument("--model", choices=("conv", "mlp"), default="conv", help="ConvVAE or MLPVAE")
-    g.add_argument("--latent_dim", type=number(int, 1, 4096), default=32, help="%(type)s")
-    g.add_argument("--width", type=number(int, 1, 1024), default=32, help="1st layer, %(type)s")
-    g.add_argument(
-        "--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli", help="p(x|z)"
-    )
-    g.add_argument(
-        "--sigma", type=number(float, 0.001, 100.0), default=0.1, help="gaussian's, %(type)s"
-    )
-    g.add_argument(
-        "--beta", type=number(float, 0.0, 10000.0), default=1.0, help="KL weight, %(type)s"
-    )
-    g.add_argument("--kl_warmup", type=number(int, 0, 100000), default=0, help="epochs, %(type)s")
-    g.add_argument(
-        "--free_bits", type=number(float, 0.0, 100.0), default=0.0, help="nats, %(type)s"
-    )
-    g.add_argument("--conditional", action="store_true", help="a conditional VAE (labels)")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=number(int, 0, 100000), default=30, help="%(type)s")
-    g.add_argument("--batch_size", type=number(int, 1, 65536), default=128, help="%(type)s")
-    g.add_argument("--lr", type=number(float, 1e-8, 10.0), default=1e-3, help="%(type)s")
-    g.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="%(type)s")
-    g.add_argument(
-        "--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: best"
-    )
-    g.add_argument("--cuda_graph", choices=("auto", "off"), default="auto", help="auto: on CUDA")
-    g.add_argument("--grad_clip", type=number(float, 0.0, 1e6), default=0.0, help="norm, %(type)s")
-    g.add_argument("--deterministic", action="store_true", help="repeatable CUDA runs, slower")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir")
-    g.add_argument("--overwrite", action="store_true", help="replace the run in --out_dir")
-    g = p.add_argument_group("evaluation and outputs")
-    g.add_argument("--nll_samples", type=number(int, 0, 100000), default=0, help="K, %(type)s")
-    g.add_argument("--checkpoint", metavar="PATH", help="evaluate this saved model; no training")
-    g.add_argument("--out_dir", help="default runs/<model>, or eval/ beside a --checkpoint")
-    g.add_argument(
-        "--interpolate", type=int, nargs=2, default=[4, 9], metavar=("A", "B"), help="classes"
-    )
+    add = p.add_argument_group("data").add_argument
+    add("--dataset", choices=DATASETS, default="mnist", help="folder: your images")
+    add("--data_dir", help="default ./mnist for mnist, ./data for the others")
+    add("--image_size", type=int, choices=IMAGE_SIZES, help="default: the data's")
+    add("--channels", type=int, choices=(1, 3), help="default: the data's")
+    add("--binarize", action="store_true", help="the binary likelihood protocol")
+    add = p.add_argument_group("model and objective").add_argument
+    add("--model", choices=("conv", "mlp"), default="conv", help="ConvVAE or MLPVAE")
+    add("--latent_dim", type=in_range(int, 1, 4096), default=32, help="%(type)s")
+    add("--width", type=in_range(int, 1, 1024), default=32, help="1st layer, %(type)s")
+    add("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli", help="p(x|z)")
+    add("--sigma", type=in_range(float, 0.001, 100.0), default=0.1, help="gaussian's, %(type)s")
+    add("--beta", type=in_range(float, 0.0, 10000.0), default=1.0, help="KL weight, %(type)s")
+    add("--kl_warmup", type=in_range(int, 0, 100000), default=0, help="epochs, %(type)s")
+    add("--free_bits", type=in_range(float, 0.0, 100.0), default=0.0, help="nats, %(type)s")
+    add("--conditional", action="store_true", help="a conditional VAE (labels)")
+    add = p.add_argument_group("training").add_argument
+    add("--epochs", type=in_range(int, 0, 100000), default=30, help="%(type)s")
+    add("--batch_size", type=in_range(int, 1, 65536), default=128, help="%(type)s")
+    add("--lr", type=in_range(float, 1e-8, 10.0), default=1e-3, help="%(type)s")
+    add("--seed", type=in_range(int, 0, 2**32 - 1), default=0, help="%(type)s")
+    add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: best")
+    add("--cuda_graph", choices=("auto", "off"), default="auto", help="auto: on CUDA")
+    add("--grad_clip", type=in_range(float, 0.0, 1e6), default=0.0, help="norm, %(type)s")
+    add("--deterministic", action="store_true", help="repeatable CUDA runs, slower")
+    add("--resume", action="store_true", help="continue the run in --out_dir")
+    add("--overwrite", action="store_true", help="replace the run in --out_dir")
+    add = p.add_argument_group("evaluation and outputs").add_argument
+    add("--nll_samples", type=in_range(int, 0, 100000), default=0, help="K, %(type)s")
+    add("--checkpoint", metavar="PATH", help="evaluate this saved model; no training")
+    add("--out_dir", help="default runs/<model>, or eval/ beside a --checkpoint")
+    add("--interpolate", type=int, nargs=2, default=[4, 9], metavar=("A", "B"), help="classes")
     return p
 
 
@@ -2221,9 +2208,7 @@ def main(argv=None):
             f"vae.py: error: {e.strerror or e} ({e.filename or 'no file name'}).", file=sys.stderr
         )
         raise SystemExit(1) from None
-    except (
-        torch.OutOfMemoryError
-    ):  # the images, the model or a batch: the last checkpoint is intact
+    except torch.OutOfMemoryError:  # the images, the model or a batch: the checkpoint is intact
         print(
             "vae.py: error: the GPU ran out of memory; use a smaller --batch_size, --image_size or "
             "--width.",
