@@ -377,6 +377,24 @@ def test_kl_warmup_schedule_counts_epochs_from_one_and_refuses_bad_values():
             vae.beta_schedule(epoch, beta, warmup)
 
 
+def test_cosine_lr_schedule_falls_from_lr_by_half_a_cosine_and_set_lr_fills_tensors():
+    lrs = [vae.lr_schedule(e, 0.002, 4, "cosine") for e in range(1, 5)]
+    expected = [0.002, 0.001 * (1 + math.sqrt(0.5)), 0.001, 0.001 * (1 - math.sqrt(0.5))]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert [vae.lr_schedule(e, 0.002, 4) for e in (1, 4)] == [0.002, 0.002]
+    for epoch, schedule in ((0, "cosine"), (5, "cosine"), (1, "step")):
+        with pytest.raises(ValueError, match="lr_schedule needs"):
+            vae.lr_schedule(epoch, 0.002, 4, schedule)
+    weight = torch.nn.Parameter(torch.ones(2))
+    lr = torch.tensor(0.1)
+    optimizer = torch.optim.Adam([weight], lr=lr, fused=True)
+    vae.set_lr(optimizer, 0.25)
+    assert optimizer.param_groups[0]["lr"] is lr and lr.item() == 0.25  # the same tensor, filled
+    weight.grad = torch.ones(2)
+    optimizer.step()  # Adam's first step moves each weight by lr
+    assert weight.detach() == pytest.approx([0.75, 0.75])
+
+
 def test_train_epoch_refuses_a_negative_beta_or_free_bits_before_any_step():
     model = vae.MLPVAE(latent_dim=3, hidden=(16,))
     before = [p.clone() for p in model.parameters()]
@@ -385,6 +403,9 @@ def test_train_epoch_refuses_a_negative_beta_or_free_bits_before_any_step():
     for kwargs in (dict(beta=-1.0), dict(free_bits=-0.5)):
         with pytest.raises(ValueError, match="beta and free_bits must be >= 0"):
             vae.train_epoch(model, optimizer, images, batch_size=4, **kwargs)
+    for kwargs in (dict(beta=0.5), dict(free_bits=0.1)):  # the IWAE bound has neither
+        with pytest.raises(ValueError, match="the IWAE objective has beta 1 and no free bits"):
+            vae.train_epoch(model, optimizer, images, batch_size=4, iwae_samples=3, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -539,6 +560,51 @@ def test_log_likelihood_uses_the_gaussian_of_the_model_and_takes_one_hot_labels(
         ours, vae.log_likelihood(model, x, 7, one_hot, "gaussian", 0.1, max_decodes=12)
     )
     assert not torch.allclose(ours, vae.log_likelihood(model, x, 7, y, max_decodes=12))  # Bernoulli
+
+
+def test_iwae_loss_with_one_sample_is_the_elbo_with_a_sampled_kl_and_trains_the_encoder():
+    torch.manual_seed(0)
+    model = vae.MLPVAE(latent_dim=3, hidden=(16,))
+    x = torch.bernoulli(to_float_batch(fake_digits(5, seed=4)[0]))
+    torch.manual_seed(1)
+    loss, rec, kl = vae.iwae_loss(model, x, 1)
+    torch.manual_seed(1)  # the same eps, and the ELBO of that z written with torch.distributions
+    mu, logvar = model.encode(x)
+    std = torch.exp(0.5 * logvar)
+    z = mu + std * torch.randn(1, 5, 3)[0]
+    log_px_z = Bernoulli(logits=model.decode_logits(z)).log_prob(x).flatten(1).sum(1)
+    log_w = log_px_z + Normal(0, 1).log_prob(z).sum(1) - Normal(mu, std).log_prob(z).sum(1)
+    torch.testing.assert_close(loss, -log_w.mean())
+    torch.testing.assert_close(rec, -log_px_z.mean())
+    torch.testing.assert_close(kl, torch_kl(Normal(mu, std), Normal(0, 1)).sum(1).mean())
+    loss.backward()  # the gradient reaches the encoder through z, mu and logvar
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    # log q - log p, the sampled KL, averages to the closed form: 4000 draws per image
+    with torch.no_grad():
+        log_w, log_px_z = vae.log_weights(model, x, mu, logvar, 4000)  # (4000, 5)
+    sampled_kl = log_px_z - log_w
+    se = sampled_kl.std(0) / math.sqrt(4000)
+    assert ((sampled_kl.mean(0) - vae.kl_divergence(mu, logvar)).abs() < 4 * se).all()
+    # the bound with K = 20 is above the K = 1 bound, on average over the same draws
+    bound_20 = torch.logsumexp(log_w.view(200, 20, 5), dim=1) - math.log(20)
+    assert (bound_20.mean(0) > log_w.mean(0)).all()
+
+
+def test_training_the_iwae_bound_lowers_it():
+    torch.manual_seed(0)
+    model = vae.MLPVAE(latent_dim=4, hidden=(64,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    images = fake_digits(64, seed=2)[0][:, None]
+    x = torch.bernoulli(to_float_batch(images[:, 0]))
+
+    def bound():
+        return vae.log_likelihood(model, x, 5, generator=torch.Generator().manual_seed(0)).mean()
+
+    before = bound()
+    for _ in range(20):
+        stats = vae.train_step(model, optimizer, x, iwae_samples=5)
+    assert bound() > before + 10
+    assert torch.isfinite(stats).all() and stats[0] <= stats[1] + stats[2] + 1  # -IWAE <~ -ELBO
 
 
 def test_log_likelihood_rises_with_k():
@@ -1070,6 +1136,9 @@ print(tuple(x.shape), int(x.float().mean()), grown // 1024)"""
         (["--resume", "--overwrite"], "--resume continues the run in --out_dir: it goes with"),
         (["--epoch", "40"], "unrecognized arguments: --epoch 40"),  # no abbreviations
         (["--dataset", "folder"], "--dataset folder needs --data_dir"),
+        (["--iwae_samples", "5", "--beta", "0.5"], "--iwae_samples trains the IWAE bound, which"),
+        (["--iwae_samples", "5", "--kl_warmup", "2"], "has no --beta, --free_bits or --kl_warmup"),
+        (["--lr_schedule", "step"], "argument --lr_schedule: invalid choice: 'step'"),
     ],
 )
 def test_the_parser_refuses_bad_input_with_a_sentence(argv, sentence, capsys):
@@ -1121,6 +1190,7 @@ def test_one_run_end_to_end(mnist_dir, tmp_path):
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(r.pop("objective") == "elbo" for r in rows)  # train_loss: recon + beta * kl
     assert all(math.isfinite(float(v)) for r in rows for v in r.values())
     for r in rows:
         elbo = float(r["test_recon"]) + float(r["test_kl"])
@@ -1342,18 +1412,24 @@ def test_cuda_graph_step_leaves_the_model_untouched_and_trains_like_eager(mnist_
     for use_graph in (False, True):
         torch.manual_seed(0)
         model = vae.ConvVAE(latent_dim=8).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), 1e-3, fused=True, capturable=True)
+        lr = torch.tensor(1e-3, device=device)  # as the tool makes it: a graph reads a tensor
+        optimizer = torch.optim.Adam(model.parameters(), lr, fused=True, capturable=True)
         start = {k: v.clone() for k, v in model.state_dict().items()}
         step = vae.train_step
         if use_graph:
             step = vae.CUDAGraphStep(model, optimizer, vae.to_float(images[:64]))
         for k, v in model.state_dict().items():  # the capture's warm-up steps were undone
             assert torch.equal(v, start[k]), k
-        history = [
-            vae.train_epoch(model, optimizer, images, 64, step=step)["loss"] for _ in range(5)
-        ]
+        history = []
+        for epoch in range(1, 6):
+            vae.set_lr(optimizer, vae.lr_schedule(epoch, 1e-3, 5, "cosine"))
+            history.append(vae.train_epoch(model, optimizer, images, 64, step=step)["loss"])
         assert history[-1] < history[0]
         losses[use_graph] = history[-1]
+        vae.set_lr(optimizer, 0.0)  # a replay reads the new rate: no step moves a weight
+        weights = [p.clone() for p in model.parameters()]
+        step(model, optimizer, vae.to_float(images[:64]))
+        assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
     assert losses[True] == pytest.approx(losses[False], rel=0.05)  # only the draws of eps differ
 
 
@@ -1583,17 +1659,28 @@ def test_a_bad_or_edited_checkpoint_gets_one_sentence(
 
 
 def test_resume_continues_bit_for_bit_and_seeded_runs_repeat(mnist_dir, tmp_path):
-    extra = ("--binarize", "--kl_warmup", 2)  # both use the random generators and the epoch
+    # each uses the random generators or the epoch
+    extra = ("--binarize", "--kl_warmup", 2, "--lr_schedule", "cosine", "--lr", 0.002)
     vae.main(quick_run(mnist_dir, tmp_path / "a", "--epochs", 3, *extra))
     vae.main(quick_run(mnist_dir, tmp_path / "b", "--epochs", 3, *extra))
     vae.main(quick_run(mnist_dir, tmp_path / "c", "--epochs", 1, *extra))
     vae.main(quick_run(mnist_dir, tmp_path / "c", "--epochs", 3, "--resume"))
     a = metrics(tmp_path / "a" / "metrics.csv")
     assert len(a) == 3 and [float(r["beta"]) for r in a] == [0.0, 0.5, 1.0]
+    assert [float(r["lr"]) for r in a] == pytest.approx([0.002, 0.0015, 0.0005])
     assert metrics(tmp_path / "b" / "metrics.csv") == a  # the same seed, the same numbers
     assert metrics(tmp_path / "c" / "metrics.csv") == a  # stopped after 1, resumed to 3
     weights = [torch.load(tmp_path / d / "checkpoint.pt")["model"] for d in "ac"]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_an_iwae_run_names_the_bound_it_trains(mnist_dir, tmp_path, capsys):
+    code, out, _ = run_main(
+        quick_run(mnist_dir, tmp_path, "--epochs", 1, "--iwae_samples", 3), capsys
+    )
+    row = metrics(tmp_path / "metrics.csv")[0]
+    assert code == 0 and "| train -IWAE3 " in out and row["objective"] == "iwae3"
+    assert math.isfinite(float(row["train_loss"])) and row["beta"] == "1.0"
 
 
 def test_resume_accepts_a_checkpoint_older_than_some_flags_and_a_moved_data_folder(

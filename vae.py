@@ -403,23 +403,33 @@ def get_batch(images, idx, binarize=False):
     return torch.bernoulli(x) if binarize else x
 
 
-def train_step(model, optimizer, x, beta=1.0, y=None, grad_clip=0.0, **loss_args):
+def train_step(model, optimizer, x, beta=1.0, y=None, grad_clip=0.0, iwae_samples=1, **loss_args):
     """One optimizer step on a batch x (B, C, H, W), uint8 or in [0, 1] (labels y (B,) if
     conditional). beta and **loss_args (likelihood, sigma, free_bits): see `vae_loss`.
-    grad_clip > 0 first rescales the gradient to at most that global L2 norm. Returns the
-    detached (4,) tensor [recon + beta * kl, recon, kl, gradient norm], nats per image, left on
-    the device (reading it makes a GPU wait).
+    grad_clip > 0 first rescales the gradient to at most that global L2 norm. iwae_samples = K > 1
+    trains `iwae_loss` with K samples instead, which has no beta or free bits (`train_epoch`
+    refuses them). Returns the detached (4,) tensor [loss, recon, kl, gradient norm], nats per
+    image, left on the device (reading it makes a GPU wait); loss is recon + beta * kl, or minus
+    the IWAE bound.
     """
     x = to_float(x)
-    logits, mu, logvar = model(x, y, return_logits=True)
-    loss, rec, kl = vae_loss(logits, x, mu, logvar, beta, **loss_args)
+    if iwae_samples > 1:
+        likelihood = loss_args.get("likelihood", "bernoulli")
+        loss, rec, kl = iwae_loss(
+            model, x, iwae_samples, y, likelihood, loss_args.get("sigma", 0.1)
+        )
+        shown = loss
+    else:
+        logits, mu, logvar = model(x, y, return_logits=True)
+        loss, rec, kl = vae_loss(logits, x, mu, logvar, beta, **loss_args)
+        shown = rec + beta * kl  # without the free-bits floor
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     # With max_norm = inf this only measures the norm, which a caller may check for inf or nan.
     max_norm = grad_clip if grad_clip > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     optimizer.step()
-    return torch.stack([rec + beta * kl, rec, kl, grad_norm]).detach()
+    return torch.stack([shown, rec, kl, grad_norm]).detach()
 
 
 def beta_schedule(epoch, beta, kl_warmup=0):
@@ -435,6 +445,33 @@ def beta_schedule(epoch, beta, kl_warmup=0):
     if kl_warmup == 0:
         return beta
     return beta * min(1.0, (epoch - 1) / kl_warmup)
+
+
+def lr_schedule(epoch, lr, epochs, schedule="constant"):
+    """The learning rate of epoch 1, 2, ..., epochs: `lr` throughout ('constant'), or 'cosine':
+    lr (1 + cos(pi (epoch - 1) / epochs)) / 2, from lr at epoch 1 down half a cosine to nearly 0
+    at the last (Loshchilov & Hutter 2017, SGDR, eq. 5, one cycle without restarts). Why decay:
+    at a constant rate, Adam's steps keep the weights moving about a minimum, by a distance that
+    scales with lr; a falling rate lets them settle into it in the last epochs. ValueError for an
+    epoch outside 1..epochs or an unknown schedule."""
+    if not 1 <= epoch <= epochs or schedule not in ("constant", "cosine"):
+        raise ValueError(
+            f"lr_schedule needs 1 <= epoch <= epochs and schedule 'constant' or 'cosine', got "
+            f"epoch {epoch} of {epochs} and '{schedule}'"
+        )
+    if schedule == "constant":
+        return lr
+    return lr * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
+
+
+def set_lr(optimizer, lr):
+    """Set every parameter group's learning rate to lr; a rate held in a tensor (which a CUDA
+    graph reads at each replay) is filled in place, so that whatever reads it sees the new one."""
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 def train_epoch(
@@ -453,22 +490,25 @@ def train_epoch(
     """One pass over `images` in a random order: the training loop. A whole run is
 
         for epoch in range(1, epochs + 1):
+            set_lr(optimizer, lr_schedule(epoch, lr, epochs, schedule))
             train_epoch(model, optimizer, images, beta=beta_schedule(epoch, beta, kl_warmup))
 
     images: (N, C, H, W) uint8, or float in [0, 1], on the model's device; labels: (N,) int64
     there, for a conditional model; beta, binarize, **step_args (likelihood, sigma, free_bits,
-    grad_clip): see `train_step` and `get_batch`. Other code hooks in without changing this
+    grad_clip, iwae_samples): see `train_step` and `get_batch`. Other code hooks in without changing this
     loop: `step` replaces `train_step`, same signature (Part 2's CUDA graph); `order` the
     permutation of range(N) (Part 2's share of a multi-process run); `on_step(i, stats)` runs
     after each step i = 1, 2, ... (Part 2's progress bar and non-finite check).
 
-    Returns the epoch's mean loss (recon + beta * kl, the free-bits floor aside), recon and kl: a
-    dict, nats per image. Raises ValueError for a negative beta or free_bits.
+    Returns the epoch's mean loss (recon + beta * kl, the free-bits floor aside; or minus the IWAE
+    bound), recon and kl: a dict, nats per image. Raises ValueError for a negative beta or
+    free_bits, or either with iwae_samples > 1 (beta other than 1).
     """
-    if beta < 0 or step_args.get("free_bits", 0) < 0:
-        raise ValueError(
-            f"beta and free_bits must be >= 0, got {beta} and {step_args.get('free_bits', 0)}"
-        )
+    free_bits = step_args.get("free_bits", 0)
+    if beta < 0 or free_bits < 0:
+        raise ValueError(f"beta and free_bits must be >= 0, got {beta} and {free_bits}")
+    if step_args.get("iwae_samples", 1) > 1 and (beta != 1 or free_bits):
+        raise ValueError(f"the IWAE objective has beta 1 and no free bits, got {beta}, {free_bits}")
     model.train()
     if order is None:
         order = torch.randperm(len(images), device=images.device)
@@ -584,32 +624,61 @@ def log_likelihood(
         (B,) estimates of log p(x) in nats (the NLL is minus them). Raises ValueError: x out
         of range (checked on the CPU), an unknown likelihood.
     """
-    if log_px_given_z is None:
-
-        def log_px_given_z(logits, target):
-            return -reconstruction_loss(logits, target, likelihood, sigma)
-
     x = to_float(x)
-    b = len(x)
     generator = own_generator(generator, x.device)
     cond = () if y is None else (y,)  # so that a model with encode(x) and decode_logits(z) works
     mu, logvar = (t.float() for t in model.encode(x, *cond))  # (B, D)
-    std = torch.exp(0.5 * logvar)
-    log_2pi = math.log(2 * math.pi)
-    chunk = max(1, max_decodes // b)
-    log_w = []
-    for start in range(0, k, chunk):
-        n = min(chunk, k - start)
-        eps = torch.randn(n, b, model.latent_dim, device=x.device, generator=generator)
-        z = mu + std * eps  # (n, B, D)
-        labels = [torch.cat([c] * n) for c in cond]  # (n*B,) or (n*B, K), in z's order
-        logits = model.decode_logits(z.flatten(0, 1), *labels)  # (n*B, C, H, W)
-        log_px_z = log_px_given_z(logits, x.repeat(n, 1, 1, 1)).view(n, b)
-        log_pz = -0.5 * (z.pow(2) + log_2pi).sum(-1)  # log N(z; 0, I), (n, B)
-        log_qz = -0.5 * (eps.pow(2) + logvar + log_2pi).sum(-1)  # log N(z; mu, sigma^2), (n, B)
-        log_w.append(log_px_z + log_pz - log_qz)
+    chunk = max(1, max_decodes // len(x))
+    p_x = log_px_given_z or likelihood
+    log_w = [
+        log_weights(model, x, mu, logvar, min(chunk, k - start), y, p_x, sigma, generator)[0]
+        for start in range(0, k, chunk)
+    ]
     # log of the mean of the w_k, computed from the log w_k without overflow
     return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)  # (B,)
+
+
+def log_weights(model, x, mu, logvar, k, y=None, likelihood="bernoulli", sigma=0.1, generator=None):
+    """The log importance weights log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) of k draws
+    z_k ~ q(z|x) = N(mu, exp(logvar)) for each image, and their log p(x|z_k): two (k, B), nats,
+    with gradients (the reparameterization trick, as in `VAE.reparameterize`). Shared by
+    `log_likelihood` and `iwae_loss`. x: (B, C, H, W) in [0, 1]; mu, logvar: (B, D) from `model.encode`; y, likelihood,
+    sigma, generator: see `log_likelihood`. `likelihood` may also be a function (logits, x) ->
+    (N,) log p(x|z), for a model of your own."""
+    b = len(x)
+    eps = torch.randn(k, b, mu.shape[1], device=x.device, dtype=mu.dtype, generator=generator)
+    z = mu + torch.exp(0.5 * logvar) * eps  # (k, B, D)
+    labels = () if y is None else (torch.cat([y] * k),)  # (k*B,) or (k*B, K), in z's order
+    logits = model.decode_logits(z.flatten(0, 1), *labels)  # (k*B, C, H, W)
+    x_k = x.repeat(k, 1, 1, 1)
+    if callable(likelihood):
+        log_px_z = likelihood(logits, x_k).view(k, b)
+    else:
+        log_px_z = -reconstruction_loss(logits, x_k, likelihood, sigma).view(k, b)
+    log_2pi = math.log(2 * math.pi)
+    log_pz = -0.5 * (z.pow(2) + log_2pi).sum(-1)  # log N(z; 0, I), (k, B)
+    log_qz = -0.5 * (eps.pow(2) + logvar + log_2pi).sum(-1)  # log N(z; mu, sigma^2), (k, B)
+    return log_px_z + log_pz - log_qz, log_px_z
+
+
+def iwae_loss(model, x, k, y=None, likelihood="bernoulli", sigma=0.1):
+    """The importance weighted autoencoder's objective (Burda et al. 2015, eq. 8), to train with:
+    minus the bound `log_likelihood` estimates, log (1/K) sum_k w_k, averaged over the batch, with
+    gradients; and, to watch, the ELBO's two parts: recon (the mean of -log p(x|z_k) over the K
+    draws) and the closed-form KL. Returns (loss, recon, kl), nats per image.
+
+    What K buys. The ELBO (K = 1) pays log p(x) - ELBO = KL(q(z|x) || p(z|x)) for every image, so
+    it trains the decoder only as well as q can follow the true posterior. With K draws the gap
+    shrinks as K grows: the bound tightens towards log p(x), the weights w_k reward a q that puts
+    some draws where p(z|x) is, not all of them, and the decoder is trained for a better
+    likelihood. The cost is K decodes per image. With K = 1 it is the ELBO with a sampled KL,
+    log q(z|x) - log p(z), in place of the closed form: the same in expectation, noisier.
+    x: (B, C, H, W) uint8 or in [0, 1]; k >= 1; y, likelihood, sigma: see `log_likelihood`."""
+    x = to_float(x)
+    mu, logvar = model.encode(x, y)
+    log_w, log_px_z = log_weights(model, x, mu, logvar, k, y, likelihood, sigma)  # (K, B)
+    loss = -(torch.logsumexp(log_w, dim=0) - math.log(k)).mean()
+    return loss, -log_px_z.mean(), kl_divergence(mu, logvar).mean()
 
 
 @in_eval_mode
@@ -1096,9 +1165,12 @@ def save_json(obj, path):
 
 
 def save_csv(rows, path):
-    """Write a list of dicts with the same keys to path as CSV with a header, atomically."""
+    """Write a list of dicts to path as CSV with a header of all their keys, atomically."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    columns = list(
+        dict.fromkeys(key for row in rows for key in row)
+    )  # an older run's rows lack some
+    writer = csv.DictWriter(text, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
     # surrogateescape: a folder name's bytes that are not UTF-8 are written as they are
@@ -1755,12 +1827,16 @@ class Run:
         self.model = model  # saved and evaluated; step_model is what training calls
         ids = [device] if device.type == "cuda" else None
         self.step_model = nn.parallel.DistributedDataParallel(model, ids) if distributed else model
+        # DDP's gradient exchange would not be in the graph, so there is none under torchrun.
+        graph = args.cuda_graph == "auto" and device.type == "cuda" and not distributed
         # Fused Adam updates all parameters in one kernel, not a dozen per tensor; capturable
-        # keeps its step count on the GPU, so that a CUDA graph can record it.
+        # keeps its step count on the GPU, so that a CUDA graph can record it. A graph reads the
+        # learning rate from a tensor, which `set_lr` fills at each epoch.
+        lr = torch.tensor(args.lr, device=device) if graph else args.lr
         fused = device.type in ("cuda", "cpu")
         capturable = device.type == "cuda"
         self.optimizer = torch.optim.Adam(
-            model.parameters(), args.lr, fused=fused, capturable=capturable
+            model.parameters(), lr, fused=fused, capturable=capturable
         )
         self.config = dict(vars(args), num_classes=num_classes, classes=data["classes"])
         self.history = [] if state is None else state["history"]
@@ -1768,12 +1844,12 @@ class Run:
         if state is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             for group in self.optimizer.param_groups:
-                group["lr"] = args.lr  # --lr may change on resume
+                group["lr"] = lr  # the schedule sets its value at each epoch
         self.step_args = dict(likelihood=args.likelihood, sigma=args.sigma)
         self.step_args.update(free_bits=args.free_bits, grad_clip=args.grad_clip)
+        self.step_args.update(iwae_samples=args.iwae_samples)
         self.step = train_step
-        # DDP's gradient exchange would not be in the graph, so there is none under torchrun.
-        if args.cuda_graph == "auto" and device.type == "cuda" and not distributed:
+        if graph:
             x = to_float(data["train_x"][: args.batch_size])
             y = None if data["train_y"] is None else data["train_y"][: args.batch_size]
             self.step = CUDAGraphStep(self.step_model, self.optimizer, x, y, **self.step_args)
@@ -1872,15 +1948,20 @@ class Run:
                 3,
             )
         previous = self.history[-1]["test_neg_elbo"] if self.history else None
-        r = dict(epoch=epoch, beta=beta, **{f"train_{k}": v for k, v in tr.items()})
+        k = args.iwae_samples
+        objective = "elbo" if k == 1 else f"iwae{k}"  # train_loss: recon + beta kl, or -IWAE bound
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        r = dict(epoch=epoch, beta=beta, lr=lr, objective=objective)
+        r.update({f"train_{name}": v for name, v in tr.items()})
         r.update(test_neg_elbo=te["neg_elbo"], test_recon=te["recon"], test_kl=te["kl"])
         r.update(test_active_units=te["active_units"], seconds=time.perf_counter() - t0)
         r.update(images_per_sec=len(self.data["train_x"]) / seconds)
         self.history.append(r)
+        loss_name = "loss" if k == 1 else f"-IWAE{k}"
         print(
-            f"epoch {epoch:3d}/{args.epochs} | beta {beta:.3f} | train loss {r['train_loss']:8.3f} "
-            f"recon {r['train_recon']:8.3f} kl {r['train_kl']:7.3f} | test -ELBO "
-            f"{r['test_neg_elbo']:8.3f} recon {r['test_recon']:8.3f} kl {r['test_kl']:7.3f} | AU "
+            f"epoch {epoch:3d}/{args.epochs} | beta {beta:.3f} | train {loss_name} "
+            f"{r['train_loss']:8.3f} recon {r['train_recon']:8.3f} kl {r['train_kl']:7.3f} | test "
+            f"-ELBO {r['test_neg_elbo']:8.3f} recon {r['test_recon']:8.3f} kl {r['test_kl']:7.3f} | AU "
             f"{r['test_active_units']:3d} | {r['seconds']:6.2f} s {r['images_per_sec']:7.0f} img/s",
             flush=True,
         )
@@ -1997,6 +2078,10 @@ def train(args, explicit=()):
                     for epoch in range(len(run.history) + 1, args.epochs + 1):
                         t0 = time.perf_counter()
                         beta = beta_schedule(epoch, args.beta, args.kl_warmup)
+                        set_lr(
+                            run.optimizer,
+                            lr_schedule(epoch, args.lr, args.epochs, args.lr_schedule),
+                        )
                         tr, seconds = run.train_epoch(epoch, beta)
                         if rank == 0:  # the test set is small: rank 0 evaluates it alone
                             run.evaluate_and_log(epoch, beta, tr, seconds, t0)
@@ -2145,11 +2230,13 @@ def build_parser():
     add("--beta", type=in_range(float, 0.0, 10000.0), default=1.0, help="KL weight, %(type)s")
     add("--kl_warmup", type=in_range(int, 0, 100000), default=0, help="epochs, %(type)s")
     add("--free_bits", type=in_range(float, 0.0, 100.0), default=0.0, help="nats, %(type)s")
+    add("--iwae_samples", type=in_range(int, 1, 1000), default=1, help="K, 1: ELBO, %(type)s")
     add("--conditional", action="store_true", help="a conditional VAE (labels)")
     add = p.add_argument_group("training").add_argument
     add("--epochs", type=in_range(int, 0, 100000), default=30, help="%(type)s")
     add("--batch_size", type=in_range(int, 1, 65536), default=128, help="%(type)s")
     add("--lr", type=in_range(float, 1e-8, 10.0), default=1e-3, help="%(type)s")
+    add("--lr_schedule", choices=("constant", "cosine"), default="constant", help="per epoch")
     add("--seed", type=in_range(int, 0, 2**32 - 1), default=0, help="%(type)s")
     add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: best")
     add("--cuda_graph", choices=("auto", "off"), default="auto", help="auto: on CUDA")
@@ -2172,6 +2259,10 @@ def parse_args(argv=None):
     if args.resume and (args.overwrite or args.checkpoint):
         parser.error(
             "--resume continues the run in --out_dir: it goes with neither --overwrite nor --checkpoint"
+        )
+    if args.iwae_samples > 1 and (args.beta != 1 or args.free_bits or args.kl_warmup):
+        parser.error(
+            "--iwae_samples trains the IWAE bound, which has no --beta, --free_bits or --kl_warmup"
         )
     if args.checkpoint is None and args.epochs == 0:
         parser.error("--epochs 0 trains nothing; to evaluate a saved model, give --checkpoint PATH")
