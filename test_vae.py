@@ -86,7 +86,11 @@ def to_float_batch(images_uint8):
 # The specification (Part 1): the models
 
 
-@pytest.mark.parametrize("cls", [vae.ConvVAE, vae.MLPVAE])
+RESIDUAL = functools.partial(vae.ConvVAE, res_blocks=2)  # residual blocks at the lowest resolution
+MODELS = [vae.ConvVAE, RESIDUAL, vae.MLPVAE]
+
+
+@pytest.mark.parametrize("cls", MODELS)
 @pytest.mark.parametrize("size", vae.IMAGE_SIZES)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_shapes_and_ranges(cls, size, channels):
@@ -123,6 +127,11 @@ def test_forward_logits_are_the_images_before_sigmoid():
 
 def test_conv_depth_follows_image_size_and_refuses_other_sizes():
     assert vae.ConvVAE(image_size=28).feature_shape == (64, 7, 7)
+    blocks = [m for m in RESIDUAL().modules() if isinstance(m, vae.ResidualBlock)]
+    assert len(blocks) == 4 and all(b.f[0].in_channels == 64 for b in blocks)  # at 7 x 7, 2 a side
+    x = torch.rand(3, 64, 7, 7)
+    blocks[0].f[-1].weight.data.zero_()  # f(x) = BatchNorm's bias, 0: the block is LeakyReLU(x)
+    torch.testing.assert_close(blocks[0](x), F.leaky_relu(x, 0.2))
     assert vae.ConvVAE(image_size=32).feature_shape == (128, 4, 4)
     assert vae.ConvVAE(image_size=64).feature_shape == (256, 4, 4)
     for size in (30, 12):
@@ -323,7 +332,7 @@ def test_reparameterize_passes_gradients_to_mu_and_logvar():
     )  # dz/dlogvar
 
 
-@pytest.mark.parametrize("cls", [vae.ConvVAE, vae.MLPVAE])
+@pytest.mark.parametrize("cls", MODELS)
 def test_every_parameter_gets_a_finite_nonzero_gradient(cls):
     torch.manual_seed(0)
     model = cls(latent_dim=8)
@@ -702,6 +711,7 @@ def test_reconstruct_decodes_the_posterior_mean_in_eval_mode():
         vae.MLPVAE(hidden=(300,), latent_dim=5),
         vae.ConvVAE(base_channels=8, latent_dim=3),
         vae.ConvVAE(image_size=32, channels=3, base_channels=4, latent_dim=2, num_classes=3),
+        vae.ConvVAE(base_channels=4, latent_dim=2, res_blocks=1),
     ],
 )
 def test_save_model_and_load_model_round_trip_any_model(tmp_path, model):
@@ -716,6 +726,18 @@ def test_save_model_and_load_model_round_trip_any_model(tmp_path, model):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="names no model class"):
         vae.load_model(tmp_path / "other.pt")
+
+
+def test_a_convvae_saved_before_residual_blocks_loads_as_the_plain_model(tmp_path):
+    model = vae.ConvVAE(base_channels=4, latent_dim=2).eval()
+    vae.save_model(tmp_path / "old.pt", model)
+    state = torch.load(tmp_path / "old.pt", weights_only=True)
+    del state["model_args"]["res_blocks"]  # as vae.py wrote it before this argument
+    torch.save(state, tmp_path / "old.pt")
+    loaded, _ = vae.load_model(tmp_path / "old.pt")
+    assert loaded.model_args["res_blocks"] == 0
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(vae.reconstruct(loaded, x), vae.reconstruct(model, x))
 
 
 def test_part_one_copied_alone_trains_samples_and_interpolates(tmp_path):
