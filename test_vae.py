@@ -134,9 +134,9 @@ def test_conv_depth_follows_image_size_and_refuses_other_sizes():
     torch.testing.assert_close(blocks[0](x), F.leaky_relu(x, 0.2))
     assert vae.ConvVAE(image_size=32).feature_shape == (128, 4, 4)
     assert vae.ConvVAE(image_size=64).feature_shape == (256, 4, 4)
-    for size in (30, 12):
-        with pytest.raises(ValueError, match="multiple of 4 and at least 16"):
-            vae.ConvVAE(image_size=size)
+    for size, blocks in ((30, 0), (12, 0), (28, -1)):
+        with pytest.raises(ValueError, match="multiple of 4 and at least 16, and res_blocks >= 0"):
+            vae.ConvVAE(image_size=size, res_blocks=blocks)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -625,6 +625,8 @@ def test_log_likelihood_rises_with_k():
         for k in (1, 10, 100, 400)
     ]
     assert all(a < b for a, b in zip(estimates, estimates[1:])), estimates
+    with pytest.raises(ValueError, match="needs k >= 1"):
+        vae.log_likelihood(model, x, k=0)
 
 
 class LinearGaussian(torch.nn.Module):
@@ -1650,7 +1652,7 @@ def edit_checkpoint(state, what):
         ("truncated", "is not a checkpoint written by vae.py"),
         ("pickle with code", "was refused: it holds Python objects beyond tensors and plain data"),
         ("tensors only", "cannot be loaded as a model of vae.py: it names no model class"),
-        ("incompatible model", "its weights do not fit the MLPVAE({'image_size': 28"),
+        ("incompatible model", "weights do not fit the MLPVAE({'image_size': 28"),
         ("no history", "is not a whole checkpoint of a vae.py run: its history is missing"),
         ("epoch as text", "its epoch is missing or not what vae.py writes"),
         ("latent_dim as text", "its latent_dim is missing or not what vae.py writes"),

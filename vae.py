@@ -171,14 +171,16 @@ class VAE(nn.Module):
 
 class ResidualBlock(nn.Module):
     """x + f(x), then LeakyReLU, where f is two 3x3 convolutions with BatchNorm and a LeakyReLU
-    between them: (B, C, H, W) -> (B, C, H, W) (He et al. 2016, "Deep Residual Learning", Fig. 2).
+    between them: (B, C, H, W) -> (B, C, H, W) (He et al. 2016, "Deep Residual Learning", Fig. 2,
+    with BatchNorm after each convolution as in their Sec. 3.4, and LeakyReLU for ReLU).
 
     What it buys a VAE. The strided convolutions that change the resolution do all of the
     encoder's and decoder's work with one layer per resolution; a block adds depth where the
-    features are (two more layers and a wider view), and the identity path lets it learn only a
-    correction to x, so a deeper network still trains as easily as the shallow one. In the decoder
-    that depth is what turns a code z into sharper strokes: a better p(x|z), and a higher
-    likelihood. At the lowest resolution (7 x 7 for MNIST) a block costs the fewest operations.
+    features are (two more layers and a wider view), and the identity path lets it learn a
+    correction to x (nearly: the LeakyReLU after the sum scales negative values by 0.2), so a
+    deeper network still trains as easily as the shallow one. In the decoder the depth can give a
+    better p(x|z), and so a higher likelihood (README.md has the measurements). At the lowest
+    resolution (7 x 7 for MNIST) a block costs the fewest operations.
     """
 
     def __init__(self, channels):
@@ -219,10 +221,10 @@ class ConvVAE(VAE):
         res_blocks=0,
     ):
         super().__init__(image_size, channels, latent_dim, num_classes)
-        if image_size < 16 or image_size % 4:
+        if image_size < 16 or image_size % 4 or res_blocks < 0:
             raise ValueError(
-                f"ConvVAE needs an image_size that is a multiple of 4 and at least 16, "
-                f"got {image_size}"
+                f"ConvVAE needs an image_size that is a multiple of 4 and at least 16, and "
+                f"res_blocks >= 0, got {image_size} and {res_blocks}"
             )
         self.model_args = dict(
             image_size=image_size,
@@ -446,10 +448,10 @@ def train_step(model, optimizer, x, beta=1.0, y=None, grad_clip=0.0, iwae_sample
     """One optimizer step on a batch x (B, C, H, W), uint8 or in [0, 1] (labels y (B,) if
     conditional). beta and **loss_args (likelihood, sigma, free_bits): see `vae_loss`.
     grad_clip > 0 first rescales the gradient to at most that global L2 norm. iwae_samples = K > 1
-    trains `iwae_loss` with K samples instead, which has no beta or free bits (`train_epoch`
-    refuses them). Returns the detached (4,) tensor [loss, recon, kl, gradient norm], nats per
-    image, left on the device (reading it makes a GPU wait); loss is recon + beta * kl, or minus
-    the IWAE bound.
+    trains `iwae_loss` with K samples instead, which has no beta or free bits: they are not used
+    (`train_epoch` refuses them). Returns the detached (4,) tensor [loss, recon, kl, gradient
+    norm], left on the device (reading it makes a GPU wait): loss (recon + beta * kl, or minus the
+    IWAE bound), recon and kl in nats per image, the norm as it was before any clipping.
     """
     x = to_float(x)
     if iwae_samples > 1:
@@ -489,8 +491,9 @@ def beta_schedule(epoch, beta, kl_warmup=0):
 
 def lr_schedule(epoch, lr, epochs, schedule="constant"):
     """The learning rate of epoch 1, 2, ..., epochs: `lr` throughout ('constant'), or 'cosine':
-    lr (1 + cos(pi (epoch - 1) / epochs)) / 2, from lr at epoch 1 down half a cosine to nearly 0
-    at the last (Loshchilov & Hutter 2017, SGDR, eq. 5, one cycle without restarts). Why decay:
+    lr (1 + cos(pi (epoch - 1) / epochs)) / 2, from lr at epoch 1 down half a cosine, set once per
+    epoch, to 0.003 lr at the last of 30 (0.1 lr of 5) (Loshchilov & Hutter 2017, SGDR, eq. 5,
+    one cycle without restarts, stepped per epoch). Why decay:
     at a constant rate, Adam's steps keep the weights moving about a minimum, by a distance that
     scales with lr; a falling rate lets them settle into it in the last epochs. ValueError for an
     epoch outside 1..epochs or an unknown schedule."""
@@ -540,9 +543,10 @@ def train_epoch(
     permutation of range(N) (Part 2's share of a multi-process run); `on_step(i, stats)` runs
     after each step i = 1, 2, ... (Part 2's progress bar and non-finite check).
 
-    Returns the epoch's mean loss (recon + beta * kl, the free-bits floor aside; or minus the IWAE
-    bound), recon and kl: a dict, nats per image. Raises ValueError for a negative beta or
-    free_bits, or either with iwae_samples > 1 (beta other than 1).
+    Returns the epoch's mean loss (recon + beta * kl, the free-bits floor aside; with IWAE minus
+    its bound, which is not recon + kl), recon and kl: a dict, nats per image. Raises ValueError
+    if beta < 0 or free_bits < 0, or, with iwae_samples > 1, if beta != 1 or free_bits != 0 (so
+    an IWAE run has no kl_warmup).
     """
     free_bits = step_args.get("free_bits", 0)
     if beta < 0 or free_bits < 0:
@@ -637,7 +641,8 @@ def log_likelihood(
 
         log p(x) ~= log (1/K) sum_k w_k,   w_k = p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x)
 
-    Why its expectation is a lower bound, above the ELBO (one estimate may land above log p(x)).
+    Its expectation lies between the ELBO and log p(x); a single estimate may land above log p(x).
+    Why:
     p(x) = E_q[w] exactly (importance sampling), and the log of an average is at least the
     average of the logs (Jensen, log is concave), so
         log p(x) = log E[(1/K) sum_k w_k] >= E[log (1/K) sum_k w_k]   (the estimate)
@@ -652,7 +657,8 @@ def log_likelihood(
         model: a module with `encode`, `decode_logits` and `latent_dim`; it runs in eval mode.
         x: (B, C, H, W) uint8 or in [0, 1] (see `to_float`); binary for a true Bernoulli
             likelihood.
-        k: the number of importance samples, >= 1; decoded `max_decodes` images at a time.
+        k: the number of importance samples, >= 1 (else ValueError); decoded `max_decodes`
+            images at a time.
         y: (B,) integer or (B, num_classes) one-hot labels for a conditional model, whose
             estimate is then of log p(x|y).
         likelihood, sigma: p(x|z) as the model was trained with it (`reconstruction_loss`).
@@ -664,6 +670,8 @@ def log_likelihood(
         (B,) estimates of log p(x) in nats (the NLL is minus them). Raises ValueError: x out
         of range (checked on the CPU), an unknown likelihood.
     """
+    if k < 1:
+        raise ValueError(f"log_likelihood needs k >= 1 importance samples, got {k}")
     x = to_float(x)
     generator = own_generator(generator, x.device)
     cond = () if y is None else (y,)  # so that a model with encode(x) and decode_logits(z) works
@@ -709,9 +717,9 @@ def iwae_loss(model, x, k, y=None, likelihood="bernoulli", sigma=0.1):
 
     What K buys. The ELBO (K = 1) pays log p(x) - ELBO = KL(q(z|x) || p(z|x)) for every image, so
     it trains the decoder only as well as q can follow the true posterior. With K draws the gap
-    shrinks as K grows: the bound tightens towards log p(x), the weights w_k reward a q that puts
-    some draws where p(z|x) is, not all of them, and the decoder is trained for a better
-    likelihood. The cost is K decodes per image. With K = 1 it is the ELBO with a sampled KL,
+    shrinks as K grows: the bound tightens towards log p(x); a draw far from p(z|x) gets a tiny
+    weight and costs little, so q need only put some of its draws where p(z|x) is (it may be
+    broader than under the ELBO), and the decoder is trained for a better likelihood. The cost is K decodes per image. With K = 1 it is the ELBO with a sampled KL,
     log q(z|x) - log p(z), in place of the closed form: the same in expectation, noisier.
     x: (B, C, H, W) uint8 or in [0, 1]; k >= 1; y, likelihood, sigma: see `log_likelihood`."""
     x = to_float(x)
@@ -773,7 +781,7 @@ def save_model(file, model, **extra):
 
 
 def load_model(file, map_location="cpu"):
-    """The model of a `save_model` file, on map_location in eval mode, and the file's dict:
+    """The model of a `save_model` file, on map_location (a device) in eval mode, and the file's dict:
     (model, state). Raises ValueError when the file is not one of `save_model` or its weights do
     not fit the model it describes; torch.load's errors (no file, not a PyTorch file, a pickle
     with code) pass through."""
@@ -785,14 +793,14 @@ def load_model(file, map_location="cpu"):
         )
     try:
         args = state["model_args"]
-        if state["model_class"] == "ConvVAE":  # files from before residual blocks name none
+        if state["model_class"] == "ConvVAE":  # files from before res_blocks: 0, whatever default
             args = {"res_blocks": 0, **args}
         model = classes[state["model_class"]](**args)
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        described = f"{state['model_class']}({state.get('model_args')})"
         raise ValueError(
-            f"its weights do not fit the {state['model_class']}({state.get('model_args')}) it "
-            f"describes ({type(e).__name__})"
+            f"its model_args or weights do not fit the {described} it describes ({type(e).__name__})"
         ) from None
     return model.to(map_location).eval(), state
 
