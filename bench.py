@@ -4,6 +4,7 @@ bench.py: how fast vae.py trains on this machine, and how close that is to its l
     python bench.py --data_dir ./mnist                      # both models, default device
     python bench.py --model conv --cuda_graph off           # one model, without the CUDA graph
     python bench.py --model mlp --profile --no_loader       # where the step's time goes
+    python bench.py --model conv --res_blocks 1             # any other flag is vae.py's
 
 For each model it times, after a warm-up, (1) single training steps, (2) whole
 epochs of vae.py's own loop (data held on the device as one tensor) with the test
@@ -111,7 +112,7 @@ def bench_model(name, args, device, rate):
     torch.manual_seed(0)
     flags = ["--model", name, "--latent_dim", str(args.latent_dim), "--data_dir", args.data_dir]
     flags += ["--batch_size", str(args.batch_size), "--cuda_graph", args.cuda_graph]
-    run_args = vae.parse_args(flags)
+    run_args = vae.parse_args(flags + args.vae_flags)
     data = vae.load_data(run_args, device)
     train_x = data["train_x"]
     test_x = data["test_x"]
@@ -191,7 +192,8 @@ def main(argv=None):
     p.add_argument(
         "--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)"
     )
-    args = p.parse_args(argv)
+    p.epilog = "Any other flag is vae.py's, for the models it builds (e.g. --res_blocks 1)."
+    args, args.vae_flags = p.parse_known_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
