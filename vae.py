@@ -1109,12 +1109,16 @@ def select_device(name, deterministic=False):
     return torch.device(name)
 
 
-def init_distributed(device):
-    """Join the process group when started by torchrun: (rank, world size, this process's device);
-    (0, 1, device) without torchrun's variables. nccl on CUDA, each process on cuda:LOCAL_RANK;
-    gloo on the CPU. UserError on mps, or with more processes on a machine than it has GPUs."""
+@contextlib.contextmanager
+def process_group(device):
+    """Within it, a process started by torchrun is in the process group: it yields (rank, world
+    size, this process's device); (0, 1, device) without torchrun's variables. nccl on CUDA, each
+    process on cuda:LOCAL_RANK; gloo on the CPU. On leaving, a process whose block completed waits
+    for the others first (gloo can abort one that leaves while another still works), then every
+    process leaves the group. UserError on mps, or with more processes than the machine has GPUs."""
     if "LOCAL_RANK" not in os.environ:
-        return 0, 1, device
+        yield 0, 1, device
+        return
     if device.type == "mps":
         raise UserError(
             "torchrun needs --device cuda or cpu: PyTorch has no distributed backend for mps."
@@ -1129,7 +1133,11 @@ def init_distributed(device):
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    try:
+        yield dist.get_rank(), dist.get_world_size(), device
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 class CUDAGraphStep:
@@ -2110,8 +2118,8 @@ def train(args, explicit=()):
         args, model, state = resume_config(args, explicit)
     else:
         refuse_other_run(args.out_dir, args.overwrite)
-    rank, world, device = init_distributed(select_device(args.device, args.deterministic))
-    try:
+    device = select_device(args.device, args.deterministic)
+    with process_group(device) as (rank, world, device):
         with contextlib.redirect_stdout(sys.stdout if rank == 0 else io.StringIO()):
             torch.manual_seed(args.seed + rank)  # rank 0 draws what a single process would
             data = load_data(args, device, world)
@@ -2130,19 +2138,14 @@ def train(args, explicit=()):
                     for epoch in range(len(run.history) + 1, args.epochs + 1):
                         t0 = time.perf_counter()
                         beta = beta_schedule(epoch, args.beta, args.kl_warmup)
-                        set_lr(
-                            run.optimizer,
-                            lr_schedule(epoch, args.lr, args.epochs, args.lr_schedule),
-                        )
+                        lr = lr_schedule(epoch, args.lr, args.epochs, args.lr_schedule)
+                        set_lr(run.optimizer, lr)
                         tr, seconds = run.train_epoch(epoch, beta)
                         if rank == 0:  # the test set is small: rank 0 evaluates it alone
                             run.evaluate_and_log(epoch, beta, tr, seconds, t0)
                             run.save(epoch)
                 except KeyboardInterrupt as e:
                     raise run.stopped(e) from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     if rank == 0:  # the final evaluation on the whole test set, by one process
         plot_losses(run.history, os.path.join(args.out_dir, "loss_curves.png"))
         extra = dict(epoch=run.history[-1]["epoch"])
