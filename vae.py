@@ -455,10 +455,8 @@ def train_step(model, optimizer, x, beta=1.0, y=None, grad_clip=0.0, iwae_sample
     """
     x = to_float(x)
     if iwae_samples > 1:
-        likelihood = loss_args.get("likelihood", "bernoulli")
-        loss, rec, kl = iwae_loss(
-            model, x, iwae_samples, y, likelihood, loss_args.get("sigma", 0.1)
-        )
+        loss_args.pop("free_bits", None)  # the bound has none (nor a beta)
+        loss, rec, kl = iwae_loss(model, x, iwae_samples, y, **loss_args)
         shown = loss
     else:
         logits, mu, logvar = model(x, y, return_logits=True)
@@ -536,12 +534,12 @@ def train_epoch(
             set_lr(optimizer, lr_schedule(epoch, lr, epochs, schedule))
             train_epoch(model, optimizer, images, beta=beta_schedule(epoch, beta, kl_warmup))
 
-    images: (N, C, H, W) uint8, or float in [0, 1], on the model's device; labels: (N,) int64
-    there, for a conditional model; beta, binarize, **step_args (likelihood, sigma, free_bits,
-    grad_clip, iwae_samples): see `train_step` and `get_batch`. Other code hooks in without changing this
-    loop: `step` replaces `train_step`, same signature (Part 2's CUDA graph); `order` the
-    permutation of range(N) (Part 2's share of a multi-process run); `on_step(i, stats)` runs
-    after each step i = 1, 2, ... (Part 2's progress bar and non-finite check).
+    images: (N, C, H, W) uint8, or float in [0, 1], on the model's device; labels: (N,) int64 there,
+    for a conditional model; beta, binarize, **step_args (likelihood, sigma, free_bits, grad_clip,
+    iwae_samples): see `train_step` and `get_batch`. Other code hooks in without changing this loop:
+    `step` replaces `train_step`, same signature (Part 2's CUDA graph); `order` the permutation of
+    range(N) (Part 2's share of a multi-process run); `on_step(i, stats)` runs after each step i =
+    1, 2, ... (Part 2's progress bar and non-finite check).
 
     Returns the epoch's mean loss (recon + beta * kl, the free-bits floor aside; with IWAE minus
     its bound, which is not recon + kl), recon and kl: a dict, nats per image. Raises ValueError
@@ -688,11 +686,11 @@ def log_likelihood(
 
 def log_weights(model, x, mu, logvar, k, y=None, likelihood="bernoulli", sigma=0.1, generator=None):
     """The log importance weights log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) of k draws
-    z_k ~ q(z|x) = N(mu, exp(logvar)) for each image, and their log p(x|z_k): two (k, B), nats,
-    with gradients (the reparameterization trick, as in `VAE.reparameterize`). Shared by
-    `log_likelihood` and `iwae_loss`. x: (B, C, H, W) in [0, 1]; mu, logvar: (B, D) from `model.encode`; y, likelihood,
-    sigma, generator: see `log_likelihood`. `likelihood` may also be a function (logits, x) ->
-    (N,) log p(x|z), for a model of your own."""
+    z_k ~ q(z|x) = N(mu, exp(logvar)) for each image, and their log p(x|z_k): two (k, B), nats, with
+    gradients (the reparameterization trick, as in `VAE.reparameterize`). Shared by `log_likelihood`
+    and `iwae_loss`. x: (B, C, H, W) in [0, 1]; mu, logvar: (B, D) from `model.encode`; y,
+    likelihood, sigma, generator: see `log_likelihood`. `likelihood` may also be a function (logits,
+    x) -> (N,) log p(x|z), for a model of your own."""
     b = len(x)
     eps = torch.randn(k, b, mu.shape[1], device=x.device, dtype=mu.dtype, generator=generator)
     z = mu + torch.exp(0.5 * logvar) * eps  # (k, B, D)
@@ -715,12 +713,13 @@ def iwae_loss(model, x, k, y=None, likelihood="bernoulli", sigma=0.1):
     gradients; and, to watch, the ELBO's two parts: recon (the mean of -log p(x|z_k) over the K
     draws) and the closed-form KL. Returns (loss, recon, kl), nats per image.
 
-    What K buys. The ELBO (K = 1) pays log p(x) - ELBO = KL(q(z|x) || p(z|x)) for every image, so
-    it trains the decoder only as well as q can follow the true posterior. With K draws the gap
-    shrinks as K grows: the bound tightens towards log p(x); a draw far from p(z|x) gets a tiny
-    weight and costs little, so q need only put some of its draws where p(z|x) is (it may be
-    broader than under the ELBO), and the decoder is trained for a better likelihood. The cost is K decodes per image. With K = 1 it is the ELBO with a sampled KL,
-    log q(z|x) - log p(z), in place of the closed form: the same in expectation, noisier.
+    What K buys. The ELBO (K = 1) pays log p(x) - ELBO = KL(q(z|x) || p(z|x)) for every image, so it
+    trains the decoder only as well as q can follow the true posterior. With K draws the gap shrinks
+    as K grows: the bound tightens towards log p(x); a draw far from p(z|x) gets a tiny weight and
+    costs little, so q need only put some of its draws where p(z|x) is (it may be broader than under
+    the ELBO), and the decoder is trained for a better likelihood. The cost is K decodes per image.
+    With K = 1 it is the ELBO with a sampled KL, log q(z|x) - log p(z), in place of the closed form:
+    the same in expectation, noisier.
     x: (B, C, H, W) uint8 or in [0, 1]; k >= 1; y, likelihood, sigma: see `log_likelihood`."""
     x = to_float(x)
     mu, logvar = model.encode(x, y)
@@ -781,9 +780,9 @@ def save_model(file, model, **extra):
 
 
 def load_model(file, map_location="cpu"):
-    """The model of a `save_model` file, on map_location (a device) in eval mode, and the file's dict:
-    (model, state). Raises ValueError when the file is not one of `save_model` or its weights do
-    not fit the model it describes; torch.load's errors (no file, not a PyTorch file, a pickle
+    """The model of a `save_model` file, on map_location (a device) in eval mode, and the file's
+    dict: (model, state). Raises ValueError when the file is not one of `save_model` or its weights
+    do not fit the model it describes; torch.load's errors (no file, not a PyTorch file, a pickle
     with code) pass through."""
     state = torch.load(file, map_location=map_location, weights_only=True)
     classes = {cls.__name__: cls for cls in (ConvVAE, MLPVAE)}
@@ -792,15 +791,13 @@ def load_model(file, map_location="cpu"):
             "it names no model class of vae.py (its model_class is missing or unknown)"
         )
     try:
-        args = state["model_args"]
-        if state["model_class"] == "ConvVAE":  # files from before res_blocks: 0, whatever default
-            args = {"res_blocks": 0, **args}
-        model = classes[state["model_class"]](**args)
+        model = classes[state["model_class"]](**state["model_args"])
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         described = f"{state['model_class']}({state.get('model_args')})"
+        why = type(e).__name__
         raise ValueError(
-            f"its model_args or weights do not fit the {described} it describes ({type(e).__name__})"
+            f"its model_args or weights do not fit the {described} it describes ({why})"
         ) from None
     return model.to(map_location).eval(), state
 
@@ -1840,8 +1837,9 @@ def load_data(args, device, world=1):
 
 
 def build_model(args, num_classes=0):
-    """The command line's model: --model conv, a ConvVAE whose first block has --width channels
-    and --res_blocks residual blocks on each side, or mlp, an MLPVAE with hidden layers of 16 and 8 times --width units (512 and 256 at 32)."""
+    """The command line's model: --model conv, a ConvVAE whose first block has --width channels and
+    --res_blocks residual blocks on each side, or mlp, an MLPVAE with hidden layers of 16 and 8
+    times --width units (512 and 256 at 32)."""
     size = (args.image_size, args.channels, args.latent_dim)
     if args.model == "conv":
         blocks = args.res_blocks
