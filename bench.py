@@ -4,7 +4,8 @@ bench.py: how fast vae.py trains on this machine, and how close that is to its l
     python bench.py --data_dir ./mnist                      # both models, default device
     python bench.py --model conv --cuda_graph off           # one model, without the CUDA graph
     python bench.py --model mlp --profile --no_loader       # where the step's time goes
-    python bench.py --model conv --res_blocks 1             # any other flag is vae.py's
+    python bench.py --model conv --res_blocks 0             # any other flag is vae.py's
+    python bench.py --whole_run --examples main.py          # a user's MLP command, end to end
 
 For each model it times, after a warm-up, (1) single training steps, (2) whole
 epochs of vae.py's own loop (data held on the device as one tensor) with the test
@@ -14,11 +15,24 @@ seconds per epoch, peak memory, FLOPs per image and the fraction of the device's
 measured matmul rate that the training step reaches. On CUDA every timing waits
 for the GPU (torch.cuda.synchronize) before reading the clock.
 
+--whole_run times what a user waits for instead: `python vae.py --model mlp
+--latent_dim 20 --epochs 10` from start to exit, split into the epochs (metrics.csv's
+seconds: training and test pass) and the fixed cost (the rest: imports, loading,
+checkpoints, the final report and figures). With --examples PATH it then times
+pytorch/examples' vae/main.py (the same MLP task, 10 epochs) the same way, one run
+after the other, and prints the ratio and both test losses.
+
 Results measured with it are in README.md.
 """
 
 import argparse
+import csv
+import os
+import re
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -166,6 +180,42 @@ def bench_model(name, args, device, rate):
     return row
 
 
+def timed(command, cwd):
+    """Run `command` in `cwd`: (wall seconds, its stdout); exits with its stderr if it fails."""
+    t0 = time.perf_counter()
+    r = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode:
+        sys.exit(f"{command} failed:\n{r.stderr}")
+    return wall, r.stdout
+
+
+def whole_run(args):
+    """Time the user's 10-epoch MLP command end to end, then pytorch/examples' if asked."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    data_dir = os.path.abspath(args.data_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, os.path.join(here, "vae.py"), "--data_dir", data_dir]
+        command += ["--model", "mlp", "--latent_dim", "20", "--epochs", "10", "--out_dir", tmp]
+        wall, out = timed(command + args.vae_flags, tmp)
+        with open(os.path.join(tmp, "metrics.csv")) as f:
+            rows = list(csv.DictReader(f))
+        epochs = sum(float(r["seconds"]) for r in rows)
+        loss = float(rows[-1]["test_neg_elbo"])
+        print(
+            f"vae.py MLP, 10 epochs: {wall:.1f} s = epochs {epochs:.1f} s + the rest {wall - epochs:.1f} s"
+        )
+        print(f"  (the rest's goal: under 3 s); test -ELBO {loss:.2f} nats per image")
+        if args.examples:
+            # main.py reads MNIST from ../data and writes figures into results/
+            os.makedirs(os.path.join(tmp, "work", "results"))
+            os.symlink(data_dir, os.path.join(tmp, "data"))
+            theirs, out = timed([sys.executable, os.path.abspath(args.examples)], f"{tmp}/work")
+            loss = re.findall(r"Test set loss: ([0-9.]+)", out)[-1]
+            print(f"pytorch/examples' vae/main.py, 10 epochs: {theirs:.1f} s; test loss {loss}")
+            print(f"vae.py is {theirs / wall:.2f}x faster (goal: 3x)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -192,11 +242,15 @@ def main(argv=None):
     p.add_argument(
         "--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)"
     )
+    p.add_argument("--whole_run", action="store_true", help="time the user's MLP command")
+    p.add_argument("--examples", metavar="PATH", help="with --whole_run: pytorch/examples' main.py")
     p.epilog = "Any other flag is vae.py's, for the models it builds (e.g. --res_blocks 1)."
     args, args.vae_flags = p.parse_known_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.whole_run:
+        return whole_run(args)
     device = vae.select_device(args.device)
     rate = matmul_rate(device, torch.float32)
     name = (

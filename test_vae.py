@@ -1815,7 +1815,7 @@ def test_a_finite_divergence_is_named_in_one_line(mnist_dir, tmp_path, monkeypat
     lines = capsys.readouterr().out.splitlines()
     warnings = [i for i, line in enumerate(lines) if line.startswith("warning: training has")]
     assert len(warnings) == 1 and lines[warnings[0] - 1].startswith("epoch   2/2")
-    said = "a decoder that says 0.5 for every pixel; try a lower --lr (now 0.001)"
+    said = "a decoder that says 0.5 for every pixel; try a lower --lr (now 0.002)"
     assert said in lines[warnings[0]]
 
 

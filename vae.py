@@ -208,7 +208,8 @@ class ConvVAE(VAE):
     layer, a reshape, res_blocks residual blocks, ConvTranspose2d blocks doubling the side back,
     ending in logits. image_size: H = W, a multiple of 4 and at least 16 (else
     ValueError); channels: C (1 or 3, any works); latent_dim: size of z; num_classes: K > 0
-    for a conditional VAE (see `VAE`); res_blocks: residual blocks on each side (0: none).
+    for a conditional VAE (see `VAE`); res_blocks: residual blocks on each side (0: none, which
+    files saved before the argument existed describe; the command line's default is 1).
     """
 
     def __init__(
@@ -811,6 +812,7 @@ def load_model(file, map_location="cpu"):
 import argparse
 import contextlib
 import csv
+import gc
 import io
 import json
 import os
@@ -1134,6 +1136,9 @@ def process_group(device):
         yield dist.get_rank(), dist.get_world_size(), device
         dist.barrier()
     finally:
+        # What still holds the group's work (a DDP model in a reference cycle) goes now: freed at
+        # interpreter exit instead, gloo's threads would abort the process as they release it.
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -2144,6 +2149,7 @@ def train(args, explicit=()):
                             run.save(epoch)
                 except KeyboardInterrupt as e:
                     raise run.stopped(e) from None
+            run.step_model = run.step = None  # training is over: DDP goes while its group exists
     if rank == 0:  # the final evaluation on the whole test set, by one process
         plot_losses(run.history, os.path.join(args.out_dir, "loss_curves.png"))
         extra = dict(epoch=run.history[-1]["epoch"])
@@ -2278,7 +2284,7 @@ def build_parser():
     add("--model", choices=("conv", "mlp"), default="conv", help="ConvVAE or MLPVAE")
     add("--latent_dim", type=in_range(int, 1, 4096), default=32, help="%(type)s")
     add("--width", type=in_range(int, 1, 1024), default=32, help="1st layer, %(type)s")
-    add("--res_blocks", type=in_range(int, 0, 8), default=0, help="conv, %(type)s")
+    add("--res_blocks", type=in_range(int, 0, 8), default=1, help="conv, %(type)s")
     add("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli", help="p(x|z)")
     add("--sigma", type=in_range(float, 0.001, 100.0), default=0.1, help="gaussian's, %(type)s")
     add("--beta", type=in_range(float, 0.0, 10000.0), default=1.0, help="KL weight, %(type)s")
@@ -2289,8 +2295,8 @@ def build_parser():
     add = p.add_argument_group("training").add_argument
     add("--epochs", type=in_range(int, 0, 100000), default=30, help="%(type)s")
     add("--batch_size", type=in_range(int, 1, 65536), default=128, help="%(type)s")
-    add("--lr", type=in_range(float, 1e-8, 10.0), default=1e-3, help="%(type)s")
-    add("--lr_schedule", choices=("constant", "cosine"), default="constant", help="per epoch")
+    add("--lr", type=in_range(float, 1e-8, 10.0), default=2e-3, help="%(type)s")
+    add("--lr_schedule", choices=("constant", "cosine"), default="cosine", help="per epoch")
     add("--seed", type=in_range(int, 0, 2**32 - 1), default=0, help="%(type)s")
     add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: best")
     add("--cuda_graph", choices=("auto", "off"), default="auto", help="auto: on CUDA")
