@@ -760,10 +760,13 @@ import torch
 import myvae
 torch.manual_seed(0)
 images = torch.load("images.pt")
-model = myvae.ConvVAE(image_size=28, channels=1, latent_dim=8)
-optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-losses = [myvae.train_epoch(model, optimizer, images, batch_size=32, beta=myvae.beta_schedule(e, 1.0, 2))["loss"]
-          for e in range(1, 6)]
+model = myvae.ConvVAE(image_size=28, channels=1, latent_dim=8, res_blocks=1)  # the command line's model
+optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+losses = []
+for e in range(1, 6):
+    myvae.set_lr(optimizer, myvae.lr_schedule(e, 2e-3, 5, "cosine"))
+    beta = myvae.beta_schedule(e, 1.0, 2)
+    losses.append(myvae.train_epoch(model, optimizer, images, batch_size=32, beta=beta)["loss"])
 test = myvae.evaluate(model, images[:64])
 nll = myvae.log_likelihood(model, images[:4], k=10)
 path = myvae.interpolate(model, images[0], images[1], steps=5)
