@@ -1766,7 +1766,15 @@ def test_a_signal_stops_training_with_the_last_epoch_saved(mnist_dir, tmp_path, 
         os.path.join(HERE, "vae.py"),
         *quick_run(mnist_dir, tmp_path, "--epochs", 500),
     ]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell starts background jobs with SIGINT ignored, and a child inherits that: the run gets
+    # the default disposition back, as in a terminal, whatever started this test.
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     wait_for(tmp_path / "checkpoint.pt", proc, seconds=60)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)

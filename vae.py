@@ -208,8 +208,8 @@ class ConvVAE(VAE):
     layer, a reshape, res_blocks residual blocks, ConvTranspose2d blocks doubling the side back,
     ending in logits. image_size: H = W, a multiple of 4 and at least 16 (else
     ValueError); channels: C (1 or 3, any works); latent_dim: size of z; num_classes: K > 0
-    for a conditional VAE (see `VAE`); res_blocks: residual blocks on each side (0: none, which
-    files saved before the argument existed describe; the command line's default is 1).
+    for a conditional VAE (see `VAE`); res_blocks: residual blocks on each side. The command line
+    uses 1; the default here, 0, is the plain model that files saved before this argument describe.
     """
 
     def __init__(
@@ -535,6 +535,8 @@ def train_epoch(
             set_lr(optimizer, lr_schedule(epoch, lr, epochs, schedule))
             train_epoch(model, optimizer, images, beta=beta_schedule(epoch, beta, kl_warmup))
 
+    (the command line's: ConvVAE(res_blocks=1), Adam with lr 2e-3, schedule 'cosine', beta 1).
+
     images: (N, C, H, W) uint8, or float in [0, 1], on the model's device; labels: (N,) int64 there,
     for a conditional model; beta, binarize, **step_args (likelihood, sigma, free_bits, grad_clip,
     iwae_samples): see `train_step` and `get_batch`. Other code hooks in without changing this loop:
@@ -805,8 +807,8 @@ def load_model(file, map_location="cpu"):
 
 # =============================================================================================
 # Part 2: the tool. Datasets, the GPU fast path, several processes, files and checkpoints,
-# figures, the command line. It builds on Part 1; `main`, at the end, is the list of what a run
-# does.
+# figures, the command line. It builds on Part 1; `train` is the list of what a run does, and
+# `main`, at the end, runs it or evaluates a checkpoint.
 # =============================================================================================
 
 import argparse
