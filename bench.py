@@ -197,7 +197,7 @@ def whole_run(args):
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, os.path.join(here, "vae.py"), "--data_dir", data_dir]
         command += ["--model", "mlp", "--latent_dim", "20", "--epochs", "10", "--out_dir", tmp]
-        wall, out = timed(command + args.vae_flags, tmp)
+        wall, _ = timed(command + args.vae_flags, tmp)
         with open(os.path.join(tmp, "metrics.csv")) as f:
             rows = list(csv.DictReader(f))
         epochs = sum(float(r["seconds"]) for r in rows)

@@ -1849,8 +1849,9 @@ def build_model(args, num_classes=0):
     times --width units (512 and 256 at 32)."""
     size = (args.image_size, args.channels, args.latent_dim)
     if args.model == "conv":
-        blocks = args.res_blocks
-        return ConvVAE(*size, base_channels=args.width, num_classes=num_classes, res_blocks=blocks)
+        return ConvVAE(
+            *size, base_channels=args.width, num_classes=num_classes, res_blocks=args.res_blocks
+        )
     return MLPVAE(*size, hidden=(16 * args.width, 8 * args.width), num_classes=num_classes)
 
 
