@@ -1385,7 +1385,7 @@ def _figure(width, height):
 
 
 def save_figure(fig, path):
-    """Write a matplotlib figure to path as a PNG, atomically (see `_atomic_write`)."""
+    """Write a matplotlib figure to path as a PNG, atomically (see `atomic_write`)."""
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
