@@ -1317,6 +1317,10 @@ def test_the_loss_curves_show_the_elbo_and_name_the_beta_of_every_epoch(tmp_path
     assert figures[1].axes[0].get_title() == "-ELBO = recon + KL"
     train, test = (line.get_ydata().tolist() for line in figures[0].axes[0].get_lines())
     assert train == [3.0] * 4 and test == [3.5] * 4  # the -ELBO, not the beta-weighted loss
+    resumed = [dict(r, beta=1.0, objective="elbo" if r["epoch"] < 3 else "iwae5") for r in rows]
+    vae.plot_losses(resumed, tmp_path / "iwae.png")
+    trained = "-ELBO = recon + KL\n(trained on the ELBO,\nthen from epoch 3 on the IWAE5 bound)"
+    assert figures[2].axes[0].get_title() == trained
 
 
 def test_the_log_says_when_a_bernoulli_number_is_not_a_probability(mnist_dir, tmp_path, capsys):
@@ -1701,13 +1705,24 @@ def test_resume_continues_bit_for_bit_and_seeded_runs_repeat(mnist_dir, tmp_path
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-def test_an_iwae_run_names_the_bound_it_trains(mnist_dir, tmp_path, capsys):
+def test_an_iwae_run_names_the_bound_it_trains_and_an_elbo_run_may_resume_under_it(
+    mnist_dir, tmp_path, capsys
+):
+    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", 1))
     code, out, _ = run_main(
-        quick_run(mnist_dir, tmp_path, "--epochs", 1, "--iwae_samples", 3), capsys
+        quick_run(mnist_dir, tmp_path, "--epochs", 2, "--resume", "--iwae_samples", 3), capsys
     )
-    row = metrics(tmp_path / "metrics.csv")[0]
-    assert code == 0 and "| train -IWAE3 " in out and row["objective"] == "iwae3"
-    assert math.isfinite(float(row["train_loss"])) and row["beta"] == "1.0"
+    rows = metrics(tmp_path / "metrics.csv")
+    assert code == 0 and "the saved settings but --epochs 2, --iwae_samples 3\n" in out
+    assert "| train -IWAE3 " in out and [r["objective"] for r in rows] == ["elbo", "iwae3"]
+    assert math.isfinite(float(rows[1]["train_loss"])) and rows[1]["beta"] == "1.0"
+    vae.main(quick_run(mnist_dir, tmp_path / "b", "--epochs", 1, "--beta", 0.5))
+    before = (tmp_path / "b" / "checkpoint.pt").read_bytes()
+    code, _, err = run_main(
+        quick_run(mnist_dir, tmp_path / "b", "--epochs", 2, "--resume", "--iwae_samples", 2), capsys
+    )
+    assert one_sentence(code, err) and "which the IWAE bound has not; resume it without" in err
+    assert (tmp_path / "b" / "checkpoint.pt").read_bytes() == before
 
 
 def test_resume_accepts_a_checkpoint_older_than_some_flags_and_a_moved_data_folder(

@@ -720,7 +720,9 @@ def iwae_loss(model, x, k, y=None, likelihood="bernoulli", sigma=0.1):
     trains the decoder only as well as q can follow the true posterior. With K draws the gap shrinks
     as K grows: the bound tightens towards log p(x); a draw far from p(z|x) gets a tiny weight and
     costs little, so q need only put some of its draws where p(z|x) is (it may be broader than under
-    the ELBO), and the decoder is trained for a better likelihood. The cost is K decodes per image.
+    the ELBO), and the decoder is trained for a better likelihood. The cost is K decodes per image,
+    so it may be kept for the last epochs: the README's longer recipe trains 100 on the ELBO, then
+    20 on this bound.
     With K = 1 it is the ELBO with a sampled KL, log q(z|x) - log p(z), in place of the closed form:
     the same in expectation, noisier.
     x: (B, C, H, W) uint8 or in [0, 1]; k >= 1; y, likelihood, sigma: see `log_likelihood`."""
@@ -1461,7 +1463,8 @@ def save_samples(model, path, classes=None, seed=0):
 def plot_losses(history, path):
     """The -ELBO, recon and KL per epoch, train and test, in nats per image, from the metrics' rows.
     The training ones are means over each epoch as it learns, with the run's beta; the -ELBO
-    weighs the KL by 1 whatever beta the run minimised, which the first title names."""
+    weighs the KL by 1 whatever the run trained on (a beta, the IWAE bound), which the first title
+    names (an epoch on the IWAE bound shows the ELBO of its K draws: their mean recon, and KL)."""
     epochs = [row["epoch"] for row in history]
     betas = sorted({row["beta"] for row in history})
     if betas != [1]:
@@ -1469,6 +1472,15 @@ def plot_losses(history, path):
         trained = f"\n(the run minimised recon + beta * KL, beta {shown})"
     else:
         trained = ""
+    pieces = []  # (the first epoch, its objective) where the objective changed, as a resume may
+    for row in history:
+        name = row.get("objective", "elbo").upper()  # older checkpoints: the ELBO
+        name = name if name == "ELBO" else f"{name} bound"
+        if not pieces or pieces[-1][1] != name:
+            pieces.append((row["epoch"], name))
+    if [name for _, name in pieces] != ["ELBO"]:
+        later = "".join(f",\nthen from epoch {epoch} on the {name}" for epoch, name in pieces[1:])
+        trained += f"\n(trained on the {pieces[0][1]}{later})"
     fig = _figure(12, 3.8)
     panels = (
         ("neg_elbo", f"-ELBO = recon + KL{trained}"),
@@ -2087,8 +2099,10 @@ def sigterm_as_ctrl_c():
         signal.signal(signal.SIGTERM, previous)
 
 
-# The settings a resumed run may change; everything else comes from its checkpoint.
+# The settings a resumed run may change; everything else comes from its checkpoint. A run of the
+# ELBO resumed with --iwae_samples K goes on under the tighter bound (the longer recipe's last piece).
 RESUMABLE = "epochs lr grad_clip data_dir device cuda_graph nll_samples deterministic".split()
+RESUMABLE += ["iwae_samples"]
 
 
 def resume_config(args, explicit):
@@ -2106,6 +2120,13 @@ def resume_config(args, explicit):
     config = vars(build_parser().parse_args([]))  # for the flags newer than the checkpoint
     config.update(state["config"], resume=True, overwrite=False, out_dir=args.out_dir)
     config.update({k: getattr(args, k) for k in RESUMABLE if k in explicit})
+    if config["iwae_samples"] > 1 and (
+        config["beta"] != 1 or config["free_bits"] or config["kl_warmup"]
+    ):
+        raise UserError(
+            f"the run in '{args.out_dir}' trains with --beta, --free_bits or --kl_warmup, which "
+            f"the IWAE bound has not; resume it without --iwae_samples."
+        )
     if state["epoch"] >= config["epochs"]:
         raise UserError(
             f"the run in '{args.out_dir}' has finished epoch {state['epoch']} of "
@@ -2134,8 +2155,11 @@ def train(args, explicit=()):
             run = Run(args, data, device, rank, world, model, state)
             print(f"{run.header}, writing to {args.out_dir}", flush=True)
             if state is not None:
+                saved = state["config"]
+                changed = [k for k in RESUMABLE if getattr(args, k) != saved.get(k)]
                 print(
-                    f"resuming at epoch {state['epoch'] + 1} of {args.epochs} with saved settings"
+                    f"resuming at epoch {state['epoch'] + 1} of {args.epochs} with the saved "
+                    f"settings but " + ", ".join(f"--{k} {getattr(args, k)}" for k in changed)
                 )
             if rank == 0:
                 save_json(run.config, os.path.join(args.out_dir, "config.json"))
