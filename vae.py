@@ -2101,8 +2101,9 @@ def sigterm_as_ctrl_c():
 
 # The settings a resumed run may change; everything else comes from its checkpoint. A run of the
 # ELBO resumed with --iwae_samples K goes on under the tighter bound (the longer recipe's last piece).
-RESUMABLE = "epochs lr grad_clip data_dir device cuda_graph nll_samples deterministic".split()
-RESUMABLE += ["iwae_samples"]
+RESUMABLE = (
+    "epochs lr grad_clip data_dir device cuda_graph deterministic nll_samples iwae_samples".split()
+)
 
 
 def resume_config(args, explicit):
