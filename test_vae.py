@@ -1481,6 +1481,27 @@ def test_two_processes_train_together_and_write_one_set_of_outputs(mnist_dir, tm
     assert state["config"]["epochs"] == 3 and model.latent_dim == 4
 
 
+THREADS_AFTER_THE_GROUP = f"""
+import os, sys, torch
+sys.path.insert(0, {HERE!r})
+import vae
+with vae.process_group(torch.device("cpu")):
+    torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+print(sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc")
+def test_leaving_the_process_group_ends_its_gloo_threads(tmp_path):
+    # left to interpreter exit, they can abort a process that did all its work
+    script = tmp_path / "group.py"
+    script.write_text(THREADS_AFTER_THE_GROUP)
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    r = subprocess.run([*run, script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("['"), r.stderr
+    assert "gloo" not in r.stdout
+
+
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_one_process_under_torchrun_is_the_plain_run(mnist_dir, tmp_path, device):
     argv = quick_run(mnist_dir, tmp_path / "ddp", "--epochs", 2, "--device", device)

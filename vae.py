@@ -817,6 +817,7 @@ import argparse
 import contextlib
 import csv
 import gc
+import importlib
 import io
 import json
 import os
@@ -1135,6 +1136,10 @@ def process_group(device):
             )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    # torch.distributed.nn's functions take group.WORLD as a default argument, fixed when DDP first
+    # imports them: imported after the group exists, they would keep it past destroy_process_group,
+    # and gloo's threads would end only at interpreter exit, where they can abort the process.
+    importlib.import_module("torch.distributed.nn")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield dist.get_rank(), dist.get_world_size(), device
