@@ -2126,9 +2126,7 @@ def resume_config(args, explicit):
     config = vars(build_parser().parse_args([]))  # for the flags newer than the checkpoint
     config.update(state["config"], resume=True, overwrite=False, out_dir=args.out_dir)
     config.update({k: getattr(args, k) for k in RESUMABLE if k in explicit})
-    if config["iwae_samples"] > 1 and (
-        config["beta"] != 1 or config["free_bits"] or config["kl_warmup"]
-    ):
+    if iwae_with_a_beta(argparse.Namespace(**config)):
         raise UserError(
             f"the run in '{args.out_dir}' trains with --beta, --free_bits or --kl_warmup, which "
             f"the IWAE bound has not; resume it without --iwae_samples."
@@ -2163,9 +2161,10 @@ def train(args, explicit=()):
             if state is not None:
                 saved = state["config"]
                 changed = [k for k in RESUMABLE if getattr(args, k) != saved.get(k)]
+                given = ", ".join(f"--{k} {getattr(args, k)}" for k in changed)
                 print(
                     f"resuming at epoch {state['epoch'] + 1} of {args.epochs} with the saved "
-                    f"settings but " + ", ".join(f"--{k} {getattr(args, k)}" for k in changed)
+                    f"settings{f' but {given}' if given else ''}"
                 )
             if rank == 0:
                 save_json(run.config, os.path.join(args.out_dir, "config.json"))
@@ -2345,6 +2344,12 @@ def build_parser():
     return p
 
 
+def iwae_with_a_beta(args):
+    """Whether settings ask for the IWAE bound (--iwae_samples > 1) with a KL weight other than 1
+    (--beta, --free_bits, --kl_warmup), which that bound has not: a fresh run or a resumed one."""
+    return args.iwae_samples > 1 and (args.beta != 1 or args.free_bits or args.kl_warmup)
+
+
 def parse_args(argv=None):
     """Parse and cross-check the command line; a bad combination exits with code 2 and one sentence."""
     parser = build_parser()
@@ -2353,7 +2358,7 @@ def parse_args(argv=None):
         parser.error(
             "--resume continues the run in --out_dir: it goes with neither --overwrite nor --checkpoint"
         )
-    if args.iwae_samples > 1 and (args.beta != 1 or args.free_bits or args.kl_warmup):
+    if iwae_with_a_beta(args):
         parser.error(
             "--iwae_samples trains the IWAE bound, which has no --beta, --free_bits or --kl_warmup"
         )
