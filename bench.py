@@ -2,7 +2,7 @@
 bench.py: how fast vae.py trains on this machine, and how close that is to its limit.
 
     python bench.py --data_dir ./mnist                      # both models, default device
-    python bench.py --model conv --cuda_graph off           # one model, without the CUDA graph
+    python bench.py --model conv                            # one model
     python bench.py --model mlp --profile --no_loader       # where the step's time goes
     python bench.py --model conv --res_blocks 0             # any other flag is vae.py's
     python bench.py --whole_run --examples main.py          # a user's MLP command, end to end
@@ -122,27 +122,28 @@ def profile_steps(step_model, optimizer, train_x, batch_size, step, device, step
 
 
 def bench_model(name, args, device, rate):
-    """Time one model as vae.py's command line builds it (its fast settings, its step)."""
+    """Time one model as vae.py's command line builds it (its layout, its fused Adam, its step)."""
     torch.manual_seed(0)
     flags = ["--model", name, "--latent_dim", str(args.latent_dim), "--data_dir", args.data_dir]
-    flags += ["--batch_size", str(args.batch_size), "--cuda_graph", args.cuda_graph]
-    run_args = vae.parse_args(flags + args.vae_flags)
-    data = vae.load_data(run_args, device)
+    run_args = vae.parse_args(flags + ["--batch_size", str(args.batch_size)] + args.vae_flags)
+    data = vae.load_data(vars(run_args), device)
     train_x = data["train_x"]
     test_x = data["test_x"]
+    run_args.channels = train_x.shape[1]
+    run_args.image_size = train_x.shape[-1]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    run = vae.Run(run_args, data, device)
-    model = run.model
-    step_model = run.step_model
-    optimizer = run.optimizer
-    step = run.step
+    model = vae.to_device(vae.build_model(run_args), device)
+    fused = device.type in ("cuda", "cpu")
+    optimizer = torch.optim.Adam(model.parameters(), run_args.lr, fused=fused)
+    step_model = model
+    step = vae.train_step
     flops = flops_per_image(model, vae.to_float(train_x[: args.batch_size]))
 
     # Warm-up: one full epoch and a test pass, so that cuDNN's autotuning and the allocator's caches
     # are behind us.
     t0 = time.perf_counter()
-    vae.train_epoch(step_model, optimizer, train_x, args.batch_size, step=step)
+    vae.train_epoch(model, optimizer, train_x, args.batch_size)
     vae.evaluate(model, test_x)
     warmup = time.perf_counter() - t0
 
@@ -150,9 +151,7 @@ def bench_model(name, args, device, rate):
     epoch_times, total_times = [], []
     for _ in range(args.epochs):
         t0 = time.perf_counter()
-        vae.train_epoch(
-            step_model, optimizer, train_x, args.batch_size, step=step
-        )  # reads its sums: syncs
+        vae.train_epoch(model, optimizer, train_x, args.batch_size)  # reads its sums: syncs
         t1 = time.perf_counter()
         vae.evaluate(model, test_x)
         epoch_times.append(t1 - t0)
@@ -229,7 +228,6 @@ def main(argv=None):
     p.add_argument(
         "--profile", action="store_true", help="also print torch.profiler's operator table"
     )
-    p.add_argument("--cuda_graph", choices=("auto", "off"), default="auto", help="as in vae.py")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
     p.add_argument(
         "--epochs", type=int, default=2, help="timed epochs after the warm-up; the best is kept"
@@ -260,7 +258,7 @@ def main(argv=None):
     )
     print(
         f"device {device} ({name}), torch {torch.__version__}, batch {args.batch_size}, fp32, "
-        f"cuda_graph {args.cuda_graph}, fp32 matmul rate {rate / 1e9:,.0f} GFLOP/s"
+        f"fp32 matmul rate {rate / 1e9:,.0f} GFLOP/s"
     )
 
     models = ("conv", "mlp") if args.model == "both" else (args.model,)

@@ -1,13 +1,13 @@
 """Tests for vae.py, in two parts like the file. First the specification of the VAE (Part 1):
-shapes, the KL and the likelihoods against torch.distributions, gradients, the loss parts, the
-importance-weighted bound against the ELBO, and Part 1 copied alone. Then the tool (Part 2): data,
-the command line, runs end to end on small data the tests write themselves, checkpoints, faults,
-and 2 processes under torchrun (gloo). CPU only where no GPU is present; run with
-`python -m pytest -q -n 2`."""
+shapes, the KL and the likelihoods against torch.distributions, gradients, the exact log p(x) of
+a linear-Gaussian model, a learning test, the importance-weighted bound, and Part 1 copied alone.
+Then the tool (Part 2), on small data the tests write themselves: one run per kind of data,
+resume, checkpoint mode, two processes under torchrun (gloo), and the table of bad inputs. CPU
+only where no GPU is present; run with `python -m pytest -q -n 2`."""
 
+import contextlib
 import csv
 import functools
-import io
 import json
 import math
 import os
@@ -31,13 +31,13 @@ import vae
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The suite runs as two workers on two cores: one thread each, in them and in the runs they start,
-# keeps the workers from spinning against each other (2 min 50 s becomes 2 min 5 s).
+# keeps the workers from spinning against each other.
 torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"
 
 
 # ----------------------------------------------------------------------------
-# Helpers: small data in MNIST's original format, and the command line in a subprocess
+# Helpers: small data in MNIST's original format, and the command line
 
 
 def write_idx(path, tensor):
@@ -78,65 +78,57 @@ def mnist_dir(tmp_path_factory):
     return str(root)
 
 
-def to_float_batch(images_uint8):
-    return vae.to_float(images_uint8[:, None])  # (N, 28, 28) -> (N, 1, 28, 28)
+def images_of(n, seed):
+    """n fake digits as (n, 1, 28, 28) uint8."""
+    return fake_digits(n, seed)[0][:, None]
 
 
 # ----------------------------------------------------------------------------
 # The specification (Part 1): the models
 
 
-RESIDUAL = functools.partial(vae.ConvVAE, res_blocks=2)  # residual blocks at the lowest resolution
-MODELS = [vae.ConvVAE, RESIDUAL, vae.MLPVAE]
-
-
-@pytest.mark.parametrize("cls", MODELS)
-@pytest.mark.parametrize("size", vae.IMAGE_SIZES)
-@pytest.mark.parametrize("channels", [1, 3])
-def test_shapes_and_ranges(cls, size, channels):
+@pytest.mark.parametrize(
+    "model",
+    [
+        vae.ConvVAE(image_size=28, channels=1, latent_dim=8),
+        vae.ConvVAE(image_size=32, channels=3, latent_dim=8, res_blocks=2),
+        vae.MLPVAE(image_size=64, channels=3, latent_dim=8),
+    ],
+)
+def test_shapes_ranges_and_logits(model):
     torch.manual_seed(0)
-    model = cls(image_size=size, channels=channels, latent_dim=8)
-    x = torch.rand(3, channels, size, size)
+    c, s = model.channels, model.image_size
+    x = torch.rand(3, c, s, s)
     mu, logvar = model.encode(x)
     assert mu.shape == logvar.shape == (3, 8)
-    z = model.reparameterize(mu, logvar)
-    assert z.shape == (3, 8)
-    x_hat = model.decode(z)
-    assert x_hat.shape == x.shape
-    assert x_hat.min() >= 0 and x_hat.max() <= 1
+    assert model.reparameterize(mu, logvar).shape == (3, 8)
+    x_hat = model.decode(mu)
+    assert x_hat.shape == x.shape and x_hat.min() >= 0 and x_hat.max() <= 1
+    model.eval()
+    torch.manual_seed(1)
     out, mu2, logvar2 = model(x)
-    assert out.shape == x.shape and mu2.shape == logvar2.shape == (3, 8)
-    assert out.min() >= 0 and out.max() <= 1
+    torch.manual_seed(1)
     logits = model(x, return_logits=True)[0]
-    assert logits.shape == x.shape
+    assert out.shape == logits.shape == x.shape and mu2.shape == logvar2.shape == (3, 8)
+    torch.testing.assert_close(torch.sigmoid(logits), out)
     samples = model.sample(5)
-    assert samples.shape == (5, channels, size, size)
-    assert samples.min() >= 0 and samples.max() <= 1 and not samples.requires_grad
-
-
-def test_forward_logits_are_the_images_before_sigmoid():
-    torch.manual_seed(0)
-    model = vae.MLPVAE(latent_dim=4).eval()
-    x = torch.rand(2, 1, 28, 28)
-    torch.manual_seed(1)
-    x_hat, _, _ = model(x)
-    torch.manual_seed(1)
-    logits, _, _ = model(x, return_logits=True)
-    torch.testing.assert_close(torch.sigmoid(logits), x_hat)
+    assert samples.shape == (5, c, s, s) and not samples.requires_grad
+    assert samples.min() >= 0 and samples.max() <= 1
 
 
 def test_conv_depth_follows_image_size_and_refuses_other_sizes():
     assert vae.ConvVAE(image_size=28).feature_shape == (64, 7, 7)
-    blocks = [m for m in RESIDUAL().modules() if isinstance(m, vae.ResidualBlock)]
+    assert vae.ConvVAE(image_size=32).feature_shape == (128, 4, 4)
+    assert vae.ConvVAE(image_size=64).feature_shape == (256, 4, 4)
+    residual = vae.ConvVAE(res_blocks=2)
+    blocks = [m for m in residual.modules() if isinstance(m, vae.ResidualBlock)]
     assert len(blocks) == 4 and all(b.f[0].in_channels == 64 for b in blocks)  # at 7 x 7, 2 a side
     x = torch.rand(3, 64, 7, 7)
     blocks[0].f[-1].weight.data.zero_()  # f(x) = BatchNorm's bias, 0: the block is LeakyReLU(x)
     torch.testing.assert_close(blocks[0](x), F.leaky_relu(x, 0.2))
-    assert vae.ConvVAE(image_size=32).feature_shape == (128, 4, 4)
-    assert vae.ConvVAE(image_size=64).feature_shape == (256, 4, 4)
-    for size, blocks in ((30, 0), (12, 0), (28, -1)):
+    for size, res_blocks in ((30, 0), (12, 0), (28, -1)):
         with pytest.raises(ValueError, match="multiple of 4 and at least 16, and res_blocks >= 0"):
-            vae.ConvVAE(image_size=size, res_blocks=blocks)
+            vae.ConvVAE(image_size=size, res_blocks=res_blocks)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -145,12 +137,13 @@ def test_sampling_and_evaluation_leave_the_mode_and_every_buffer_as_they_found_t
     model = vae.ConvVAE(latent_dim=4).train(training)
     model(torch.rand(8, 1, 28, 28))  # moves BatchNorm's running statistics away from their start
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    samples = model.sample(16)
     x = torch.rand(4, 1, 28, 28)
-    vae.log_likelihood(model, x, k=3)  # and the other evaluations: eval mode, buffers untouched
+    model.sample(16)
+    vae.log_likelihood(model, x, k=3)
     vae.interpolate(model, x[0], x[1])
+    vae.reconstruct(model, x)
     vae.evaluate(model, x)
-    assert model.training == training and samples.shape == (16, 1, 28, 28)
+    assert model.training == training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -162,20 +155,16 @@ def test_conditional_shapes_and_the_label_changes_the_image(cls):
     x, y = torch.rand(5, 3, 32, 32), torch.tensor([0, 1, 2, 3, 0])
     x_hat, mu, logvar = model(x, y)
     assert x_hat.shape == x.shape and mu.shape == logvar.shape == (5, 6)
-    assert model.fc_mu.in_features == model.fc_logvar.in_features == model.encoder(x).shape[1] + 4
+    assert model.fc_mu.in_features == model.encoder(x).shape[1] + 4
     assert model.sample(4, torch.arange(4)).shape == (4, 3, 32, 32)
-    torch.testing.assert_close(
-        model.encode(x, y.int())[0], model.encode(x, y)[0]
-    )  # any integer labels
+    torch.testing.assert_close(model.encode(x, y.int())[0], model.encode(x, y)[0])
     with pytest.raises(ValueError, match="needs the class labels y"):
         model.encode(x)
     z = torch.randn(1, 6).repeat(4, 1)
     images = model.decode(z, torch.arange(4))  # one z, four labels
     assert all((images[i] - images[0]).abs().mean() > 1e-3 for i in range(1, 4))
-    one_hot = F.one_hot(torch.arange(4), 4).float()  # float labels are used as given
-    torch.testing.assert_close(model.decode(z, one_hot), images)
-    mu_a = model.encode(x, y)[0]
-    assert (model.encode(x, (y + 1) % 4)[0] - mu_a).abs().max() > 1e-4  # the encoder sees y too
+    torch.testing.assert_close(model.decode(z, F.one_hot(torch.arange(4), 4).float()), images)
+    assert (model.encode(x, (y + 1) % 4)[0] - model.encode(x, y)[0]).abs().max() > 1e-4
 
 
 # ----------------------------------------------------------------------------
@@ -187,7 +176,6 @@ def test_kl_matches_torch_distributions():
     mu, logvar = torch.randn(16, 10) * 2, torch.randn(16, 10)
     expected = torch_kl(Normal(mu, torch.exp(0.5 * logvar)), Normal(0.0, 1.0)).sum(-1)
     torch.testing.assert_close(vae.kl_divergence(mu, logvar), expected, rtol=1e-5, atol=1e-5)
-    assert vae.kl_divergence(mu, logvar).shape == (16,)
     zeros = torch.zeros(4, 6)  # 0 at the prior, positive elsewhere
     assert torch.equal(vae.kl_divergence(zeros, zeros), torch.zeros(4))
     assert (vae.kl_divergence(zeros + 0.5, zeros) > 0).all()
@@ -199,15 +187,12 @@ def test_bernoulli_reconstruction_is_the_bernoulli_log_likelihood_from_stable_lo
     logits, x = torch.randn(4, 1, 28, 28) * 3, torch.rand(4, 1, 28, 28)
     # Bernoulli.log_prob is -BCE for x in [0, 1] too; validation would insist on x in {0, 1}
     expected = -Bernoulli(logits=logits, validate_args=False).log_prob(x).flatten(1).sum(1)
-    torch.testing.assert_close(
-        vae.reconstruction_loss(logits, x, "bernoulli"), expected, rtol=1e-5, atol=1e-3
-    )
+    torch.testing.assert_close(vae.reconstruction_loss(logits, x), expected, rtol=1e-5, atol=1e-3)
     logits = torch.full((1, 1, 2, 2), 40.0)  # sigmoid rounds to exactly 1.0 in float32
-    x = torch.zeros(1, 1, 2, 2)
-    rec = vae.reconstruction_loss(logits, x, "bernoulli")
+    rec = vae.reconstruction_loss(logits, torch.zeros(1, 1, 2, 2))
     torch.testing.assert_close(rec, torch.tensor([160.0]))  # 4 pixels x 40 nats, unclipped
     with pytest.raises(ValueError, match="'bernoulli' or 'gaussian'"):
-        vae.reconstruction_loss(logits, x, "bce")
+        vae.reconstruction_loss(logits, torch.zeros(1, 1, 2, 2), "bce")
 
 
 @pytest.mark.parametrize("sigma", [1.0, 0.1, 0.02])
@@ -218,46 +203,30 @@ def test_gaussian_reconstruction_is_the_normal_density_with_its_constant(sigma):
     torch.testing.assert_close(vae.reconstruction_loss(logits, x, "gaussian", sigma), nll)
 
 
-def test_gaussian_sigma_weighs_the_reconstruction_as_one_over_beta():
-    # recon + kl at sigma is (1 / sigma^2) (squared error / 2 + sigma^2 kl) + a constant: the
-    # gradient of the Gaussian ELBO at sigma is that of the squared-error loss with beta = sigma^2.
-    torch.manual_seed(0)
-    model = vae.MLPVAE(latent_dim=3, hidden=(16,))
-    x = torch.rand(8, 1, 28, 28)
-    mu, logvar = model.encode(x)
-    logits = model.decode_logits(mu)
-    sigma = 0.2
-    loss = vae.vae_loss(logits, x, mu, logvar, 1.0, "gaussian", sigma)[0]
-    squared = (x - torch.sigmoid(logits)).pow(2).flatten(1).sum(1).mean() / 2
-    beta_form = squared + sigma**2 * vae.kl_divergence(mu, logvar).mean()
-    grads = [
-        torch.autograd.grad(f, model.fc_mu.weight, retain_graph=True)[0] for f in (loss, beta_form)
-    ]
-    torch.testing.assert_close(grads[0] * sigma**2, grads[1])
-
-
 def test_every_part_one_function_refuses_float_images_outside_0_1_and_takes_uint8():
     torch.manual_seed(0)
     model = vae.MLPVAE(latent_dim=3, hidden=(16,))
     optimizer = torch.optim.Adam(model.parameters())
     logits, mu, logvar = torch.zeros(2, 1, 28, 28), torch.zeros(2, 3), torch.zeros(2, 3)
-    calls = {
-        "vae_loss": lambda x: vae.vae_loss(logits, x, mu, logvar),
-        "train_step": lambda x: vae.train_step(model, optimizer, x),
-        "evaluate": lambda x: vae.evaluate(model, x),
-        "log_likelihood": lambda x: vae.log_likelihood(model, x, 2),
-        "reconstruct": lambda x: vae.reconstruct(model, x),
-        "interpolate": lambda x: vae.interpolate(model, x[0], x[1]),
-    }
-    images = fake_digits(2, seed=3)[0][:, None]  # (2, 1, 28, 28) uint8
-    for call in calls.values():
+    calls = [
+        lambda x: vae.vae_loss(logits, x, mu, logvar),
+        lambda x: vae.train_step(model, optimizer, x),
+        lambda x: vae.evaluate(model, x),
+        lambda x: vae.log_likelihood(model, x, 2),
+        lambda x: vae.reconstruct(model, x),
+        lambda x: vae.interpolate(model, x[0], x[1]),
+    ]
+    images = images_of(2, seed=3)
+    for call in calls:
         for bad in (images.float(), images.float() / 255 - 0.5):  # 0-255 floats; below 0
-            with pytest.raises(ValueError, match=r"floats in \[0, 1\].*divide 0-255"):
+            with pytest.raises(ValueError, match=r"floats in \[0, 1\]"):
                 call(bad)
         call(images)  # uint8, and the same in [0, 1]: no error
         call(vae.to_float(images))
-    images_loss = vae.vae_loss(logits, images, mu, logvar)[0]
-    assert images_loss == vae.vae_loss(logits, vae.to_float(images), mu, logvar)[0], "uint8 as /255"
+    assert (
+        vae.vae_loss(logits, images, mu, logvar)[0]
+        == vae.vae_loss(logits, vae.to_float(images), mu, logvar)[0]
+    )
 
 
 def test_loss_parts_add_up_and_beta_scales_only_the_kl():
@@ -265,8 +234,7 @@ def test_loss_parts_add_up_and_beta_scales_only_the_kl():
     logits, x = torch.randn(8, 1, 28, 28), torch.rand(8, 1, 28, 28)
     mu, logvar = torch.randn(8, 5), torch.randn(8, 5)
     _, rec1, kl1 = vae.vae_loss(logits, x, mu, logvar, beta=1.0)
-    assert kl1 > 0 and rec1 > 0
-    for beta in (0.0, 0.5, 1.0, 4.0):
+    for beta in (0.0, 0.5, 4.0):
         loss, rec, kl = vae.vae_loss(logits, x, mu, logvar, beta=beta)
         torch.testing.assert_close(loss, rec + beta * kl)
         assert torch.equal(rec, rec1) and torch.equal(kl, kl1)
@@ -278,9 +246,7 @@ def test_loss_parts_add_up_and_beta_scales_only_the_kl():
 def test_free_bits_change_the_gradient_only_under_the_floor():
     torch.manual_seed(0)
     logits, x = torch.randn(16, 1, 4, 4), torch.rand(16, 1, 4, 4)
-    mu = torch.cat(
-        [torch.randn(16, 2) * 2, torch.randn(16, 2) * 0.05], dim=1
-    )  # dims 2, 3 near the prior
+    mu = torch.cat([torch.randn(16, 2) * 2, torch.randn(16, 2) * 0.05], dim=1)  # 2, 3 near 0
     logvar = torch.cat([torch.full((16, 2), -2.0), torch.full((16, 2), -0.01)], dim=1)
     kl_dims = vae.kl_per_dimension(mu, logvar).mean(0)
     floor = 0.5
@@ -294,8 +260,7 @@ def test_free_bits_change_the_gradient_only_under_the_floor():
     (gm0, glv0, loss0, kl0), (gm1, glv1, loss1, kl1) = grads[0.0], grads[floor]
     torch.testing.assert_close(gm1[:, :2], gm0[:, :2])  # above the floor: unchanged
     torch.testing.assert_close(glv1[:, :2], glv0[:, :2])
-    assert (gm1[:, 2:] == 0).all() and (glv1[:, 2:] == 0).all()  # under it: no pull to the prior
-    assert (gm0[:, 2:] != 0).any()
+    assert (gm1[:, 2:] == 0).all() and (glv1[:, 2:] == 0).all() and (gm0[:, 2:] != 0).any()
     assert kl1 == kl0  # the reported KL is the true one
     assert loss1 == pytest.approx(loss0 + 2 * floor - kl_dims[2:].sum().item(), rel=1e-5)
 
@@ -305,11 +270,9 @@ def test_logvar_is_clamped_before_exp():
     with torch.no_grad():
         model.fc_logvar.bias.fill_(1000.0)  # exp(1000) is inf in float32
     x = torch.rand(2, 1, 28, 28)
-    mu, logvar = model.encode(x)
-    assert logvar.max().item() == vae.LOGVAR_RANGE[1]
     logits, mu, logvar = model(x, return_logits=True)
-    loss = vae.vae_loss(logits, x, mu, logvar)[0]
-    assert torch.isfinite(loss)
+    assert logvar.max().item() == vae.LOGVAR_RANGE[1]
+    assert torch.isfinite(vae.vae_loss(logits, x, mu, logvar)[0])
 
 
 # ----------------------------------------------------------------------------
@@ -322,71 +285,43 @@ def test_reparameterize_passes_gradients_to_mu_and_logvar():
     logvar = torch.randn(4, 3, requires_grad=True)
     model = vae.MLPVAE(latent_dim=3)
     torch.manual_seed(7)
-    z = model.reparameterize(mu, logvar)
-    z.sum().backward()
+    model.reparameterize(mu, logvar).sum().backward()
     torch.manual_seed(7)
     eps = torch.randn(4, 3)
     torch.testing.assert_close(mu.grad, torch.ones(4, 3))  # dz/dmu = 1
-    torch.testing.assert_close(
-        logvar.grad, 0.5 * torch.exp(0.5 * logvar.detach()) * eps
-    )  # dz/dlogvar
+    torch.testing.assert_close(logvar.grad, 0.5 * torch.exp(0.5 * logvar.detach()) * eps)
 
 
-@pytest.mark.parametrize("cls", MODELS)
-def test_every_parameter_gets_a_finite_nonzero_gradient(cls):
+@pytest.mark.parametrize(
+    "model", [vae.ConvVAE(latent_dim=8, res_blocks=1), vae.MLPVAE(latent_dim=8)]
+)
+def test_every_parameter_gets_a_finite_nonzero_gradient(model):
     torch.manual_seed(0)
-    model = cls(latent_dim=8)
     x = torch.rand(16, 1, 28, 28)
     logits, mu, logvar = model(x, return_logits=True)
     vae.vae_loss(logits, x, mu, logvar)[0].backward()
     for name, p in model.named_parameters():
-        assert p.grad is not None, name
-        assert torch.isfinite(p.grad).all(), name
-        assert p.grad.abs().sum() > 0, name
-
-
-@pytest.mark.parametrize("cls", [vae.ConvVAE, vae.MLPVAE])
-def test_optimizer_steps_on_one_batch_lower_the_loss(cls):
-    torch.manual_seed(0)
-    model = cls(latent_dim=8)
-    x = to_float_batch(fake_digits(32, seed=3)[0])
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(40):
-        logits, mu, logvar = model(x, return_logits=True)
-        loss = vae.vae_loss(logits, x, mu, logvar)[0]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0], losses[::10]
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
 def test_grad_clip_bounds_the_update_and_reports_the_norm():
     torch.manual_seed(0)
     model = vae.MLPVAE(latent_dim=3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    x = torch.rand(8, 1, 28, 28)
-    stats = vae.train_step(model, optimizer, x, beta=1.0, grad_clip=1e-3)
-    clipped = (
-        torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
-        if hasattr(torch.nn.utils, "get_total_norm")
-        else torch.norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    stats = vae.train_step(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), torch.rand(8, 1, 28, 28), grad_clip=1e-3
     )
+    clipped = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
     assert stats[3].item() > 1e-3  # the norm before clipping
     assert clipped.item() == pytest.approx(1e-3, rel=1e-3)
 
 
-def test_kl_warmup_schedule_counts_epochs_from_one_and_refuses_bad_values():
+def test_schedules_count_epochs_from_one_and_refuse_bad_values():
     betas = [vae.beta_schedule(e, 0.5, kl_warmup=4) for e in range(1, 8)]
     assert betas == [0, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
     assert [vae.beta_schedule(e, 2.0) for e in (1, 5)] == [2.0, 2.0]
     for epoch, beta, warmup in ((0, 1.0, 3), (1, -0.5, 0), (2, 1.0, -1)):
         with pytest.raises(ValueError, match="epochs count from 1"):
             vae.beta_schedule(epoch, beta, warmup)
-
-
-def test_cosine_lr_schedule_falls_from_lr_by_half_a_cosine_and_set_lr_fills_tensors():
     lrs = [vae.lr_schedule(e, 0.002, 4, "cosine") for e in range(1, 5)]
     expected = [0.002, 0.001 * (1 + math.sqrt(0.5)), 0.001, 0.001 * (1 - math.sqrt(0.5))]
     assert lrs == pytest.approx(expected, rel=1e-12)
@@ -394,21 +329,13 @@ def test_cosine_lr_schedule_falls_from_lr_by_half_a_cosine_and_set_lr_fills_tens
     for epoch, schedule in ((0, "cosine"), (5, "cosine"), (1, "step")):
         with pytest.raises(ValueError, match="lr_schedule needs"):
             vae.lr_schedule(epoch, 0.002, 4, schedule)
-    weight = torch.nn.Parameter(torch.ones(2))
-    lr = torch.tensor(0.1)
-    optimizer = torch.optim.Adam([weight], lr=lr, fused=True)
-    vae.set_lr(optimizer, 0.25)
-    assert optimizer.param_groups[0]["lr"] is lr and lr.item() == 0.25  # the same tensor, filled
-    weight.grad = torch.ones(2)
-    optimizer.step()  # Adam's first step moves each weight by lr
-    assert weight.detach() == pytest.approx([0.75, 0.75])
 
 
 def test_train_epoch_refuses_a_negative_beta_or_free_bits_before_any_step():
     model = vae.MLPVAE(latent_dim=3, hidden=(16,))
     before = [p.clone() for p in model.parameters()]
     optimizer = torch.optim.Adam(model.parameters())
-    images = fake_digits(8, seed=1)[0][:, None]
+    images = images_of(8, seed=1)
     for kwargs in (dict(beta=-1.0), dict(free_bits=-0.5)):
         with pytest.raises(ValueError, match="beta and free_bits must be >= 0"):
             vae.train_epoch(model, optimizer, images, batch_size=4, **kwargs)
@@ -416,31 +343,6 @@ def test_train_epoch_refuses_a_negative_beta_or_free_bits_before_any_step():
         with pytest.raises(ValueError, match="the IWAE objective has beta 1 and no free bits"):
             vae.train_epoch(model, optimizer, images, batch_size=4, iwae_samples=3, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-
-
-def test_train_epoch_takes_other_steps_orders_and_callbacks():
-    torch.manual_seed(0)
-    model = vae.MLPVAE(latent_dim=3, hidden=(16,))
-    optimizer = torch.optim.Adam(model.parameters())
-    images, seen, calls = fake_digits(10, seed=1)[0][:, None], [], []
-
-    def step(model, optimizer, x, beta, y=None, **kwargs):
-        seen.append(x.clone())
-        return vae.train_step(model, optimizer, x, beta, y, **kwargs)
-
-    order = torch.tensor([9, 8, 7, 6, 5])  # half the images, in this order
-    stats = vae.train_epoch(
-        model,
-        optimizer,
-        images,
-        batch_size=2,
-        step=step,
-        order=order,
-        on_step=lambda i, s: calls.append((i, s.shape)),
-    )
-    assert [len(x) for x in seen] == [2, 2, 1] and calls == [(1, (4,)), (2, (4,)), (3, (4,))]
-    assert torch.equal(torch.cat(seen), vae.to_float(images[order]))
-    assert set(stats) == {"loss", "recon", "kl"} and all(math.isfinite(v) for v in stats.values())
 
 
 def test_conditional_decoder_learns_what_the_label_means():
@@ -452,17 +354,11 @@ def test_conditional_decoder_learns_what_the_label_means():
     for _ in range(150):
         y = torch.randint(0, 2, (64,))
         x = (0.1 + 0.8 * y.float()).view(-1, 1, 1, 1) + 0.05 * torch.rand(64, 1, 8, 8)
-        logits, mu, logvar = model(x, y, return_logits=True)
-        loss = vae.vae_loss(logits, x, mu, logvar)[0]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        vae.train_step(model, opt, x, y=y)
     z = torch.randn(16, 2)
     with torch.no_grad():
-        dark, bright = (
-            model.decode(z, torch.zeros(16, dtype=torch.long)),
-            model.decode(z, torch.ones(16, dtype=torch.long)),
-        )
+        dark = model.decode(z, torch.zeros(16, dtype=torch.long))
+        bright = model.decode(z, torch.ones(16, dtype=torch.long))
     assert dark.mean() < 0.25 and bright.mean() > 0.75
 
 
@@ -471,7 +367,7 @@ def test_a_short_training_learns_what_the_classic_bugs_would_break():
     # probabilities instead of logits, or a reconstruction averaged over pixels (a beta of 784),
     # leaves the KL near 0 and decode(mu) at the mean image; a flipped KL sign sends it off.
     torch.manual_seed(0)
-    images = (fake_digits(320, seed=6)[0][:, None] > 127).to(torch.uint8) * 255  # binary
+    images = (images_of(320, seed=6) > 127).to(torch.uint8) * 255  # binary
     model = vae.MLPVAE(latent_dim=4, hidden=(128,))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(15):
@@ -493,35 +389,17 @@ def test_a_short_training_learns_what_the_classic_bugs_would_break():
 
 def test_evaluate_is_repeatable_and_never_moves_the_global_random_stream():
     torch.manual_seed(0)
-    model = vae.MLPVAE(latent_dim=4).train()
-    images = fake_digits(50, seed=4)[0][:, None]
+    model = vae.MLPVAE(latent_dim=4)
+    images = images_of(50, seed=4)
     state = torch.get_rng_state()
     a = vae.evaluate(model, images, batch_size=16)
-    b = vae.evaluate(model, images, batch_size=16)
-    assert a == b  # bit for bit: each call draws z from a generator of its own
-    assert torch.equal(torch.get_rng_state(), state) and model.training
+    assert vae.evaluate(model, images, batch_size=16) == a  # a generator of its own, seeded
+    assert torch.equal(torch.get_rng_state(), state)
     c = vae.evaluate(model, images, batch_size=16, generator=torch.Generator().manual_seed(1))
     assert a["recon"] != c["recon"]  # z is drawn from q(z|x), not set to mu
     assert a["kl"] == pytest.approx(c["kl"])  # the KL is in closed form, no sampling
     assert a["neg_elbo"] == pytest.approx(a["recon"] + a["kl"])
-    assert set(a) == {"neg_elbo", "recon", "kl", "active_units", "kl_per_dim", "mu_var"}
     assert sum(a["kl_per_dim"]) == pytest.approx(a["kl"], rel=1e-5) and len(a["kl_per_dim"]) == 4
-
-
-def test_evaluating_between_epochs_does_not_change_the_weights_training_reaches():
-    images = fake_digits(64, seed=2)[0][:, None]
-    weights = []
-    for evaluate_between in (False, True):
-        torch.manual_seed(0)
-        model = vae.ConvVAE(latent_dim=4, base_channels=4)
-        optimizer = torch.optim.Adam(model.parameters())
-        for _ in range(2):  # epochs
-            vae.train_epoch(model, optimizer, images, batch_size=16, binarize=True)
-            if evaluate_between:
-                vae.evaluate(model, images)
-                vae.log_likelihood(model, images[:4], 3)
-        weights.append(model.state_dict())
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_active_units_count_the_dimensions_that_vary_across_images():
@@ -530,31 +408,13 @@ def test_active_units_count_the_dimensions_that_vary_across_images():
     with torch.no_grad():
         model.fc_mu.weight[2:] = 0  # mu_2..5 = bias for every image: inactive
         model.fc_mu.weight[:2] *= 50  # mu_0, mu_1 vary strongly across images
-    stats = vae.evaluate(model, fake_digits(100, seed=11)[0][:, None], batch_size=32)
-    assert stats["active_units"] == 2
-
-
-def test_log_likelihood_with_one_sample_is_the_elbo_on_average():
-    torch.manual_seed(0)
-    model = vae.MLPVAE(latent_dim=4).eval()
-    x = torch.bernoulli(to_float_batch(fake_digits(8, seed=7)[0]))
-    reps = 400
-    g = torch.Generator().manual_seed(1)  # one stream for all the repetitions
-    iw = torch.stack([vae.log_likelihood(model, x, k=1, generator=g) for _ in range(reps)])
-    elbo = []
-    with torch.no_grad():
-        for _ in range(reps):
-            logits, mu, logvar = model(x, return_logits=True)
-            elbo.append(-(vae.reconstruction_loss(logits, x) + vae.kl_divergence(mu, logvar)))
-    elbo = torch.stack(elbo)
-    se = (iw.var(0) / reps + elbo.var(0) / reps).sqrt()
-    assert ((iw.mean(0) - elbo.mean(0)).abs() < 4 * se).all()
+    assert vae.evaluate(model, images_of(100, seed=11), batch_size=32)["active_units"] == 2
 
 
 def test_log_likelihood_uses_the_gaussian_of_the_model_and_takes_one_hot_labels():
     torch.manual_seed(0)
     model = vae.MLPVAE(latent_dim=3, hidden=(32,), num_classes=4)
-    x = vae.to_float(fake_digits(6, seed=3)[0][:, None])
+    x = vae.to_float(images_of(6, seed=3))
     y = torch.tensor([0, 1, 2, 3, 0, 1])
 
     def normal(logits, target):  # the same likelihood, written with torch.distributions
@@ -574,7 +434,7 @@ def test_log_likelihood_uses_the_gaussian_of_the_model_and_takes_one_hot_labels(
 def test_iwae_loss_with_one_sample_is_the_elbo_with_a_sampled_kl_and_trains_the_encoder():
     torch.manual_seed(0)
     model = vae.MLPVAE(latent_dim=3, hidden=(16,))
-    x = torch.bernoulli(to_float_batch(fake_digits(5, seed=4)[0]))
+    x = torch.bernoulli(vae.to_float(images_of(5, seed=4)))
     torch.manual_seed(1)
     loss, rec, kl = vae.iwae_loss(model, x, 1)
     torch.manual_seed(1)  # the same eps, and the ELBO of that z written with torch.distributions
@@ -594,17 +454,13 @@ def test_iwae_loss_with_one_sample_is_the_elbo_with_a_sampled_kl_and_trains_the_
     sampled_kl = log_px_z - log_w
     se = sampled_kl.std(0) / math.sqrt(4000)
     assert ((sampled_kl.mean(0) - vae.kl_divergence(mu, logvar)).abs() < 4 * se).all()
-    # the bound with K = 20 is above the K = 1 bound, on average over the same draws
-    bound_20 = torch.logsumexp(log_w.view(200, 20, 5), dim=1) - math.log(20)
-    assert (bound_20.mean(0) > log_w.mean(0)).all()
 
 
 def test_training_the_iwae_bound_lowers_it():
     torch.manual_seed(0)
     model = vae.MLPVAE(latent_dim=4, hidden=(64,))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    images = fake_digits(64, seed=2)[0][:, None]
-    x = torch.bernoulli(to_float_batch(images[:, 0]))
+    x = torch.bernoulli(vae.to_float(images_of(64, seed=2)))
 
     def bound():
         return vae.log_likelihood(model, x, 5, generator=torch.Generator().manual_seed(0)).mean()
@@ -614,19 +470,6 @@ def test_training_the_iwae_bound_lowers_it():
         stats = vae.train_step(model, optimizer, x, iwae_samples=5)
     assert bound() > before + 10
     assert torch.isfinite(stats).all() and stats[0] <= stats[1] + stats[2] + 1  # -IWAE <~ -ELBO
-
-
-def test_log_likelihood_rises_with_k():
-    torch.manual_seed(0)
-    model = vae.ConvVAE(latent_dim=4).eval()
-    x = torch.bernoulli(to_float_batch(fake_digits(16, seed=8)[0]))
-    estimates = [
-        vae.log_likelihood(model, x, k=k, max_decodes=16 * 7).mean().item()
-        for k in (1, 10, 100, 400)
-    ]
-    assert all(a < b for a, b in zip(estimates, estimates[1:])), estimates
-    with pytest.raises(ValueError, match="needs k >= 1"):
-        vae.log_likelihood(model, x, k=0)
 
 
 class LinearGaussian(torch.nn.Module):
@@ -645,8 +488,7 @@ class LinearGaussian(torch.nn.Module):
         self.A, self.cov = cov @ self.W.T / s**2, cov
 
     def encode(self, x):
-        x = x.flatten(1)
-        mu = (x - self.b) @ self.A.T * 0.7  # shrunk mean
+        mu = (x.flatten(1) - self.b) @ self.A.T * 0.7  # shrunk mean
         logvar = torch.log(torch.diagonal(self.cov) * 2.0).expand_as(mu)  # wider, diagonal
         return mu, logvar
 
@@ -670,48 +512,38 @@ def test_log_likelihood_converges_to_the_exact_value_on_a_linear_gaussian_model(
     g = torch.Generator().manual_seed(1)
     estimate = functools.partial(vae.log_likelihood, model, x, log_px_given_z=model.log_px_given_z)
     elbo = torch.stack([estimate(k=1, generator=g) for _ in range(200)]).mean(0)  # E[1 sample]
-    many = estimate(k=20000, max_decodes=4096)
-    assert (exact - many).abs().max() < 0.02
-    assert (exact - elbo > 0.1).all()  # the ELBO is a visibly looser lower bound
+    k_10 = torch.stack([estimate(k=10, generator=g) for _ in range(200)]).mean(0)
+    assert (exact - estimate(k=20000, max_decodes=4096)).abs().max() < 0.02
+    assert (exact - k_10 > 0.01).all() and (k_10 - elbo > 0.05).all()  # the bound rises with K
+    with pytest.raises(ValueError, match="needs k >= 1"):
+        estimate(k=0)
 
 
 @pytest.mark.parametrize("cls", [vae.ConvVAE, vae.MLPVAE])
-def test_interpolate_runs_between_the_decoded_means_of_single_images_of_either_shape(cls):
+def test_interpolate_and_reconstruct_decode_the_posterior_means(cls):
     torch.manual_seed(0)
-    model = cls(latent_dim=4).train()
+    model = cls(latent_dim=4)
     model(torch.rand(8, 1, 28, 28))
     x_a, x_b = torch.rand(1, 28, 28), torch.rand(1, 28, 28)
     path = vae.interpolate(model, x_a, x_b, steps=7)
-    assert path.shape == (7, 1, 28, 28) and model.training
+    assert path.shape == (7, 1, 28, 28)
     assert torch.equal(vae.interpolate(model, x_a[None], x_b[None], steps=7), path)  # (1, C, H, W)
     with pytest.raises(ValueError, match="single images"):
         vae.interpolate(model, torch.rand(2, 1, 28, 28), x_b)
-    model.eval()
+    x_hat = vae.reconstruct(model, torch.stack([x_a, x_b]))
     with torch.no_grad():
-        mu = model.encode(torch.stack([x_a, x_b]))[0]
+        mu = model.eval().encode(torch.stack([x_a, x_b]))[0]
         ends, middle = model.decode(mu), model.decode(mu.mean(0, keepdim=True))
+    assert torch.equal(x_hat, ends)
     torch.testing.assert_close(path[0], ends[0])
     torch.testing.assert_close(path[-1], ends[1])
     torch.testing.assert_close(path[3], middle[0])  # the straight line between the means
-
-
-def test_reconstruct_decodes_the_posterior_mean_in_eval_mode():
-    torch.manual_seed(0)
-    model = vae.ConvVAE(latent_dim=4, base_channels=8).train()
-    images = fake_digits(4, seed=5)[0][:, None]
-    x_hat = vae.reconstruct(model, images)
-    assert model.training and x_hat.shape == (4, 1, 28, 28)
-    model.eval()
-    with torch.no_grad():
-        expected = model.decode(model.encode(vae.to_float(images))[0])
-    assert torch.equal(x_hat, expected)
 
 
 @pytest.mark.parametrize(
     "model",
     [
         vae.MLPVAE(hidden=(300,), latent_dim=5),
-        vae.ConvVAE(base_channels=8, latent_dim=3),
         vae.ConvVAE(image_size=32, channels=3, base_channels=4, latent_dim=2, num_classes=3),
         vae.ConvVAE(base_channels=4, latent_dim=2, res_blocks=1),
     ],
@@ -730,26 +562,9 @@ def test_save_model_and_load_model_round_trip_any_model(tmp_path, model):
         vae.load_model(tmp_path / "other.pt")
 
 
-def test_a_convvae_saved_before_residual_blocks_loads_as_the_plain_model(tmp_path):
-    model = vae.ConvVAE(base_channels=4, latent_dim=2).eval()
-    vae.save_model(tmp_path / "old.pt", model)
-    state = torch.load(tmp_path / "old.pt", weights_only=True)
-    del state["model_args"]["res_blocks"]  # as vae.py wrote it before this argument
-    torch.save(state, tmp_path / "old.pt")
-    loaded, _ = vae.load_model(tmp_path / "old.pt")
-    assert loaded.model_args["res_blocks"] == 0
-    x = torch.rand(2, 1, 28, 28)
-    assert torch.equal(vae.reconstruct(loaded, x), vae.reconstruct(model, x))
-
-
-def test_part_one_copied_alone_trains_samples_and_interpolates(tmp_path):
-    source = open(os.path.join(HERE, "vae.py")).read()
-    part1 = source[: source.index("\n# Part 2:")]
-    (tmp_path / "myvae.py").write_text(part1)
-    torch.save(fake_digits(256, seed=13)[0][:, None], tmp_path / "images.pt")
-    code = """
+PART_ONE_ALONE = """
 import importlib.abc, importlib.machinery, json, sys
-class NotInstalled(importlib.abc.MetaPathFinder, importlib.abc.Loader):  # the tool's libraries are absent
+class NotInstalled(importlib.abc.MetaPathFinder, importlib.abc.Loader):  # the tool's libraries
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ("torchvision", "PIL", "matplotlib", "tqdm"):
             return importlib.machinery.ModuleSpec(name, self)
@@ -760,7 +575,7 @@ import torch
 import myvae
 torch.manual_seed(0)
 images = torch.load("images.pt")
-model = myvae.ConvVAE(image_size=28, channels=1, latent_dim=8, res_blocks=1)  # the command line's model
+model = myvae.ConvVAE(image_size=28, channels=1, latent_dim=8, res_blocks=1)
 optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
 losses = []
 for e in range(1, 6):
@@ -773,41 +588,47 @@ path = myvae.interpolate(model, images[0], images[1], steps=5)
 myvae.save_model("model.pt", model)
 loaded, _ = myvae.load_model("model.pt")
 same = torch.equal(myvae.reconstruct(loaded, images[:4]), myvae.reconstruct(model, images[:4]))
-print(json.dumps(dict(losses=losses, test=test["neg_elbo"], nll=nll.tolist(), samples=list(model.sample(3).shape),
-                      path=list(path.shape), same=same,
+print(json.dumps(dict(losses=losses, test=test["neg_elbo"], nll=nll.tolist(), same=same,
+                      samples=list(model.sample(3).shape), path=list(path.shape),
                       loaded=sorted({"torchvision", "PIL", "matplotlib", "tqdm"} & set(sys.modules)))))
 """
+
+
+def test_part_one_copied_alone_trains_samples_and_interpolates(tmp_path):
+    source = open(os.path.join(HERE, "vae.py")).read()
+    (tmp_path / "myvae.py").write_text(source[: source.index("\n# Part 2:")])
+    torch.save(images_of(256, seed=13), tmp_path / "images.pt")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
     r = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", PART_ONE_ALONE],
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(tmp_path)),
+        env=env,
     )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["losses"][-1] < 0.7 * out["losses"][0], out["losses"]
-    assert math.isfinite(out["test"]) and all(v < 0 for v in out["nll"])
+    assert out["test"] > -max(out["nll"]) > 0  # the NLL, under the -ELBO
     assert out["samples"] == [3, 1, 28, 28] and out["path"] == [5, 1, 28, 28]
     assert out["same"] and out["loaded"] == []
 
 
 # ----------------------------------------------------------------------------
 # The tool (Part 2): helpers. Runs happen in this process (`run_main`); a subprocess only where the
-# process boundary is what is tested: a fresh import, signals, kill -9, torchrun, a clean clone.
+# process boundary is what is tested: a fresh import, signals, kill -9, torchrun.
 
 
-def quick_run(mnist_dir, out, *extra):
-    """The argv of a small, fast MLP run on the test's MNIST into `out`."""
-    small = "--model mlp --latent_dim 4 --width 4 --batch_size 64 --device cpu".split()
-    return ["--data_dir", str(mnist_dir), "--out_dir", str(out), *small, *map(str, extra)]
+def quick_run(mnist_dir, out, extra=""):
+    """The argv of a small, fast MLP run on the test's MNIST into `out`, and the flags `extra`."""
+    small = "--model mlp --latent_dim 4 --width 4 --batch_size 64 --device cpu"
+    return ["--data_dir", str(mnist_dir), "--out_dir", str(out), *f"{small} {extra}".split()]
 
 
-def folder_run(data, out, *extra):
-    """The argv of a small conv run on an image folder into `out`."""
-    small = "--dataset folder --image_size 32 --latent_dim 2 --width 4 --batch_size 16".split()
-    return [*small, "--device", "cpu", "--data_dir", str(data), "--out_dir", str(out), *extra]
+def folder_run(data, out, extra=""):
+    """The argv of a small conv run on an image folder into `out`, and the flags `extra`."""
+    small = "--dataset folder --image_size 32 --latent_dim 2 --width 4 --batch_size 16 --device cpu"
+    return ["--data_dir", str(data), "--out_dir", str(out), *f"{small} {extra}".split()]
 
 
 def run_main(argv, capsys):
@@ -828,36 +649,22 @@ def one_sentence(code, err, expected_code=2):
     return code == expected_code and len(lines) == 1 and lines[0].startswith("vae.py: error: ")
 
 
-def cli(args, cwd=None, env=None):
-    """`python vae.py ARGS` in a subprocess: (exit code, stdout, stderr)."""
-    argv = [sys.executable, os.path.join(HERE, "vae.py"), *map(str, args)]
-    r = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    return r.returncode, r.stdout, r.stderr
-
-
 def torchrun(nproc, args, cwd):
     """`torchrun --standalone --nproc_per_node=N vae.py ARGS`: (exit code, stdout, stderr)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # N processes on a small machine
-    env.update(PYTHONFAULTHANDLER="1")  # a process that aborts prints where it was
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")  # an abort says where
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     argv = [*run, f"--nproc_per_node={nproc}", os.path.join(HERE, "vae.py"), *map(str, args)]
     r = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     return r.returncode, r.stdout, r.stderr
 
 
-def wait_for(path, proc, seconds=120):
-    """Wait until `path` exists (or proc ends): the thing waited on, not a fixed time."""
-    deadline = time.time() + seconds
-    while not path.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert path.exists(), "the run wrote no checkpoint"
-
-
 def metrics(path):
     """metrics.csv's rows without the timing columns."""
     with open(path) as f:
-        timing = ("seconds", "images_per_sec")
-        return [{k: v for k, v in row.items() if k not in timing} for row in csv.DictReader(f)]
+        return [
+            {k: v for k, v in row.items() if k not in ("seconds", "images_per_sec")}
+            for row in csv.DictReader(f)
+        ]
 
 
 def patch_step(monkeypatch, n, action):
@@ -872,13 +679,6 @@ def patch_step(monkeypatch, n, action):
         return stats
 
     monkeypatch.setattr(vae, "train_step", step)
-
-
-def blow_up(model):
-    """Every weight 1e30, as a far too large learning rate would leave them."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(1e30)
 
 
 def capture_figures(monkeypatch):
@@ -904,8 +704,9 @@ def write_image_folder(
             img[..., c % 3] += 150  # the class shows in its colour channel
             if c == 2:
                 img[::6] = 255
-            image = Image.fromarray(img.clamp(0, 255).to(torch.uint8).numpy())
-            image.save(folder / f"{name}{c}_{i:02d}{ext}")
+            Image.fromarray(img.clamp(0, 255).to(torch.uint8).numpy()).save(
+                folder / f"{name}{c}_{i:02d}{ext}"
+            )
     return root
 
 
@@ -919,51 +720,20 @@ def test_load_mnist_reads_idx_files_resizes_once_and_binarizes_a_fixed_test_set(
     assert data["test_x"].shape == (120, 1, 28, 28)
     assert data["train_y"].tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     assert torch.equal(data["train_x"][:, 0], fake_digits(320, seed=0)[0])
-    big = vae.load_dataset("mnist", mnist_dir, image_size=32)
-    assert big["train_x"].shape == (320, 1, 32, 32) and big["train_x"].dtype == torch.uint8
-    mean = data["train_x"].float().mean().item()
-    assert big["train_x"].float().mean().item() == pytest.approx(mean, rel=0.02)  # brightness kept
+    big = vae.load_dataset("mnist", mnist_dir, image_size=32)["train_x"]
+    assert big.shape == (320, 1, 32, 32) and big.dtype == torch.uint8
+    assert big.float().mean().item() == pytest.approx(
+        data["train_x"].float().mean().item(), rel=0.02
+    )
     binary = vae.load_dataset("mnist", mnist_dir, binarize=True)["test_x"]
     assert torch.equal(binary, vae.load_dataset("mnist", mnist_dir, binarize=True)["test_x"])
     assert set(binary.unique().tolist()) <= {0, 255}
     assert binary.float().mean().item() == pytest.approx(
         data["test_x"].float().mean().item(), rel=0.05
     )
-
-
-def test_binarize_draws_fresh_binary_batches_each_step():
-    images = fake_digits(200, seed=10)[0][:, None]
-    torch.manual_seed(0)
-    idx = torch.arange(200)
-    a, b = vae.get_batch(images, idx, binarize=True), vae.get_batch(images, idx, binarize=True)
-    assert set(a.unique().tolist()) <= {0.0, 1.0} and not torch.equal(a, b)
-    assert a.mean().item() == pytest.approx(vae.to_float(images).mean().item(), abs=0.01)
-    assert torch.equal(vae.get_batch(images, idx), vae.to_float(images))
-
-
-@pytest.mark.parametrize("dataset", ["mnist", "fashion-mnist", "kmnist", "cifar10"])
-def test_a_dataset_missing_offline_names_its_folder_and_files(
-    tmp_path, monkeypatch, capsys, dataset
-):
-    # A closed local port as the proxy: every download fails at once, as offline.
-    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
-    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
-    argv = ["--dataset", dataset, "--data_dir", tmp_path / "empty", "--out_dir", tmp_path / "out"]
-    code, out, err = run_main(argv, capsys)
-    assert one_sentence(code, err) and "is not in '" in err and "could not be downloaded" in err
-    files = {"mnist": "t10k-labels-idx1-ubyte", "cifar10": "data_batch_1"}.get(dataset, "ubyte")
-    assert files in err and str(tmp_path / "empty") in err and not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("damage", ["truncated", "wrong magic number"])
-def test_a_damaged_idx_file_is_named_in_one_sentence(tmp_path, capsys, damage):
-    raw = write_small_mnist(tmp_path / "data")
-    path = raw / ("train-images-idx3-ubyte" if damage == "truncated" else "t10k-labels-idx1-ubyte")
-    data = bytearray(path.read_bytes())
-    path.write_bytes(data[:1000] if damage == "truncated" else b"\x00\x00\x09\x99" + data[4:])
-    code, out, err = run_main(quick_run(tmp_path / "data", tmp_path / "out", "--epochs", 1), capsys)
-    assert one_sentence(code, err) and f"cannot read the MNIST files in '{raw}'" in err
-    assert not (tmp_path / "out").exists()
+    batch = vae.get_batch(data["train_x"], torch.arange(320), binarize=True)  # fresh each call
+    assert set(batch.unique().tolist()) <= {0.0, 1.0}
+    assert not torch.equal(batch, vae.get_batch(data["train_x"], torch.arange(320), binarize=True))
 
 
 def test_other_torchvision_layouts_fashion_mnist_and_cifar10(tmp_path, monkeypatch):
@@ -984,7 +754,6 @@ def test_other_torchvision_layouts_fashion_mnist_and_cifar10(tmp_path, monkeypat
         pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
     data = vae.load_dataset("cifar10", str(tmp_path / "c"))
     assert data["train_x"].shape == (30, 3, 32, 32) and torch.equal(data["test_x"], images)
-    assert data["classes"][3] == "class3"
     gray = vae.load_dataset("cifar10", str(tmp_path / "c"), channels=1)["test_x"]
     pil = [
         list(Image.fromarray(im.permute(1, 2, 0).numpy()).convert("L").tobytes()) for im in images
@@ -994,9 +763,7 @@ def test_other_torchvision_layouts_fashion_mnist_and_cifar10(tmp_path, monkeypat
 
 
 def test_load_image_crops_the_centre_square_then_resizes(tmp_path):
-    img = torch.zeros(
-        96, 32, 3, dtype=torch.uint8
-    )  # tall: red above, green in the middle, blue below
+    img = torch.zeros(96, 32, 3, dtype=torch.uint8)  # tall: red above, green middle, blue below
     img[:32, :, 0] = 255
     img[32:64, :, 1] = 255
     img[64:, :, 2] = 255
@@ -1008,13 +775,19 @@ def test_load_image_crops_the_centre_square_then_resizes(tmp_path):
     assert gray[0, 4:12].float().mean().item() == pytest.approx(0.587 * 255, abs=1)  # green's luma
 
 
-def test_folder_splits_labels_and_sizes(tmp_path):
+def test_folder_splits_labels_and_file_system_oddities(tmp_path):
     write_image_folder(tmp_path / "split" / "train", per_class=6)
     write_image_folder(
         tmp_path / "split" / "val", classes=("square", "stripes"), per_class=2, seed=1
     )
-    hidden = tmp_path / "split" / "train" / ".ipynb_checkpoints"  # not a class
-    write_image_folder(hidden, classes=None, per_class=1)
+    write_image_folder(
+        tmp_path / "split" / "train" / ".ipynb_checkpoints", classes=None, per_class=1
+    )
+    train = tmp_path / "split" / "train"
+    os.symlink(train / "circle", train / "circle" / "loop")  # a folder that contains itself
+    leak = sorted((train / "square").iterdir())[0]
+    os.symlink(leak, tmp_path / "split" / "val" / "square" / "leak.png")  # a train image in val
+    os.mkfifo(train / "circle" / "pipe.png")  # reading it would wait forever
     data = vae.load_folder(str(tmp_path / "split"), 32, 3)
     assert data["classes"] == ["circle", "square", "stripes"]
     assert data["train_x"].shape == (18, 3, 32, 32) and data["test_x"].shape == (4, 3, 32, 32)
@@ -1029,21 +802,19 @@ def test_folder_splits_labels_and_sizes(tmp_path):
         and "fixed random 10%" in first["note"]
     )
     assert first["train_x"].shape == (27, 1, 64, 64) and first["test_x"].shape == (3, 1, 64, 64)
-    again = vae.load_folder(str(tmp_path / "flat"), 64, 1)
-    assert torch.equal(again["test_x"], first["test_x"])  # the same split every time
+    assert torch.equal(vae.load_folder(str(tmp_path / "flat"), 64, 1)["test_x"], first["test_x"])
     train_set = {bytes(x.flatten().tolist()) for x in first["train_x"]}
     assert not any(bytes(x.flatten().tolist()) in train_set for x in first["test_x"])
 
 
 @pytest.mark.parametrize(
-    "layout, size, channels, model",
-    [("classes", 32, 3, "conv"), ("classes", 64, 1, "mlp"), ("flat", 64, 3, "conv")],
+    "layout, size, channels, model", [("classes", 32, 3, "conv"), ("flat", 64, 1, "mlp")]
 )
 def test_a_folder_of_images_trains_one_epoch_end_to_end(tmp_path, layout, size, channels, model):
     classes = None if layout == "flat" else ("a", "b", "c")
     data = write_image_folder(tmp_path / "images", classes, ext=".jpg" if channels == 3 else ".png")
-    extra = ["--image_size", size, "--channels", channels, "--model", model, "--epochs", 1]
-    history = vae.main(folder_run(data, tmp_path / "out", *map(str, extra)))
+    extra = f"--image_size {size} --channels {channels} --model {model} --epochs 1"
+    history = vae.main(folder_run(data, tmp_path / "out", extra))
     assert len(history) == 1 and math.isfinite(history[0]["test_neg_elbo"])
     loaded, state = vae.load_checkpoint(tmp_path / "out" / "checkpoint.pt")
     assert (state["config"]["image_size"], state["config"]["channels"]) == (size, channels)
@@ -1055,128 +826,22 @@ def test_a_folder_of_images_trains_one_epoch_end_to_end(tmp_path, layout, size, 
     assert state["config"]["classes"] == (["a", "b", "c"] if labelled else None)
 
 
-def scandir_denied(scandir, name, path):
-    """os.scandir, but for a folder called `name`, whose listing is denied."""
-    if os.path.basename(path) == name:
-        raise PermissionError(13, "Permission denied")
-    return scandir(path)
-
-
-@pytest.mark.parametrize(
-    "problem, sentence",
-    [
-        ("missing", "is not a folder"),
-        ("empty", "holds 0 images"),
-        ("mismatch", "do not match"),
-        ("unreadable image", "cannot read the image '"),
-        ("unreadable folder", "cannot list the folder '"),
-        ("no labels for --conditional", "--conditional needs class labels"),
-        ("over the memory", "images of 3x32x32 need 0.0 GB of memory, and 0.0 GB is available"),
-        ("a huge image", "(ValueError: 300x200 pixels, over the 50,000 it reads)"),
-    ],
-)
-def test_a_bad_folder_gets_one_sentence_and_nothing_is_written(
-    tmp_path, monkeypatch, capsys, problem, sentence
-):
-    data = tmp_path / "images"
-    extra = []
-    if problem == "empty":
-        data.mkdir()
-    elif problem == "mismatch":
-        write_image_folder(data / "train", classes=("a", "b"), per_class=2)
-        write_image_folder(data / "test", classes=("a", "z"), per_class=2)
-    elif problem != "missing":
-        write_image_folder(
-            data, classes=None if "--conditional" in problem else ("a", "b"), per_class=4
-        )
-    if problem == "unreadable image":
-        (data / "b" / "broken.jpg").write_bytes(b"not a JPEG at all")
-    elif problem == "unreadable folder":  # as chmod 0 would, for a user other than root
-        monkeypatch.setattr(os, "scandir", functools.partial(scandir_denied, os.scandir, "b"))
-    elif problem == "no labels for --conditional":
-        extra = ["--conditional"]
-    elif problem == "over the memory":
-        monkeypatch.setattr(vae, "available_memory", lambda: 20_000)  # bytes: under 8 images
-        monkeypatch.setattr(vae, "load_image", lambda *a: pytest.fail("an image was decoded"))
-    elif problem == "a huge image":
-        Image.new("RGB", (300, 200)).save(data / "b" / "big.png")
-        monkeypatch.setattr(vae, "MAX_PIXELS", 50_000)
-    code, out, err = run_main(folder_run(data, tmp_path / "out", "--epochs", "1", *extra), capsys)
-    assert one_sentence(code, err) and sentence in err, err
-    assert not (tmp_path / "out").exists()
-
-
-def test_file_system_oddities_in_a_data_folder(tmp_path):
-    data = write_image_folder(tmp_path / "images" / "train", classes=("a", "b"), per_class=5)
-    write_image_folder(tmp_path / "images" / "val", classes=("a", "b"), per_class=1, seed=1)
-    os.symlink(data / "a", data / "a" / "loop")  # a folder that contains itself
-    train_file = sorted((data / "b").iterdir())[0]
-    os.symlink(train_file, tmp_path / "images" / "val" / "b" / "leak.png")  # train image in val
-    os.mkfifo(data / "a" / "pipe.png")  # reading it would wait forever
-    loaded = vae.load_folder(str(tmp_path / "images"), 32, 3)
-    assert loaded["train_x"].shape[0] == 10 and loaded["test_x"].shape[0] == 2  # each file once
-
-
-@pytest.mark.parametrize(
-    "mode, value, expected",
-    [("I;16", 32768, 128), ("I;16", 65535, 255), ("I", 2**30, 128), ("F", 0.5, 128), ("L", 77, 77)],
-)
-def test_images_deeper_than_8_bits_are_scaled_by_their_range(tmp_path, mode, value, expected):
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_images_deeper_than_8_bits_are_refused_by_name(tmp_path, mode):
     import numpy as np
 
-    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32, "L": np.uint8}[mode]
-    path = tmp_path / ("image.png" if mode in ("I;16", "L") else "image.tif")
-    Image.fromarray(np.full((20, 30), value, dtype)).save(path)
-    for channels in (1, 3):
-        x = vae.load_image(path, 16, channels)
-        assert x.shape == (channels, 16, 16) and abs(x.float().mean().item() - expected) <= 1
-
-
-def test_a_very_long_image_is_never_decoded_beyond_its_size(tmp_path):
-    Image.new("L", (300_000, 1), 200).save(tmp_path / "long.png")  # a few KB on disk
-    # in a process of its own, whose peak memory says what decoding this image took
-    code = f"""import resource, vae
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-x = vae.load_image({str(tmp_path / "long.png")!r}, 64, 3)
-grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-print(tuple(x.shape), int(x.float().mean()), grown // 1024)"""
-    env = dict(os.environ, PYTHONPATH=HERE)
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert r.returncode == 0 and r.stdout.startswith("(3, 64, 64) 200 "), r.stderr
-    assert int(r.stdout.split()[-1]) < 200  # MB: resizing the long side first would take GB
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    path = tmp_path / ("image.png" if mode == "I;16" else "image.tif")
+    Image.fromarray(np.full((20, 30), 7, dtype)).save(path)
+    with pytest.raises(vae.UserError, match=f"cannot read the image '{path}'.*more than 8 bits"):
+        vae.load_image(path, 16, 1)
 
 
 # ----------------------------------------------------------------------------
-# The tool: the command line
+# The tool: the command line, and one run end to end
 
 
-@pytest.mark.parametrize(
-    "argv, sentence",
-    [
-        (["--epochs", "-1"], "argument --epochs: expected an integer from 0 to 100000, got '-1'"),
-        (["--epochs", "1e9"], "argument --epochs: expected an integer from 0 to 100000"),
-        (["--seed", "1e20"], "argument --seed: expected an integer from 0 to 4294967295"),
-        (["--free_bits", "inf"], "argument --free_bits: expected a number from 0.0 to 100.0"),
-        (["--lr", "nan"], "argument --lr: expected a number from 1e-08 to 10.0"),
-        (["--latent_dim", "0"], "argument --latent_dim: expected an integer from 1 to 4096"),
-        (["--image_size", "30"], "invalid choice: 30 (choose from 28, 32, 64, 128)"),
-        (["--epochs", "0"], "--epochs 0 trains nothing; to evaluate a saved model, give"),
-        (["--resume", "--overwrite"], "--resume continues the run in --out_dir: it goes with"),
-        (["--epoch", "40"], "unrecognized arguments: --epoch 40"),  # no abbreviations
-        (["--dataset", "folder"], "--dataset folder needs --data_dir"),
-        (["--iwae_samples", "5", "--beta", "0.5"], "--iwae_samples trains the IWAE bound, which"),
-        (["--iwae_samples", "5", "--kl_warmup", "2"], "has no --beta, --free_bits or --kl_warmup"),
-        (["--lr_schedule", "step"], "argument --lr_schedule: invalid choice: 'step'"),
-    ],
-)
-def test_the_parser_refuses_bad_input_with_a_sentence(argv, sentence, capsys):
-    with pytest.raises(SystemExit) as e:
-        vae.parse_args(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and sentence in err and "Traceback" not in err
-
-
-def test_defaults_follow_the_dataset_and_model_and_help_shows_ranges():
+def test_help_shows_ranges_and_defaults_follow_the_dataset_and_model():
     assert vae.parse_args([]).data_dir == "./mnist" and vae.parse_args([]).out_dir == "runs/conv"
     assert vae.parse_args(["--dataset", "kmnist"]).data_dir == "./data"
     assert vae.parse_args(["--model", "mlp"]).out_dir == os.path.join("runs", "mlp")
@@ -1194,42 +859,30 @@ def test_importing_vae_has_no_side_effects(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_asking_for_a_missing_gpu_gets_one_sentence():
-    with pytest.raises(vae.UserError, match="--device cuda was asked for but is not available"):
-        vae.select_device("cuda")
-
-
-# ----------------------------------------------------------------------------
-# The tool: runs end to end, their folders and figures
-
-
 def test_one_run_end_to_end(mnist_dir, tmp_path):
     out = tmp_path / "run"
-    argv = ["--data_dir", mnist_dir, "--out_dir", out, *"--epochs 2 --latent_dim 8".split()]
-    history = vae.main([*map(str, argv), "--batch_size", "64", "--device", "cpu"])
+    history = vae.main(quick_run(mnist_dir, out, "--model conv --epochs 2 --latent_dim 8"))
     written = sorted(f for f in os.listdir(out) if not f.startswith("."))  # .lock: the run's lock
-    expected = "best_worst class_means interpolation latent_distribution latent_pca loss_curves "
-    expected += (
+    figures = "best_worst class_means interpolation latent_distribution latent_pca loss_curves "
+    figures += (
         "recon_error_hist reconstructions_epoch001 reconstructions_epoch002 samples traversals"
     )
     files = "checkpoint.pt config.json evaluation.json metrics.csv per_class.csv".split()
-    assert written == sorted([f"{name}.png" for name in expected.split()] + files)
-    with open(out / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert all(r.pop("objective") == "elbo" for r in rows)  # train_loss: recon + beta * kl
-    assert all(math.isfinite(float(v)) for r in rows for v in r.values())
+    assert written == sorted([f"{name}.png" for name in figures.split()] + files)
+    rows = metrics(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and [r["objective"] for r in rows] == [
+        "elbo"
+    ] * 2
     for r in rows:
-        elbo = float(r["test_recon"]) + float(r["test_kl"])
-        assert float(r["test_neg_elbo"]) == pytest.approx(elbo, rel=1e-5)
+        assert float(r["test_neg_elbo"]) == pytest.approx(
+            float(r["test_recon"]) + float(r["test_kl"])
+        )
     assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])
-    assert history[-1]["test_neg_elbo"] == float(rows[-1]["test_neg_elbo"])
     # the final report evaluates the same weights with the same generator: the same numbers
     results = json.loads((out / "evaluation.json").read_text())
     for key in ("test_neg_elbo", "test_recon", "test_kl"):
-        assert results[key] == float(rows[-1][key]), key
-    assert results["likelihood"] == "bernoulli" and "sigma" not in results
+        assert results[key] == float(rows[-1][key]) == history[-1][key], key
+    assert results["likelihood"] == "bernoulli" and results["sigma"] is None
     config = json.loads((out / "config.json").read_text())
     assert config["latent_dim"] == 8 and config["model"] == "conv" and config["channels"] == 1
     loaded, state = vae.load_checkpoint(out / "checkpoint.pt")
@@ -1237,72 +890,68 @@ def test_one_run_end_to_end(mnist_dir, tmp_path):
     assert set(state) >= {"model", "optimizer", "history", "rng"}
 
 
-def test_the_users_command_in_a_clone_leaves_git_status_empty(tmp_path):
-    if not os.path.isdir(os.path.join(HERE, ".git")):
-        pytest.skip("needs the git repository of vae.py")
-    clone = tmp_path / "clone"
-
-    def git(*a):
-        return subprocess.run(
-            ["git", *a], cwd=clone, capture_output=True, text=True, check=True
-        ).stdout
-
-    clone.mkdir()
-    tracked = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True).stdout
-    for name in tracked.splitlines():  # the working tree's tracked files, as a clone holds them
-        if os.path.exists(os.path.join(HERE, name)):
-            os.makedirs(os.path.dirname(clone / name), exist_ok=True)
-            shutil.copy(os.path.join(HERE, name), clone / name)
-    git("init", "-q")
-    git("add", "-A")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone")
-    write_small_mnist(clone / "mnist", n_train=64, n_test=32)
-    rc, out, err = cli(["--data_dir", "./mnist", "--epochs", "30", "--beta", "0.5"], cwd=clone)
-    assert rc == 0, err
-    assert (clone / "runs" / "conv" / "reconstructions_epoch030.png").exists()
-    assert git("status", "--porcelain") == ""
+def test_the_report_names_what_each_number_is(mnist_dir, tmp_path, capsys):
+    vae.main(
+        quick_run(
+            mnist_dir, tmp_path / "grey", "--epochs 2 --nll_samples 2 --kl_warmup 4 --beta 0.5"
+        )
+    )
+    grey = capsys.readouterr().out.splitlines()
+    note = "Bernoulli on pixels that are not binary: not a probability"
+    assert note in next(line for line in grey if line.startswith("test -ELBO"))
+    assert note in next(line for line in grey if line.startswith("test NLL"))
+    results = json.loads((tmp_path / "grey" / "evaluation.json").read_text())
+    assert results[
+        "beta"
+    ] == 0.125 and "test loss at the last epoch's beta, recon + 0.125 kl" in "\n".join(grey)
+    assert results["test_loss"] == pytest.approx(results["test_recon"] + 0.125 * results["test_kl"])
+    assert "test_nll_bits_per_dim" not in results  # grey pixels: no bits per dimension
+    vae.main(quick_run(mnist_dir, tmp_path / "binary", "--epochs 1 --binarize --nll_samples 2"))
+    binary = capsys.readouterr().out
+    assert "test -ELBO" in binary and note not in binary and "bits/dim" in binary
+    results = json.loads((tmp_path / "binary" / "evaluation.json").read_text())
+    assert results["test_nll_bits_per_dim"] == pytest.approx(
+        results["test_nll"] / (784 * math.log(2))
+    )
+    vae.main(
+        quick_run(mnist_dir, tmp_path / "gauss", "--epochs 1 --likelihood gaussian --nll_samples 2")
+    )
+    gaussian = capsys.readouterr().out
+    assert "a Gaussian density of pixels in [0, 1]" in gaussian and "bits/dim" not in gaussian
+    results = json.loads((tmp_path / "gauss" / "evaluation.json").read_text())
+    assert results["sigma"] == 0.1 and "test_nll_bits_per_dim" not in results
 
 
 def test_a_run_folder_is_never_replaced_silently_nor_written_by_two_runs(
     mnist_dir, tmp_path, capsys
 ):
     (tmp_path / "samples.png").write_bytes(b"a figure of an evaluation")
-    code, _, err = run_main(quick_run(mnist_dir, tmp_path, "--epochs", 1), capsys)
+    code, _, err = run_main(quick_run(mnist_dir, tmp_path, "--epochs 1"), capsys)
     assert one_sentence(code, err) and "already holds the files of another run (samples.png)" in err
     (tmp_path / "notes.txt").write_text("the user's own file")
-    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", 2, "--latent_dim", 2, "--overwrite"))
+    vae.main(quick_run(mnist_dir, tmp_path, "--epochs 2 --latent_dim 2 --overwrite"))
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    code, _, err = run_main(quick_run(mnist_dir, tmp_path, "--epochs", 1), capsys)
+    code, _, err = run_main(quick_run(mnist_dir, tmp_path, "--epochs 1"), capsys)
     assert one_sentence(code, err) and "--resume" in err and "--overwrite" in err
-    for extra, sentence in (
-        (["--resume", "--epochs", 2], "has finished epoch 2 of 2"),
-        (["--resume", "--out_dir", tmp_path / "none"], "found no checkpoint.pt"),
-    ):
-        code, _, err = run_main(quick_run(mnist_dir, tmp_path) + extra, capsys)
-        assert one_sentence(code, err) and sentence in err
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert (tmp_path / "manifold.png").exists()  # latent_dim 2
-    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", 1, "--overwrite"))
+    vae.main(quick_run(mnist_dir, tmp_path, "--epochs 1 --overwrite"))
     left = set(os.listdir(tmp_path))
     assert "manifold.png" not in left and "reconstructions_epoch002.png" not in left
     assert "notes.txt" in left and "reconstructions_epoch001.png" in left
     lock = vae.prepare_output_dir(str(tmp_path), resume=True)  # as a run writing there holds it
-    code, _, err = run_main(quick_run(mnist_dir, tmp_path, "--epochs", 1, "--overwrite"), capsys)
+    code, _, err = run_main(quick_run(mnist_dir, tmp_path, "--epochs 1 --overwrite"), capsys)
     assert one_sentence(code, err) and f"another run is writing into '{tmp_path}' now" in err
     lock.close()  # as the run's end, or its crash, releases it
-    code, _, err = run_main(
-        quick_run(mnist_dir, tmp_path / "notes.txt" / "run", "--epochs", 1), capsys
-    )
-    assert one_sentence(code, err) and "cannot create --out_dir" in err  # a file is in the way
 
 
-def test_the_loss_curves_show_the_elbo_and_name_the_beta_of_every_epoch(tmp_path, monkeypatch):
+def test_the_loss_curves_show_the_elbo_and_name_the_objective_of_every_epoch(tmp_path, monkeypatch):
     figures = capture_figures(monkeypatch)
     rows = [
         dict(
             epoch=e,
             beta=b,
-            train_loss=1 + 2 * b,
+            objective="elbo",
             train_recon=1.0,
             train_kl=2.0,
             test_neg_elbo=3.5,
@@ -1313,31 +962,25 @@ def test_the_loss_curves_show_the_elbo_and_name_the_beta_of_every_epoch(tmp_path
     ]
     vae.plot_losses(rows, tmp_path / "warmup.png")
     vae.plot_losses([dict(r, beta=1.0) for r in rows], tmp_path / "elbo.png")
-    trained = "-ELBO = recon + KL\n(the run minimised recon + beta * KL, beta from 0 to 0.5)"
-    assert figures[0].axes[0].get_title() == trained
-    assert figures[1].axes[0].get_title() == "-ELBO = recon + KL"
-    train, test = (line.get_ydata().tolist() for line in figures[0].axes[0].get_lines())
-    assert train == [3.0] * 4 and test == [3.5] * 4  # the -ELBO, not the beta-weighted loss
     resumed = [dict(r, beta=1.0, objective="elbo" if r["epoch"] < 3 else "iwae5") for r in rows]
     vae.plot_losses(resumed, tmp_path / "iwae.png")
-    trained = "-ELBO = recon + KL\n(trained on the ELBO,\nthen from epoch 3 on the IWAE5 bound)"
-    assert figures[2].axes[0].get_title() == trained
+    titles = [fig.axes[0].get_title() for fig in figures]
+    assert (
+        titles[0] == "-ELBO = recon + KL\n(the run minimised recon + beta * KL, beta from 0 to 0.5)"
+    )
+    assert titles[1] == "-ELBO = recon + KL"
+    assert (
+        titles[2]
+        == "-ELBO = recon + KL\n(trained on the ELBO,\nthen from epoch 3 on the IWAE5 bound)"
+    )
+    train, test = (line.get_ydata().tolist() for line in figures[0].axes[0].get_lines())
+    assert train == [3.0] * 4 and test == [3.5] * 4  # the -ELBO, not the beta-weighted loss
 
 
-def test_the_log_says_when_a_bernoulli_number_is_not_a_probability(mnist_dir, tmp_path, capsys):
-    vae.main(quick_run(mnist_dir, tmp_path / "grey", "--epochs", 1, "--nll_samples", 2))
-    grey = capsys.readouterr().out.splitlines()
-    vae.main(quick_run(mnist_dir, tmp_path / "binary", "--epochs", 1, "--binarize"))
-    binary = capsys.readouterr().out
-    note = "Bernoulli on pixels that are not binary: not a probability"
-    assert note in next(line for line in grey if line.startswith("test -ELBO"))
-    assert note in next(line for line in grey if line.startswith("test NLL"))
-    assert "test -ELBO" in binary and note not in binary
-
-
-def degenerate_case(case):
-    """(model, test images uint8 (N, 1, 28, 28), labels (N,), class names) whose statistics are
-    degenerate in the way `case` names."""
+@pytest.mark.parametrize(
+    "case", ["all-equal images", "one image", "one class", "values near 1e30", "latent_dim 1"]
+)
+def test_the_final_report_survives_degenerate_statistics(tmp_path, case):
     torch.manual_seed(0)
     model = vae.MLPVAE(latent_dim=1 if case == "latent_dim 1" else 3, hidden=(16,))
     images, labels = fake_digits(12, seed=4)
@@ -1353,43 +996,22 @@ def degenerate_case(case):
         with torch.no_grad():
             model.decoder[-2].bias.fill_(1e30)  # logits of 1e30: errors near 1e30 nats a pixel
             model.fc_mu.bias.fill_(1e15)  # mu^2 near 1e30
-    return model, images, labels, classes
-
-
-@pytest.mark.parametrize(
-    "case", ["all-equal images", "one image", "one class", "values near 1e30", "latent_dim 1"]
-)
-def test_the_final_report_survives_degenerate_statistics(tmp_path, case):
-    model, images, labels, classes = degenerate_case(case)
-    config = vars(vae.parse_args([]))
-    results = vae.report(model, images, labels, config, tmp_path, nll_samples=2, classes=classes)
+    data = dict(test_x=images, labels=labels, classes=classes)
+    results = vae.report(model, data, tmp_path, "bernoulli", 0.1, 1.0, 0, 2, (4, 9), {})
     named = "evaluation.json samples.png interpolation.png latent_distribution.png traversals.png "
     named += "class_means.png latent_pca.png recon_error_hist.png best_worst.png per_class.csv"
     assert sorted(os.listdir(tmp_path)) == sorted(named.split())
     assert math.isfinite(results["test_neg_elbo"]) and len(results["per_class"]) >= 1
 
 
-@pytest.mark.parametrize("writer", ["save_figure", "save_grid"])
-def test_a_figure_is_written_whole_or_not_at_all(tmp_path, monkeypatch, writer):
-    import matplotlib.figure
-    import torchvision.utils
-
-    path = tmp_path / "figure.png"
-    path.write_bytes(b"the previous figure")
-
-    def half_then_fail(*args, **kwargs):
-        args[1].write(b"\x89PNG half")  # the open file: Figure.savefig(self, f), save_image(x, f)
-        raise OSError(28, "No space left on device")
-
-    if writer == "save_figure":
-        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_fail)
-        call = functools.partial(vae.save_figure, vae._figure(2, 2), path)
-    else:
-        monkeypatch.setattr(torchvision.utils, "save_image", half_then_fail)
-        call = functools.partial(vae.save_grid, torch.rand(4, 1, 8, 8), path, nrow=2)
-    with pytest.raises(vae.UserError, match="No space left on device"):
-        call()
-    assert path.read_bytes() == b"the previous figure" and os.listdir(tmp_path) == ["figure.png"]
+def test_the_latent_figure_shows_every_posterior_sigma(tmp_path, monkeypatch):
+    figures = capture_figures(monkeypatch)
+    logvar = torch.log(torch.tensor([[0.25, 4.0], [1.0, 9.0]]))  # sigmas 0.5, 2, 1 and 3
+    stats = dict(kl_per_dim=[1.0, 0.5], mu_var=[1.0, 0.0])
+    vae.save_latent_distribution(torch.zeros(2, 2), logvar, stats, tmp_path / "latent.png")
+    bars = figures[0].axes[1].patches
+    assert sum(bar.get_height() for bar in bars) == 4  # none falls outside the drawn range
+    assert max(bar.get_x() + bar.get_width() for bar in bars) >= 3.0 - 1e-6
 
 
 def test_class_names_that_matplotlib_would_read_as_mathematics(tmp_path, monkeypatch):
@@ -1397,7 +1019,7 @@ def test_class_names_that_matplotlib_would_read_as_mathematics(tmp_path, monkeyp
     data = write_image_folder(tmp_path / "images" / "train", classes=names, per_class=3).parent
     write_image_folder(data / "val", classes=names, per_class=1, seed=1)
     figures = capture_figures(monkeypatch)
-    vae.main(folder_run(data, tmp_path / "out", "--epochs", "1"))
+    vae.main(folder_run(data, tmp_path / "out", "--epochs 1"))
     with open(tmp_path / "out" / "per_class.csv", errors="surrogateescape") as f:
         assert [row["name"] for row in csv.DictReader(f)] == sorted(names)  # bytes and all
     shown = []
@@ -1408,65 +1030,31 @@ def test_class_names_that_matplotlib_would_read_as_mathematics(tmp_path, monkeyp
     assert all(name in shown for name in drawn)  # as text: $ escaped, bad bytes as U+FFFD
 
 
-def test_conditional_run_writes_a_grid_per_class_and_its_checkpoint_evaluates(mnist_dir, tmp_path):
-    out = tmp_path / "cvae"
-    vae.main(quick_run(mnist_dir, out, "--epochs", 1, "--conditional", "--nll_samples", 4))
-    written = set(os.listdir(out))
-    assert "samples_per_class.png" in written and "samples.png" not in written
-    model, state = vae.load_checkpoint(out / "checkpoint.pt")
-    assert model.num_classes == 10 and len(state["config"]["classes"]) == 10
-    argv = ["--checkpoint", out / "checkpoint.pt", "--out_dir", tmp_path / "eval"]
-    results = vae.main([*map(str, argv), "--nll_samples", "4"])  # data: the run's own
-    assert (
-        math.isfinite(results["test_nll"])
-        and (tmp_path / "eval" / "samples_per_class.png").exists()
-    )
-
-
-def test_conditional_class_counts_that_differ_from_the_checkpoints(tmp_path, capsys):
+def test_a_conditional_run_samples_each_class_and_its_checkpoint_needs_its_classes(
+    tmp_path, capsys
+):
     three = write_image_folder(tmp_path / "three", classes=("a", "b", "c"), per_class=4)
     two = write_image_folder(tmp_path / "two", classes=("a", "b"), per_class=4)
-    vae.main(folder_run(three, tmp_path / "run", "--epochs", "1", "--conditional"))
+    vae.main(folder_run(three, tmp_path / "run", "--epochs 1 --conditional --nll_samples 3"))
+    written = set(os.listdir(tmp_path / "run"))
+    assert "samples_per_class.png" in written and "samples.png" not in written
+    model, state = vae.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert model.num_classes == 3 and state["config"]["classes"] == ["a", "b", "c"]
+    assert "-log p(x|y) (K=3)" in capsys.readouterr().out
     for argv in (
         ["--resume", "--out_dir", tmp_path / "run", "--epochs", 2, "--data_dir", two],
         ["--checkpoint", tmp_path / "run" / "checkpoint.pt", "--data_dir", two],
     ):
         code, _, err = run_main(argv, capsys)
         assert one_sentence(code, err) and "is conditional on 3 classes, and the data in" in err
-        assert "has 2" in err
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_step_leaves_the_model_untouched_and_trains_like_eager(mnist_dir):
-    device = torch.device("cuda")
-    images = fake_digits(250, seed=6)[0][:, None].to(device)  # 3 full batches of 64 and one of 58
-    losses = {}
-    for use_graph in (False, True):
-        torch.manual_seed(0)
-        model = vae.ConvVAE(latent_dim=8).to(device)
-        lr = torch.tensor(1e-3, device=device)  # as the tool makes it: a graph reads a tensor
-        optimizer = torch.optim.Adam(model.parameters(), lr, fused=True, capturable=True)
-        start = {k: v.clone() for k, v in model.state_dict().items()}
-        step = vae.train_step
-        if use_graph:
-            step = vae.CUDAGraphStep(model, optimizer, vae.to_float(images[:64]))
-        for k, v in model.state_dict().items():  # the capture's warm-up steps were undone
-            assert torch.equal(v, start[k]), k
-        history = []
-        for epoch in range(1, 6):
-            vae.set_lr(optimizer, vae.lr_schedule(epoch, 1e-3, 5, "cosine"))
-            history.append(vae.train_epoch(model, optimizer, images, 64, step=step)["loss"])
-        assert history[-1] < history[0]
-        losses[use_graph] = history[-1]
-        vae.set_lr(optimizer, 0.0)  # a replay reads the new rate: no step moves a weight
-        weights = [p.clone() for p in model.parameters()]
-        step(model, optimizer, vae.to_float(images[:64]))
-        assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
-    assert losses[True] == pytest.approx(losses[False], rel=0.05)  # only the draws of eps differ
+# ----------------------------------------------------------------------------
+# The tool: several processes (torchrun, gloo on the CPU)
 
 
 def test_two_processes_train_together_and_write_one_set_of_outputs(mnist_dir, tmp_path):
-    rc, out, err = torchrun(2, quick_run(mnist_dir, tmp_path / "run", "--epochs", 3), cwd=tmp_path)
+    rc, out, err = torchrun(2, quick_run(mnist_dir, tmp_path / "run", "--epochs 3"), cwd=tmp_path)
     assert rc == 0, out + err  # rank 0's log says how far the run got
     assert "device cpu x 2 processes" in out
     epochs = [
@@ -1502,108 +1090,50 @@ def test_leaving_the_process_group_ends_its_gloo_threads(tmp_path):
     assert "gloo" not in r.stdout
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_one_process_under_torchrun_is_the_plain_run(mnist_dir, tmp_path, device):
-    argv = quick_run(mnist_dir, tmp_path / "ddp", "--epochs", 2, "--device", device)
-    rc, _, err = torchrun(1, argv, cwd=tmp_path)
+def test_one_process_under_torchrun_is_the_plain_run(mnist_dir, tmp_path):
+    rc, _, err = torchrun(1, quick_run(mnist_dir, tmp_path / "ddp", "--epochs 2"), cwd=tmp_path)
     assert rc == 0, err
-    vae.main(quick_run(mnist_dir, tmp_path / "plain", "--epochs", 2, "--device", device))
+    vae.main(quick_run(mnist_dir, tmp_path / "plain", "--epochs 2"))
     ddp, plain = (metrics(tmp_path / d / "metrics.csv") for d in ("ddp", "plain"))
     a, b = (torch.load(tmp_path / d / "checkpoint.pt")["model"] for d in ("ddp", "plain"))
-    if device == "cpu":  # the same arithmetic in the same order: the same bits
-        assert ddp == plain and all(torch.equal(a[k], b[k]) for k in a)
-    else:  # the plain run replays a CUDA graph, DDP steps eagerly: rounded differently
-        for row_a, row_b in zip(ddp, plain):
-            elbo = float(row_b["test_neg_elbo"])
-            assert float(row_a["test_neg_elbo"]) == pytest.approx(elbo, rel=0.02)
-
-
-def test_torchrun_needs_a_batch_that_the_processes_can_share(mnist_dir, tmp_path):
-    argv = quick_run(mnist_dir, tmp_path / "run", "--epochs", 1, "--batch_size", 63)
-    rc, out, err = torchrun(2, argv, cwd=tmp_path)
-    assert rc != 0 and "--batch_size 63 is the batch of all 2 processes together" in err
-    assert err.count("vae.py: error:") == 1  # said by rank 0 only
-    assert not (tmp_path / "run").exists()
+    assert ddp == plain and all(torch.equal(a[k], b[k]) for k in a)  # the same arithmetic
 
 
 # ----------------------------------------------------------------------------
-# The tool: checkpoints, and evaluating a saved model
+# The tool: checkpoints, resume, and evaluating a saved model
 
 
-def test_evaluate_nll_is_repeatable_and_reports_nats_and_bits_per_dim():
-    torch.manual_seed(0)
-    model = vae.MLPVAE(latent_dim=4)
-    images = (fake_digits(30, seed=9)[0][:, None] > 127).to(torch.uint8) * 255
-    nll, bpd = vae.evaluate_nll(model, images, k=5)
-    assert nll > 0 and bpd == pytest.approx(nll / (784 * math.log(2)))
-    assert vae.evaluate_nll(model, images, k=5) == (nll, bpd)  # its own generator, seeded
-    assert vae.evaluate_nll(model, images, k=5, seed=1)[0] != nll
-    assert model.training  # restored
-
-
-@pytest.fixture(scope="module")
-def good_checkpoint(mnist_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("good")
-    vae.main(quick_run(mnist_dir, out, "--epochs", 1))
-    return out / "checkpoint.pt"
-
-
-def test_checkpoint_mode_reproduces_the_run_without_touching_it(mnist_dir, tmp_path):
+def test_checkpoint_mode_reproduces_the_run_without_touching_it(mnist_dir, tmp_path, capsys):
     run = tmp_path / "run"
-    extra = "--model conv --width 32 --epochs 2 --latent_dim 2 --binarize --nll_samples 20 --kl_warmup 1"
-    extra = extra.split()  # conv: the run trains and evaluates in NHWC, and so must this mode
-    history = vae.main(quick_run(mnist_dir, run, *extra))
-    assert [row["beta"] for row in history] == [0.0, 1.0]
+    extra = "--model conv --width 8 --epochs 2 --latent_dim 2 --binarize --nll_samples 20"
+    vae.main(quick_run(mnist_dir, run, extra))  # conv: NHWC in the run, and so in this mode
     ckpt = run / "checkpoint.pt"
-    before = ckpt.read_bytes()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     trained = json.loads((run / "evaluation.json").read_text())
     assert trained["test_nll"] < trained["test_neg_elbo"] + 1.0  # K=20 is tighter than the ELBO
-    assert trained["test_nll_bits_per_dim"] == pytest.approx(
-        trained["test_nll"] / (784 * math.log(2))
+    code, out, _ = run_main(
+        ["--checkpoint", ckpt, "--nll_samples", 20, "--epochs", 5, "--lr", 0.1], capsys
     )
-    assert len(trained["per_class"]) == 10
-    again = tmp_path / "again"
-    argv = ["--checkpoint", ckpt, "--data_dir", mnist_dir, "--out_dir", again, "--nll_samples", 20]
-    results = vae.main([*map(str, argv), "--device", "cpu"])
-    assert ckpt.read_bytes() == before and results["epoch"] == 2
-    assert not (again / "checkpoint.pt").exists() and not (again / "metrics.csv").exists()
-    assert (again / "manifold.png").exists() and (again / "traversals.png").exists()  # latent 2
-    # the same binary test set, weights and seed: the same numbers and samples, bit for bit
-    for key in ("test_neg_elbo", "test_recon", "test_kl", "test_loss", "test_nll"):
-        assert results[key] == trained[key], key
-    assert (again / "samples.png").read_bytes() == (run / "samples.png").read_bytes()
-    assert (again / "reconstructions.png").exists() and (again / "loss_curves.png").exists()
+    assert code == 0 and "so it ignores --epochs, --lr\n" in out
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    results = json.loads((run / "eval" / "evaluation.json").read_text())
+    for key in ("test_neg_elbo", "test_recon", "test_kl", "test_loss", "test_nll", "epoch"):
+        assert results[key] == trained[key], key  # the same data, weights and seed: bit for bit
+    assert (run / "eval" / "samples.png").read_bytes() == (run / "samples.png").read_bytes()
+    assert {"reconstructions.png", "loss_curves.png", "manifold.png"} <= set(
+        os.listdir(run / "eval")
+    )
     other = vae.main(
         ["--checkpoint", str(ckpt), "--out_dir", str(tmp_path / "seed5"), "--seed", "5"]
     )
     assert other["test_kl"] == trained["test_kl"]  # closed form: no draw
     assert other["test_recon"] != trained["test_recon"]  # z drawn with seed 5
-    assert (tmp_path / "seed5" / "samples.png").read_bytes() != (run / "samples.png").read_bytes()
-
-
-def test_checkpoint_mode_writes_beside_the_checkpoint_and_names_what_it_ignores(
-    mnist_dir, tmp_path, capsys
-):
-    vae.main(quick_run(mnist_dir, tmp_path / "run", "--epochs", 1))
-    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
-    ckpt = str(tmp_path / "run" / "checkpoint.pt")
-    code, out, _ = run_main(
-        ["--checkpoint", ckpt, *"--epochs 5 --lr 0.1 --interpolate 42 43".split()], capsys
-    )
-    assert code == 0 and "so it ignores --epochs, --lr\n" in out  # --interpolate is used:
-    assert "--interpolate 42 43 does not name two classes that the test set has" in out
-    assert (tmp_path / "run" / "eval" / "evaluation.json").exists()
-    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
-    code, _, err = run_main(
-        ["--checkpoint", ckpt], capsys
-    )  # its own folder now holds an evaluation
+    code, _, err = run_main(["--checkpoint", ckpt], capsys)  # eval/ now holds an evaluation
     assert one_sentence(code, err) and "already holds the files of another run" in err
-    vae.main(quick_run(mnist_dir, tmp_path / "b", "--epochs", 1, "--seed", 1))
-    before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
     for extra in ([], ["--overwrite"]):  # a training run's folder: never, not even with --overwrite
-        code, _, err = run_main(["--checkpoint", ckpt, "--out_dir", tmp_path / "b", *extra], capsys)
+        code, _, err = run_main(["--checkpoint", ckpt, "--out_dir", run, *extra], capsys)
         assert one_sentence(code, err) and "holds a training run" in err
-    assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
 def test_a_model_saved_from_python_is_evaluated_with_the_settings_its_note_names(
@@ -1613,195 +1143,79 @@ def test_a_model_saved_from_python_is_evaluated_with_the_settings_its_note_names
     model = vae.MLPVAE(latent_dim=2, hidden=(32,))
     vae.save_model(tmp_path / "mine.pt", model)
     argv = ["--checkpoint", tmp_path / "mine.pt", "--data_dir", mnist_dir, "--nll_samples", 3]
-    extra = "--likelihood gaussian --sigma 0.5 --beta 2 --epochs 3".split()
-    code, out, _ = run_main(argv + extra, capsys)
-    assert code == 0 and "so it ignores --epochs\n" in out  # and nothing it then uses
-    assert (
-        "holds a model without a training run's settings, so it is evaluated with --dataset "
-        "mnist, no --binarize, --likelihood gaussian, --sigma 0.5, --beta 2.0" in out
+    code, out, _ = run_main(
+        argv + "--likelihood gaussian --sigma 0.5 --beta 2 --epochs 3".split(), capsys
     )
+    assert code == 0 and "so it ignores --epochs\n" in out  # and nothing it then uses
+    assert "evaluated with --dataset mnist --likelihood gaussian --sigma 0.5 --beta 2.0" in out
     results = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert (results["likelihood"], results["sigma"], results["beta"]) == ("gaussian", 0.5, 2.0)
-    assert results["test_loss"] == pytest.approx(results["test_recon"] + 2 * results["test_kl"])
     test_x = vae.load_dataset("mnist", mnist_dir)["test_x"]
-    assert results["test_nll"] == vae.evaluate_nll(model, test_x, 3, None, "gaussian", 0.5)[0]
+    assert results["test_nll"] == vae.evaluate_nll(model, test_x, 3, None, "gaussian", 0.5)
     assert results["epoch"] is None and (tmp_path / "eval" / "manifold.png").exists()
 
 
-def test_a_resumed_gaussian_run_reports_its_nll_under_the_gaussian(mnist_dir, tmp_path):
-    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", 1, "--likelihood", "gaussian"))
-    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", 2, "--resume", "--nll_samples", 4))
-    results = json.loads((tmp_path / "evaluation.json").read_text())
-    model, _ = vae.load_checkpoint(tmp_path / "checkpoint.pt")
-    test_x = vae.load_dataset("mnist", mnist_dir)["test_x"]
-    assert results["likelihood"] == "gaussian" and results["sigma"] == 0.1
-    assert results["test_nll"] == vae.evaluate_nll(model, test_x, 4, None, "gaussian", 0.1)[0]
-
-
-def edit_run_field(state, what):
-    """Edit one field of a run's checkpoint (`state`, its dict) the way `what` says."""
-    if what == "no history":
-        del state["history"]
-    elif what == "epoch as text":
-        state["epoch"] = "1"
-    elif what == "latent_dim as text":
-        state["config"]["latent_dim"] = "4"
-    elif what == "no image size":
-        del state["config"]["image_size"]
-    elif what == "random state":
-        state["rng"]["cpu"] = [1, 2, 3]
-    elif what == "optimizer shapes":
-        first = next(iter(state["optimizer"]["state"].values()))
-        first["exp_avg"] = first["exp_avg"][:1]
-
-
-def edit_checkpoint(state, what):
-    """The bytes of a good checkpoint (`state`, its dict) damaged the way `what` says."""
-    if what == "random bytes":
-        return random.Random(0).randbytes(5000)
-    if what == "text":
-        return b"this is a text file, not a checkpoint\n"
-    if what == "pickle with code":
-        state["payload"] = os.getcwd
-    elif what == "tensors only":
-        state = {"weights": torch.zeros(3)}
-    elif what == "incompatible model":
-        state["model_args"]["latent_dim"] = 7
-    edit_run_field(state, what)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()[:2000] if what == "truncated" else buffer.getvalue()
-
-
-@pytest.mark.parametrize(
-    "what, sentence",
-    [
-        ("random bytes", "is not a checkpoint written by vae.py"),
-        ("text", "is not a checkpoint written by vae.py"),
-        ("truncated", "is not a checkpoint written by vae.py"),
-        ("pickle with code", "was refused: it holds Python objects beyond tensors and plain data"),
-        ("tensors only", "cannot be loaded as a model of vae.py: it names no model class"),
-        ("incompatible model", "weights do not fit the MLPVAE({'image_size': 28"),
-        ("no history", "is not a whole checkpoint of a vae.py run: its history is missing"),
-        ("epoch as text", "its epoch is missing or not what vae.py writes"),
-        ("latent_dim as text", "its latent_dim is missing or not what vae.py writes"),
-        ("no image size", "its image size is missing or not what vae.py writes"),
-        ("random state", "its random state is missing or not what vae.py writes"),
-        ("optimizer shapes", "its optimizer is missing or not what vae.py writes"),
-    ],
-)
-def test_a_bad_or_edited_checkpoint_gets_one_sentence(
-    tmp_path, good_checkpoint, capsys, what, sentence
-):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "checkpoint.pt").write_bytes(edit_checkpoint(torch.load(good_checkpoint), what))
-    for argv in (
-        ["--checkpoint", run / "checkpoint.pt", "--out_dir", tmp_path / "o"],
-        ["--resume", "--out_dir", run, "--epochs", 5],
-    ):
-        code, _, err = run_main(argv, capsys)
-        assert one_sentence(code, err) and sentence in err, err
-    assert not (tmp_path / "o").exists() and os.listdir(run) == ["checkpoint.pt"]
-    code, _, err = run_main(["--checkpoint", tmp_path / "none.pt"], capsys)
-    assert one_sentence(code, err) and "there is no checkpoint at" in err
-
-
-# ----------------------------------------------------------------------------
-# The tool: never lose a run (resume, safe writes, signals, divergence)
-
-
 def test_resume_continues_bit_for_bit_and_seeded_runs_repeat(mnist_dir, tmp_path):
-    # each uses the random generators or the epoch
-    extra = ("--binarize", "--kl_warmup", 2, "--lr_schedule", "cosine", "--lr", 0.002)
-    vae.main(quick_run(mnist_dir, tmp_path / "a", "--epochs", 3, *extra))
-    vae.main(quick_run(mnist_dir, tmp_path / "b", "--epochs", 3, *extra))
-    vae.main(quick_run(mnist_dir, tmp_path / "c", "--epochs", 1, *extra))
-    vae.main(quick_run(mnist_dir, tmp_path / "c", "--epochs", 3, "--resume"))
+    extra = "--binarize --kl_warmup 2"  # each uses the random draws or the epoch
+    vae.main(quick_run(mnist_dir, tmp_path / "a", f"--epochs 3 {extra}"))
+    vae.main(quick_run(mnist_dir, tmp_path / "c", f"--epochs 1 {extra}"))
+    vae.main(quick_run(mnist_dir, tmp_path / "c", "--epochs 3 --resume"))
     a = metrics(tmp_path / "a" / "metrics.csv")
-    assert len(a) == 3 and [float(r["beta"]) for r in a] == [0.0, 0.5, 1.0]
-    assert [float(r["lr"]) for r in a] == pytest.approx([0.002, 0.0015, 0.0005])
-    assert metrics(tmp_path / "b" / "metrics.csv") == a  # the same seed, the same numbers
+    assert [float(r["beta"]) for r in a] == [0.0, 0.5, 1.0]
+    assert [float(r["lr"]) for r in a] == pytest.approx([0.002, 0.0015, 0.0005])  # the cosine
     assert metrics(tmp_path / "c" / "metrics.csv") == a  # stopped after 1, resumed to 3
     weights = [torch.load(tmp_path / d / "checkpoint.pt")["model"] for d in "ac"]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-def test_an_iwae_run_names_the_bound_it_trains_and_an_elbo_run_may_resume_under_it(
-    mnist_dir, tmp_path, capsys
-):
-    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", 1))
+def test_an_elbo_run_may_resume_under_the_iwae_bound_and_says_so(mnist_dir, tmp_path, capsys):
+    vae.main(quick_run(mnist_dir, tmp_path, "--epochs 1"))
     code, out, _ = run_main(
-        quick_run(mnist_dir, tmp_path, "--epochs", 2, "--resume", "--iwae_samples", 3), capsys
+        quick_run(mnist_dir, tmp_path, "--epochs 2 --resume --iwae_samples 3"), capsys
     )
     rows = metrics(tmp_path / "metrics.csv")
     assert code == 0 and "the saved settings but --epochs 2, --iwae_samples 3\n" in out
     assert "| train -IWAE3 " in out and [r["objective"] for r in rows] == ["elbo", "iwae3"]
-    assert math.isfinite(float(rows[1]["train_loss"])) and rows[1]["beta"] == "1.0"
-    vae.main(quick_run(mnist_dir, tmp_path / "b", "--epochs", 1, "--beta", 0.5))
+    vae.main(quick_run(mnist_dir, tmp_path / "b", "--epochs 1 --beta 0.5"))
     before = (tmp_path / "b" / "checkpoint.pt").read_bytes()
     code, _, err = run_main(
-        quick_run(mnist_dir, tmp_path / "b", "--epochs", 2, "--resume", "--iwae_samples", 2), capsys
+        quick_run(mnist_dir, tmp_path / "b", "--epochs 2 --resume --iwae_samples 2"), capsys
     )
     assert one_sentence(code, err) and "which the IWAE bound has not; resume it without" in err
     assert (tmp_path / "b" / "checkpoint.pt").read_bytes() == before
 
 
-def test_resume_accepts_a_checkpoint_older_than_some_flags_and_a_moved_data_folder(
-    mnist_dir, tmp_path
-):
-    vae.main(quick_run(mnist_dir, tmp_path / "run", "--epochs", 1))
-    ckpt = tmp_path / "run" / "checkpoint.pt"
-    state = torch.load(ckpt)
-    for key in ("kl_warmup", "free_bits", "binarize", "grad_clip", "nll_samples"):  # as before
-        del state["config"][key]
-    state["config"]["data_dir"] = str(tmp_path / "moved-away")
-    torch.save(state, ckpt)
-    argv = [
-        "--resume",
-        "--out_dir",
-        str(tmp_path / "run"),
-        "--epochs",
-        "2",
-        "--data_dir",
-        mnist_dir,
-    ]
-    assert [row["epoch"] for row in vae.main(argv)] == [1, 2]
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["data_dir"] == mnist_dir and config["free_bits"] == 0.0 and config["epochs"] == 2
+# ----------------------------------------------------------------------------
+# The tool: never lose a run (kill -9, Ctrl-C, a non-finite loss, memory, a full disk)
 
 
-def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(mnist_dir, tmp_path, capsys):
+def test_sigkill_at_random_moments_never_leaves_a_broken_checkpoint(mnist_dir, tmp_path):
     rng = random.Random(0)
     ckpt = tmp_path / "checkpoint.pt"
-    for _ in range(4):
-        argv = quick_run(
-            mnist_dir, tmp_path, "--epochs", 100000, *(["--resume"] if ckpt.exists() else [])
-        )
-        vae_py = [sys.executable, os.path.join(HERE, "vae.py")]
-        proc = subprocess.Popen(
-            [*vae_py, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        wait_for(ckpt, proc)
-        time.sleep(rng.uniform(0.5, 2.5))  # a random moment among the saves that follow
-        proc.send_signal(signal.SIGKILL)
+    for _ in range(2):
+        resume = "--resume" if ckpt.exists() else ""
+        run = quick_run(mnist_dir, tmp_path, f"--epochs 100000 {resume}")
+        argv = [sys.executable, os.path.join(HERE, "vae.py"), *run]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        logged = (line for line in proc.stdout if line.startswith("epoch"))
+        next(logged)  # the thing waited on: an epoch's log line; after the next one, its
+        next(logged)  # checkpoint is whole, and the kill comes at a random moment after that
+        time.sleep(rng.uniform(0.2, 1.5))
+        proc.kill()
         proc.wait()
         vae.load_checkpoint(ckpt)  # whole, whenever the kill came
     saved = torch.load(ckpt)["epoch"]
     (tmp_path / ".tmp-abcdcheckpoint.pt").write_bytes(b"half")  # as a kill during a save leaves it
-    assert saved >= 2  # the kills did interrupt a run that was making progress
-    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", saved + 2, "--resume"))
-    epochs = [int(r["epoch"]) for r in metrics(tmp_path / "metrics.csv")]
-    assert epochs == list(range(1, saved + 3))
+    vae.main(quick_run(mnist_dir, tmp_path, f"--epochs {saved + 1} --resume"))
+    assert [int(r["epoch"]) for r in metrics(tmp_path / "metrics.csv")] == list(range(1, saved + 2))
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]  # cleaned up
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_stops_training_with_the_last_epoch_saved(mnist_dir, tmp_path, sig, code):
+def test_ctrl_c_stops_training_with_the_last_epoch_saved(mnist_dir, tmp_path):
     argv = [
         sys.executable,
         os.path.join(HERE, "vae.py"),
-        *quick_run(mnist_dir, tmp_path, "--epochs", 500),
+        *quick_run(mnist_dir, tmp_path, "--epochs 500"),
     ]
     # A shell starts background jobs with SIGINT ignored, and a child inherits that: the run gets
     # the default disposition back, as in a terminal, whatever started this test.
@@ -1812,72 +1226,52 @@ def test_a_signal_stops_training_with_the_last_epoch_saved(mnist_dir, tmp_path, 
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    wait_for(tmp_path / "checkpoint.pt", proc, seconds=60)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == code, err
-    assert f"stopped by {signal.Signals(sig).name}" in err and "--resume" in err
-    assert "Traceback" not in err
+    for line in proc.stdout:  # after epoch 1's log line, its checkpoint is being written
+        if line.startswith("epoch   2/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert one_sentence(proc.returncode, err, 130) and "stopped by Ctrl-C in epoch" in err
+    assert "is intact; continue with: python vae.py --resume" in err
     state = torch.load(tmp_path / "checkpoint.pt")
     assert state["epoch"] >= 1 and len(state["history"]) == state["epoch"]
 
 
-def test_advice_only_when_following_it_works(mnist_dir, tmp_path, monkeypatch, capsys):
-    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", 1))
-
+def test_ctrl_c_before_any_checkpoint_gives_no_advice(mnist_dir, tmp_path, monkeypatch, capsys):
     def ctrl_c(model):
         raise KeyboardInterrupt
 
-    patch_step(monkeypatch, 2, ctrl_c)  # in the new run's first epoch
-    code, _, err = run_main(quick_run(mnist_dir, tmp_path, "--epochs", 1, "--overwrite"), capsys)
+    patch_step(monkeypatch, 2, ctrl_c)
+    code, _, err = run_main(quick_run(mnist_dir, tmp_path, "--epochs 1"), capsys)
     assert (
         one_sentence(code, err, 130)
-        and "stopped by SIGINT in epoch 1; no epoch had finished" in err
+        and "stopped by Ctrl-C in epoch 1; no epoch had finished" in err
     )
-    assert "--resume" not in err and not (tmp_path / "checkpoint.pt").exists()  # the old run's gone
+    assert "--resume" not in err and not (tmp_path / "checkpoint.pt").exists()
 
 
-@pytest.mark.parametrize("step, where", [(2, "at epoch 2, step 3 "), (5, "after epoch 2")])
-def test_a_non_finite_number_stops_at_once_and_keeps_the_last_good_checkpoint(
-    mnist_dir, tmp_path, monkeypatch, capsys, step, where
+def blow_up(model):
+    """Every weight 1e30, as a far too large learning rate would leave them."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1e30)
+
+
+@pytest.mark.parametrize("step", [2, 5])  # in epoch 2; or its last step, whose own numbers are fine
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    mnist_dir, tmp_path, monkeypatch, capsys, step
 ):
-    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", 1))  # 5 steps of 64 images per epoch
+    vae.main(quick_run(mnist_dir, tmp_path, "--epochs 1"))  # 5 steps of 64 images per epoch
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    patch_step(
-        monkeypatch, step, blow_up
-    )  # 5: the last step of epoch 2, whose own numbers are fine
-    code, _, err = run_main(quick_run(mnist_dir, tmp_path, "--epochs", 3, "--resume"), capsys)
-    assert one_sentence(code, err, 3) and f"became non-finite {where}" in err
+    patch_step(monkeypatch, step, blow_up)
+    code, _, err = run_main(quick_run(mnist_dir, tmp_path, "--epochs 3 --resume"), capsys)
+    assert one_sentence(code, err, 1) and "the loss became non-finite in epoch 2" in err
     assert "--lr" in err and "--grad_clip" in err and "checkpoint of epoch 1" in err
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert [int(r["epoch"]) for r in metrics(tmp_path / "metrics.csv")] == [1]  # no NaN row
 
 
-def test_a_finite_divergence_is_named_in_one_line(mnist_dir, tmp_path, monkeypatch, capsys):
-    def logits_of_1e4(model):
-        with torch.no_grad():
-            model.decoder[-2].bias.fill_(1e4)
-
-    patch_step(monkeypatch, 10, logits_of_1e4)  # the last step of epoch 2
-    vae.main(quick_run(mnist_dir, tmp_path, "--epochs", 2))
-    lines = capsys.readouterr().out.splitlines()
-    warnings = [i for i, line in enumerate(lines) if line.startswith("warning: training has")]
-    assert len(warnings) == 1 and lines[warnings[0] - 1].startswith("epoch   2/2")
-    said = "a decoder that says 0.5 for every pixel; try a lower --lr (now 0.002)"
-    assert said in lines[warnings[0]]
-
-
-def test_the_warnings_say_what_they_saw():
-    cost = 64 * 64 * 3 * math.log(2)  # a decoder saying 0.5, on the Flowers' pixels
-    assert vae.divergence_warning(1.4e13, 6700.0, cost, 10.0).startswith("warning: training")
-    assert "ten times or more the 100 nats" in vae.divergence_warning(2000.0, 100.0, cost, 1e-3)
-    assert vae.divergence_warning(6713.7, 6690.2, cost, 1e-3) is None  # a creeping test loss
-    assert vae.divergence_warning(-500.0, -550.0, 8700.0, 1e-3) is None  # Gaussian: negative
-    images = fake_digits(8, seed=1)[0][:, None]
-    assert vae.constant_decoder_cost(images) == pytest.approx(784 * math.log(2))  # P ln 2
-    gaussian = vae.constant_decoder_cost(images, "gaussian", 0.1)
-    expected = -Normal(0.5, 0.1).log_prob(vae.to_float(images)).flatten(1).sum(1).mean()
-    assert gaussian == pytest.approx(expected.item(), rel=1e-5)
+def test_the_collapse_warning_says_what_it_saw():
     assert vae.collapse_warning(kl=5.0, active_units=3, n_images=100) is None
     for kl, au, start in ((0.05, 3, "posterior collapse"), (5.0, 0, "no active latent unit")):
         text = vae.collapse_warning(kl, au, n_images=100)
@@ -1887,45 +1281,181 @@ def test_the_warnings_say_what_they_saw():
     assert vae.collapse_warning(kl=5.0, active_units=0, n_images=1) is None
 
 
-def test_out_of_gpu_memory_is_one_sentence_and_keeps_the_checkpoint(
-    mnist_dir, tmp_path, monkeypatch, capsys
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"
+        ),
+    ],
+)
+def test_running_out_of_memory_is_one_sentence_and_keeps_the_checkpoint(
+    mnist_dir, tmp_path, monkeypatch, capsys, error
 ):
-    # Whatever runs out of GPU memory (the images, the model, a batch) raises OutOfMemoryError;
-    # here after the first step of epoch 2, as a too large --batch_size would on a GPU.
     def out_of_memory(model):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        raise error
 
-    patch_step(monkeypatch, 6, out_of_memory)
-    code, _, err = run_main(quick_run(mnist_dir, tmp_path, "--epochs", 2), capsys)
-    assert (
-        one_sentence(code, err) and "the GPU ran out of memory; use a smaller --batch_size" in err
-    )
-    assert vae.load_checkpoint(tmp_path / "checkpoint.pt")[1]["epoch"] == 1  # the good epoch
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 24 MB file system of its own (tmpfs), mounted for the test: a disk that can fill up."""
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a small tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)]).returncode:
-        pytest.skip("this machine does not let the test mount a tmpfs")
-    yield disk
-    subprocess.run(["umount", "--lazy", str(disk)], check=True)  # also when a file is left open
+    patch_step(monkeypatch, 6, out_of_memory)  # the first step of epoch 2
+    code, _, err = run_main(quick_run(mnist_dir, tmp_path, "--epochs 2"), capsys)
+    assert one_sentence(code, err, 1) and "memory ran out" in err and "--batch_size" in err
+    assert vae.load_checkpoint(tmp_path / "checkpoint.pt")[1]["epoch"] == 1
 
 
 def test_a_full_disk_gets_one_sentence_and_keeps_the_previous_checkpoint(
-    small_disk, mnist_dir, capsys
+    mnist_dir, tmp_path, monkeypatch, capsys
 ):
-    run = small_disk / "run"
-    vae.main(quick_run(mnist_dir, run, "--epochs", 1))
-    before = (run / "checkpoint.pt").read_bytes()
-    free = shutil.disk_usage(small_disk).free
-    (small_disk / "filler").write_bytes(b"\0" * (free - 200_000))  # room for less than a checkpoint
-    code, _, err = run_main(quick_run(mnist_dir, run, "--epochs", 2, "--resume"), capsys)
+    vae.main(quick_run(mnist_dir, tmp_path, "--epochs 1"))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def full(fd):  # as a full disk answers the flush of a file's last bytes
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    code, _, err = run_main(quick_run(mnist_dir, tmp_path, "--epochs 2 --resume"), capsys)
     assert one_sentence(code, err, 1) and "No space left on device" in err
     assert "previous version, if any, is intact" in err
-    assert (run / "checkpoint.pt").read_bytes() == before
-    assert not [p for p in os.listdir(run) if p.startswith(".tmp-")]
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+
+
+# ----------------------------------------------------------------------------
+# The tool: the table of bad inputs in README.md, each one sentence and nothing written
+
+
+def scandir_denied(scandir, name, path):
+    """os.scandir, but for a folder called `name`, whose listing is denied."""
+    if os.path.basename(path) == name:
+        raise PermissionError(13, "Permission denied", str(path))
+    return scandir(path)
+
+
+@pytest.fixture(scope="module")
+def trained(mnist_dir, tmp_path_factory):
+    """The folder of a finished one-epoch run, for the cases that start from a run."""
+    out = tmp_path_factory.mktemp("trained")
+    vae.main(quick_run(mnist_dir, out, "--epochs 1"))
+    return out
+
+
+def bad_folder(what, d, monkeypatch):
+    """Make in d the image folder that `what` names."""
+    if what == "mismatch":
+        write_image_folder(d / "train", classes=("a", "b"), per_class=2)
+        write_image_folder(d / "test", classes=("a", "z"), per_class=2)
+    elif what == "empty":
+        d.mkdir()
+    elif what:
+        write_image_folder(d, classes=None if what == "flat" else ("a", "b"), per_class=4)
+    if what == "broken":
+        (d / "b" / "broken.jpg").write_bytes(b"not a JPEG at all")
+    elif what == "huge":
+        Image.new("RGB", (300, 200)).save(d / "b" / "big.png")
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)
+    elif what == "unlistable":  # as chmod 0 would, for a user other than root
+        monkeypatch.setattr(os, "scandir", functools.partial(scandir_denied, os.scandir, "b"))
+    return ["--dataset", "folder", "--data_dir", d, "--image_size", 32]
+
+
+def bad_checkpoint(what, d):
+    """Damage the checkpoint in d as `what` says; returns the argv that evaluates it."""
+    path = d / "checkpoint.pt"
+    state = torch.load(path)
+    if what == "pickle":
+        state["payload"] = os.getcwd  # code that loading would run
+    elif what == "tensors":
+        state = {"weights": torch.zeros(3)}
+    elif what == "misfit":
+        state["model_args"]["latent_dim"] = 7
+    elif what == "partial":
+        del state["history"]
+    data = path.read_bytes()
+    torch.save(state, path)
+    if what == "text":
+        path.write_text("this is a text file, not a checkpoint\n")
+    elif what == "truncated":
+        path.write_bytes(data[:2000])
+    return [] if what == "partial" else ["--checkpoint", path, "--out_dir", d.parent / "out"]
+
+
+def bad_input(setup, d, trained, monkeypatch):
+    """Make the bad input that `setup` names in folder d; returns the argv that reaches it."""
+    kind, _, what = setup.partition(" ")
+    if kind == "mnist":  # a closed local port as the proxy: every download fails at once
+        monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+        monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+        if what == "truncated":
+            path = write_small_mnist(d) / "train-images-idx3-ubyte"
+            path.write_bytes(path.read_bytes()[:1000])
+        return ["--data_dir", d]
+    if kind == "folder":
+        return bad_folder(what, d, monkeypatch)
+    if kind == "torchrun":  # as torchrun's two processes would
+        monkeypatch.setattr(
+            vae, "process_group", lambda device: contextlib.nullcontext((0, 2, device))
+        )
+    shutil.copytree(trained, d)
+    data_dir = json.loads((d / "config.json").read_text())["data_dir"]
+    return (
+        bad_checkpoint(what, d)
+        if kind == "checkpoint"
+        else ["--out_dir", d, "--data_dir", data_dir]
+    )
+
+
+NO_LOAD = "cannot be loaded as a model of vae.py"
+NO_GPU = "--device cuda" if not torch.cuda.is_available() else "--device mps"
+
+
+@pytest.mark.parametrize(
+    "setup, argv, sentence",
+    [
+        ("mnist", "", "MNIST in '{d}/MNIST/raw' is not there and could not be downloaded"),
+        ("mnist", "--dataset cifar10", "put its 7 original files there (data_batch_1"),
+        ("mnist truncated", "", "MNIST in '{d}/MNIST/raw' cannot be read"),
+        ("folder", "", "is not a folder"),
+        ("folder empty", "", "holds 0 images vae.py reads"),
+        ("folder mismatch", "", "has classes ['a', 'z'] that do not match those of"),
+        ("folder broken", "", "cannot read the image '{d}/b/broken.jpg'"),
+        ("folder huge", "", "exceeds limit of 50000 pixels"),
+        ("folder unlistable", "", "cannot read or write '{d}/b' (Permission denied)"),
+        ("folder flat", "--conditional", "--conditional needs class labels"),
+        ("checkpoint missing", "--checkpoint {d}/none.pt", "there is no checkpoint at"),
+        ("checkpoint text", "", NO_LOAD),
+        ("checkpoint truncated", "", NO_LOAD),
+        ("checkpoint pickle", "", f"{NO_LOAD} (Weights only load failed"),
+        ("checkpoint tensors", "", "it names no model class of vae.py"),
+        ("checkpoint misfit", "", "weights do not fit the MLPVAE"),
+        ("checkpoint partial", "--resume --out_dir {d}", "holds a model but not a training run"),
+        ("run", "--resume --out_dir {d}/none", "--resume found no checkpoint.pt in"),
+        ("run", "--resume --epochs 1", "has finished epoch 1 of 1"),
+        ("run", "--epochs 1", "continue it with --resume, replace them with --overwrite"),
+        ("run", "--out_dir {d}/checkpoint.pt/x", "cannot create --out_dir"),
+        ("run", "--checkpoint {d}/checkpoint.pt --out_dir {d}", "holds a training run"),
+        ("torchrun", "--out_dir {d}/new --batch_size 63", "--batch_size 63 is the batch of all 2"),
+        ("", NO_GPU, "was asked for but is not available here"),
+        ("", "--epochs -1", "argument --epochs: expected an integer from 0 to 100000, got '-1'"),
+        ("", "--seed 1e20", "argument --seed: expected an integer from 0 to 4294967295"),
+        ("", "--lr nan", "argument --lr: expected a number from 1e-08 to 10.0"),
+        ("", "--image_size 30", "invalid choice: 30 (choose from 28, 32, 64, 128)"),
+        ("", "--epochs 0", "--epochs 0 trains nothing; to evaluate a saved model, give"),
+        ("", "--resume --overwrite", "--resume continues the run in --out_dir"),
+        ("", "--epoch 40", "unrecognized arguments: --epoch 40"),  # no abbreviations
+        ("", "--dataset folder", "--dataset folder needs --data_dir"),
+        ("", "--iwae_samples 5 --kl_warmup 2", "--iwae_samples trains the IWAE bound, which has"),
+    ],
+)
+def test_bad_input_gets_one_sentence_and_changes_nothing(
+    trained, tmp_path, monkeypatch, capsys, setup, argv, sentence
+):
+    monkeypatch.chdir(tmp_path)  # the default --out_dir, runs/conv, would be made here
+    d = tmp_path / "data"
+    extra = bad_input(setup, d, trained, monkeypatch) if setup else []
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    code, _, err = run_main([*extra, *argv.format(d=d).split()], capsys)
+    lines = err.strip().splitlines()  # one sentence; from argparse, after its usage lines
+    assert code == (1 if "Permission denied" in sentence else 2), err
+    assert lines[-1].startswith("vae.py: error: ") and sentence.format(d=d) in lines[-1], err
+    assert "Traceback" not in err and (len(lines) == 1 or lines[0].startswith("usage: "))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()

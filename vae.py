@@ -3,8 +3,8 @@ vae.py: a Variational Autoencoder in one file, to read, to copy and to run.
 
 Part 1 is the VAE: models, loss, a training step and loop, evaluation, the log-likelihood,
 sampling, interpolation, saving and loading. It needs only torch: copy it alone and you have a
-working VAE. Part 2, from the line "# Part 2:", is the tool around it: datasets, the GPU fast
-path, several GPUs, checkpoints, figures, the command line. README.md has the commands, pictures
+working VAE. Part 2, from the line "# Part 2:", is the tool around it: datasets, devices and
+several GPUs, checkpoints, figures, the command line. README.md has the commands, pictures
 and results.
 
     python vae.py --data_dir ./mnist --epochs 30 --beta 0.5     # train on MNIST
@@ -419,8 +419,8 @@ def vae_loss(
 
     Returns (loss, recon, kl): scalar tensors in nats per image; loss == recon + beta * kl
     when free_bits is 0, and kl is always the true KL. Raises ValueError: x out of range (checked
-    on the CPU), an unknown likelihood. beta is not checked here, where it may be a tensor inside
-    a CUDA graph: `beta_schedule` and `train_epoch` refuse a negative beta or free_bits.
+    on the CPU), an unknown likelihood. beta is not checked here (it may be a tensor):
+    `beta_schedule` and `train_epoch` refuse a negative beta or free_bits.
     """
     rec = reconstruction_loss(recon_logits, x, likelihood, sigma).mean()
     kl_dims = kl_per_dimension(mu, logvar).mean(0)  # (D,) batch means
@@ -507,27 +507,13 @@ def lr_schedule(epoch, lr, epochs, schedule="constant"):
 
 
 def set_lr(optimizer, lr):
-    """Set every parameter group's learning rate to lr; a rate held in a tensor (which a CUDA
-    graph reads at each replay) is filled in place, so that whatever reads it sees the new one."""
+    """Set every parameter group's learning rate to lr."""
     for group in optimizer.param_groups:
-        if torch.is_tensor(group["lr"]):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
+        group["lr"] = lr
 
 
 def train_epoch(
-    model,
-    optimizer,
-    images,
-    batch_size=128,
-    beta=1.0,
-    labels=None,
-    binarize=False,
-    step=train_step,
-    order=None,
-    on_step=None,
-    **step_args,
+    model, optimizer, images, batch_size=128, beta=1.0, labels=None, binarize=False, **step_args
 ):
     """One pass over `images` in a random order: the training loop. A whole run is
 
@@ -539,10 +525,7 @@ def train_epoch(
 
     images: (N, C, H, W) uint8, or float in [0, 1], on the model's device; labels: (N,) int64 there,
     for a conditional model; beta, binarize, **step_args (likelihood, sigma, free_bits, grad_clip,
-    iwae_samples): see `train_step` and `get_batch`. Other code hooks in without changing this loop:
-    `step` replaces `train_step`, same signature (Part 2's CUDA graph); `order` the permutation of
-    range(N) (Part 2's share of a multi-process run); `on_step(i, stats)` runs after each step i =
-    1, 2, ... (Part 2's progress bar and non-finite check).
+    iwae_samples): see `train_step` and `get_batch`.
 
     Returns the epoch's mean loss (recon + beta * kl, the free-bits floor aside; with IWAE minus
     its bound, which is not recon + kl), recon and kl: a dict, nats per image. Raises ValueError
@@ -555,17 +538,16 @@ def train_epoch(
     if step_args.get("iwae_samples", 1) > 1 and (beta != 1 or free_bits):
         raise ValueError(f"the IWAE objective has beta 1 and no free bits, got {beta}, {free_bits}")
     model.train()
-    if order is None:
-        order = torch.randperm(len(images), device=images.device)
+    order = torch.randperm(len(images), device=images.device)
     sums = torch.zeros(3, device=images.device)  # summed on the device, read once at the end
-    for i, start in enumerate(range(0, len(order), batch_size), 1):
+    for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]  # (B,)
         x = get_batch(images, idx, binarize)  # (B, C, H, W) in [0, 1]
         y = None if labels is None else labels[idx]
-        stats = step(model, optimizer, x, beta, y, **step_args)  # [loss, recon, kl, grad norm]
+        stats = train_step(
+            model, optimizer, x, beta, y, **step_args
+        )  # [loss, recon, kl, grad norm]
         sums += stats[:3] * len(idx)
-        if on_step is not None:
-            on_step(i, stats)
     loss, rec, kl = (sums / len(order)).tolist()
     return dict(loss=loss, recon=rec, kl=kl)
 
@@ -808,9 +790,9 @@ def load_model(file, map_location="cpu"):
 
 
 # =============================================================================================
-# Part 2: the tool. Datasets, the GPU fast path, several processes, files and checkpoints,
-# figures, the command line. It builds on Part 1; `train` is the list of what a run does, and
-# `main`, at the end, runs it or evaluates a checkpoint.
+# Part 2: the tool. Datasets, devices and several processes, files and checkpoints, figures,
+# the command line. It builds on Part 1: `train` is the list of what a run does, and `main`, at
+# the end, runs it or evaluates a checkpoint.
 # =============================================================================================
 
 import argparse
@@ -821,34 +803,35 @@ import importlib
 import io
 import json
 import os
-import pickle
 import re
-import signal
 import sys
-import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch.distributed as dist
 
 
 class UserError(Exception):
-    """A problem with the user's input or machine: `main` prints it as one sentence, without a
-    traceback, and exits with `exit_code`: 1 a file cannot be written, 2 bad input, 3 diverged,
-    130 SIGINT, 143 SIGTERM."""
+    """Bad input or a stop that `main` prints as one sentence, without a traceback, and exits with
+    `exit_code`: 2 for bad input, 1 for any other stop, 130 for Ctrl-C."""
 
     def __init__(self, message, exit_code=2):
         super().__init__(message)
         self.exit_code = exit_code
 
 
+def first_line(e):
+    """An exception's message for a sentence: its first line, or its type's name."""
+    return (str(e).strip() or type(e).__name__).splitlines()[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Data
 #
-# Each split is read once into one uint8 tensor (N, C, S, S), the form Part 1's loop takes, with
-# every conversion (channels, size) done here. Two sources: torchvision's datasets, and any folder
-# of images. A new dataset is a new entry of DATASETS and a branch of `load_dataset`.
+# Each split is read once into one uint8 tensor (N, C, S, S), the form Part 1 takes, with every
+# conversion (channels, size) done here. Two sources: torchvision's datasets, and any folder of
+# images. A new dataset is a new entry of DATASETS and a branch of `load_dataset`.
 
 DATASETS = {  # each dataset's torchvision class, or None for a folder of your images
     "mnist": "MNIST",
@@ -858,31 +841,33 @@ DATASETS = {  # each dataset's torchvision class, or None for a folder of your i
     "folder": None,
 }
 IMAGE_SIZES = (28, 32, 64, 128)
-MAX_PIXELS = 50_000_000  # of one decoded image: 150 MB in RGB, for each thread that decodes
 FOLDER_TEST_FRACTION = 0.1  # without train/ and val/: a fixed random 10% (seed 0) is the test split
+EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+
+
+def default_data_dir(dataset):
+    """Where --data_dir points when it is not given."""
+    return "./mnist" if dataset == "mnist" else "./data"
 
 
 def load_dataset(name, data_dir, image_size=None, channels=None, binarize=False):
-    """Dataset `name` (of DATASETS) from data_dir, in memory on the CPU: a dict of train_x, test_x
-    (N, C, S, S) uint8; train_y, test_y (N,) int64, or None for unlabelled images; classes (names,
-    or None); note (a sentence for the log, or None). image_size, channels: None keeps a
-    dataset's own (a folder's: 64 and 3). With binarize, the test set is drawn once as binary
-    pixels, Bernoulli(intensity), with a fixed seed on the CPU: the same set on every device.
-    Raises UserError, one sentence naming what is wrong."""
+    """Dataset `name` (of DATASETS) from data_dir, on the CPU: a dict of train_x, test_x (N, C, S,
+    S) uint8; train_y, test_y (N,) int64, or None for unlabelled images; classes (names, or None);
+    note (a sentence for the log, or None). image_size, channels: None keeps the data's (a
+    folder's: 64 and 3). binarize draws the test set once as binary pixels, Bernoulli(intensity),
+    seeded on the CPU: the same set on every device. UserError names what is wrong."""
     if name == "folder":
         data = load_folder(data_dir, image_size or 64, channels or 3)
     else:
         data = load_torchvision(name, data_dir, image_size, channels)
     if binarize:
         g = torch.Generator().manual_seed(0)
-        test_x = torch.bernoulli(to_float(data["test_x"]), generator=g)
-        data["test_x"] = test_x.to(torch.uint8) * 255
+        data["test_x"] = torch.bernoulli(to_float(data["test_x"]), generator=g).byte() * 255
     return data
 
 
 def load_torchvision(name, data_dir, image_size=None, channels=None):
-    """A torchvision dataset, read with torchvision from data_dir and downloaded if its files are
-    missing (see `load_dataset`)."""
+    """A torchvision dataset from data_dir, downloaded if its files are missing."""
     from torchvision import datasets  # imported here: importing torchvision takes a second
     from torchvision.transforms.functional import resize, rgb_to_grayscale
 
@@ -896,25 +881,17 @@ def load_torchvision(name, data_dir, image_size=None, channels=None):
     present = all(os.path.isfile(os.path.join(folder, f)) for f in files)
     data = dict(note=None)
     for split in ("train", "test"):
-        try:  # torchvision prints every mirror it tries: kept quiet
-            with (
-                contextlib.redirect_stdout(io.StringIO()),
-                contextlib.redirect_stderr(io.StringIO()),
-            ):
+        quiet = io.StringIO()  # torchvision prints every mirror it tries
+        try:
+            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
                 ds = cls(data_dir, train=split == "train", download=not present)
         except Exception as e:
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-            reason = (lines or [type(e).__name__])[-1]
-            if present:  # a truncated or damaged file
-                raise UserError(
-                    f"cannot read the {cls.__name__} files in '{folder}' ({type(e).__name__}: "
-                    f"{reason}); replace them with the original files."
-                ) from None
-            how = "extracted from cifar-10-python.tar.gz" if name == "cifar10" else "uncompressed"
+            reason = (str(e).strip() or type(e).__name__).splitlines()[-1].strip()
+            what = "cannot be read" if present else "is not there and could not be downloaded"
             raise UserError(
-                f"{cls.__name__} is not in '{folder}' and could not be downloaded ({reason}); put "
-                f"the {len(files)} files {', '.join(files)} ({how}) in that folder, or point "
-                f"--data_dir at a folder whose {os.path.relpath(folder, data_dir)}/ has them."
+                f"{cls.__name__} in '{folder}' {what} ({reason}); put its {len(files)} original "
+                f"files there ({', '.join(files)}: as torchvision names them, uncompressed), or "
+                f"point --data_dir at a folder whose {os.path.relpath(folder, data_dir)}/ has them."
             ) from None
         x = torch.as_tensor(ds.data)
         x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, H, W[, C]) -> NCHW
@@ -930,42 +907,35 @@ def load_torchvision(name, data_dir, image_size=None, channels=None):
 
 
 def list_images(root, seen):
-    """(paths, labels or None, class names or None) of the images under root: each subfolder is a
-    class (ImageFolder's layout, root/<class>/**/<image>); without subfolders, root's images are one
-    unlabelled set. Hidden files and folders are skipped; `seen` holds the real paths already
-    taken, so that a symbolic link loop ends and no file is read twice (the two splits share it);
-    only regular files with an image extension of torchvision's are taken."""
+    """(paths, labels or None, class names or None) of the images under root: a class per
+    subfolder (ImageFolder's layout), or, without subfolders, root's images unlabelled. Only
+    regular files with one of torchvision's image extensions, hidden ones skipped. `seen`, the
+    real paths taken so far (shared by both splits), ends a link loop and takes each file once."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    def entries(folder):
-        try:
-            found = [e for e in os.scandir(folder) if not e.name.startswith(".")]
-        except OSError as e:
-            raise UserError(f"cannot list the folder '{folder}' ({e.strerror or e}).") from None
-        return sorted(found, key=lambda e: e.name)
+    def raise_error(e):  # os.walk would skip a folder it cannot list, silently
+        raise e
 
-    def images(folder, recursive=True):
-        seen.add(os.path.realpath(folder))
-        for entry in entries(folder):
-            real = os.path.realpath(entry.path)
-            if real in seen:
-                continue
-            if recursive and entry.is_dir():
-                yield from images(entry.path)
-            elif entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS):
-                seen.add(real)
-                yield entry.path
+    def images(folder):
+        found = []
+        for top, dirs, files in os.walk(folder, onerror=raise_error, followlinks=True):
+            seen.add(os.path.realpath(top))
+            real = {d: os.path.realpath(os.path.join(top, d)) for d in dirs}
+            dirs[:] = sorted(d for d in dirs if d[0] != "." and real[d] not in seen)
+            for name in sorted(files):
+                path = os.path.realpath(os.path.join(top, name))
+                ok = name[0] != "." and name.lower().endswith(IMG_EXTENSIONS) and path not in seen
+                if ok and os.path.isfile(path):
+                    seen.add(path)
+                    found.append(path)
+        return found
 
-    classes = [e.name for e in entries(root) if e.is_dir()]
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
     if not classes:
-        return list(images(root, recursive=False)), None, None
-    paths = []
-    labels = []
-    for c, name in enumerate(classes):
-        found = list(images(os.path.join(root, name)))
-        paths += found
-        labels += [c] * len(found)
-    return paths, labels, classes
+        return images(root), None, None
+    found = [images(os.path.join(root, name)) for name in classes]
+    labels = [c for c, paths in enumerate(found) for _ in paths]
+    return sum(found, []), labels, classes
 
 
 def folder_splits(data_dir):
@@ -977,9 +947,7 @@ def folder_splits(data_dir):
     if has("train") and test_name:
         train_paths, train_y, classes = list_images(os.path.join(data_dir, "train"), seen)
         test_paths, test_y, test_classes = list_images(os.path.join(data_dir, test_name), seen)
-        if (classes is None) != (test_classes is None) or not set(test_classes or ()) <= set(
-            classes or ()
-        ):
+        if set(test_classes or [None]) - set(classes or [None]):  # labelled or not, as train/
             raise UserError(
                 f"'{data_dir}/{test_name}' has classes {test_classes} that do not match those "
                 f"of '{data_dir}/train', {classes}."
@@ -991,9 +959,7 @@ def folder_splits(data_dir):
     root = os.path.join(data_dir, "train") if has("train") else data_dir
     paths, labels, classes = list_images(root, seen)
     if len(paths) < 2:
-        raise UserError(
-            f"'{root}' holds {len(paths)} images in formats vae.py reads; it needs at least 2."
-        )
+        raise UserError(f"'{root}' holds {len(paths)} images vae.py reads; it needs at least 2.")
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0)).tolist()
     n_test = max(1, round(FOLDER_TEST_FRACTION * len(paths)))
     split = lambda part: ([paths[i] for i in part], labels and [labels[i] for i in part])  # noqa
@@ -1005,45 +971,35 @@ def folder_splits(data_dir):
 
 
 def load_image(path, image_size, channels):
-    """One image file -> (channels, image_size, image_size) uint8: its centre square, resized to
-    image_size (antialiased), as RGB or gray. Cropping first means that nothing long is ever made
-    longer. A JPEG is decoded at the smallest scale that keeps image_size; an image still over
-    MAX_PIXELS is refused. Pixels of more than 8 bits are scaled by their mode's range (16 bits,
-    or 32-bit signed integers; floats as [0, 1]). UserError names a file it cannot read."""
+    """One image file -> (channels, image_size, image_size) uint8: its centre square (so that
+    nothing long is made longer), resized with antialiasing; a JPEG is decoded at the smallest
+    scale that keeps image_size. UserError names a file that PIL cannot read, or whose pixels
+    have more than 8 bits (refused, not scaled by a guess at their range)."""
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor, resize
 
     try:
         with Image.open(path) as im:
+            if im.mode not in EIGHT_BIT_MODES:
+                raise ValueError(f"its pixels are of mode {im.mode}, more than 8 bits")
             im.draft("RGB" if channels == 3 else "L", (image_size, image_size))
-            if im.width * im.height > MAX_PIXELS:
-                raise ValueError(f"{im.width}x{im.height} pixels, over the {MAX_PIXELS:,} it reads")
             side = min(im.size)
             left = (im.width - side) // 2
             top = (im.height - side) // 2
             im = im.crop((left, top, left + side, top + side))
-            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-                scale = {"F": 1.0, "I": 2**31 - 1}.get(im.mode, 65535)
-                pixels = np.asarray(im, np.float64) * (255 / scale)
-                im = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
             im = im.convert("RGB" if channels == 3 else "L")  # also palette and alpha images
             return pil_to_tensor(resize(im, [image_size, image_size], antialias=True))
-    except Exception as e:  # PIL raises many types for a broken file
+    except Exception as e:  # PIL raises many types for a file it cannot read
         raise UserError(
-            f"cannot read the image '{path}' ({type(e).__name__}: {e}); remove or replace that "
-            f"file."
+            f"cannot read the image '{path}' ({e}); convert it to an 8-bit image, or remove it."
         ) from None
 
 
-def available_memory():
-    """Bytes this process could still allocate (Linux's MemAvailable), or None where unknown."""
-    with contextlib.suppress(OSError, ValueError, StopIteration), open("/proc/meminfo") as f:
-        return int(next(line for line in f if line.startswith("MemAvailable:")).split()[1]) * 1024
-
-
 def load_folder(data_dir, image_size=64, channels=3):
-    """A folder of images (see `load_dataset` and `folder_splits`), read into memory once, by as
-    many threads as the machine has cores (PIL decodes without the GIL)."""
+    """A folder of images (see `folder_splits`), read once by up to 8 threads (PIL decodes
+    without holding Python's lock). An image over PIL's pixel limit (Image.MAX_IMAGE_PIXELS, a
+    guard against decompression bombs) is refused by name."""
+    from PIL import Image
     from tqdm import tqdm
 
     if not os.path.isdir(data_dir):
@@ -1052,44 +1008,49 @@ def load_folder(data_dir, image_size=64, channels=3):
             f"(class subfolders, or images directly in it)."
         )
     train, test, classes, note = folder_splits(data_dir)
-    n = len(train[0]) + len(test[0])
-    need = n * channels * image_size**2  # bytes, as they are held after resizing
-    free = available_memory()
-    if free is not None and need > 0.8 * free:  # checked before any image is decoded
-        raise UserError(
-            f"'{data_dir}': {n:,} images of {channels}x{image_size}x{image_size} need "
-            f"{need / 1e9:.1f} GB of memory, and {free / 1e9:.1f} GB is available; use a smaller "
-            f"--image_size, --channels 1, or fewer images."
-        )
     data = dict(
-        classes=classes, note=note if classes else f"{note}; no class subfolders, no labels"
+        classes=classes, note=note + ("" if classes else "; no class subfolders, no labels")
     )
     load = functools.partial(load_image, image_size=image_size, channels=channels)
-    for split, (paths, labels) in (("train", train), ("test", test)):
-        if not paths:
-            raise UserError(f"the {split} split of '{data_dir}' has no images vae.py reads.")
-        x = torch.empty(len(paths), channels, image_size, image_size, dtype=torch.uint8)
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-            progress = tqdm(
-                pool.map(load, paths),
-                total=len(paths),
-                desc=f"reading {split}",
-                leave=False,
-                disable=not sys.stderr.isatty(),
-            )
+    with warnings.catch_warnings(), ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's warning: a refusal
+        for split, (paths, labels) in (("train", train), ("test", test)):
+            if not paths:
+                raise UserError(f"the {split} split of '{data_dir}' has no images vae.py reads.")
+            bar = tqdm(desc=f"reading {split}", total=len(paths), disable=not sys.stderr.isatty())
             try:
-                for i, image in enumerate(progress):
-                    x[i] = image
+                images = [bar.update() or image for image in pool.map(load, paths)]
             except BaseException:
                 pool.shutdown(cancel_futures=True)  # a bad file stops the reading now
                 raise
-        data[f"{split}_x"] = x
-        data[f"{split}_y"] = None if labels is None else torch.tensor(labels, dtype=torch.long)
+            data[f"{split}_x"] = torch.stack(images)
+            data[f"{split}_y"] = None if labels is None else torch.tensor(labels)
+            bar.close()
+    return data
+
+
+def load_data(config, device):
+    """The run's data: `load_dataset`'s dict for the settings of `config` (dataset, data_dir,
+    image_size, channels, binarize, conditional), with train_x, test_x on the device, train_y,
+    test_y there for a conditional model (else None), and labels, the test labels on the CPU."""
+    keys = ("dataset", "data_dir", "image_size", "channels", "binarize")
+    data = load_dataset(*(config[k] for k in keys))
+    if data["note"]:
+        print(f"data: {data['note']}", flush=True)
+    if config["conditional"] and data["train_y"] is None:
+        raise UserError(
+            "--conditional needs class labels, and these images have none; use a dataset with "
+            "classes, or a folder with one subfolder per class."
+        )
+    data["labels"] = data["test_y"]
+    for split in ("train", "test"):
+        data[f"{split}_x"] = data[f"{split}_x"].to(device)
+        data[f"{split}_y"] = data[f"{split}_y"].to(device) if config["conditional"] else None
     return data
 
 
 # ---------------------------------------------------------------------------------------------
-# Devices, the GPU fast path, several processes
+# Devices and several processes
 
 
 def select_device(name, deterministic=False):
@@ -1115,26 +1076,21 @@ def select_device(name, deterministic=False):
 
 @contextlib.contextmanager
 def process_group(device):
-    """Within it, a process started by torchrun is in the process group: it yields (rank, world
-    size, this process's device); (0, 1, device) without torchrun's variables. nccl on CUDA, each
-    process on cuda:LOCAL_RANK; gloo on the CPU. On leaving, a process whose block completed waits
-    for the others first (gloo can abort one that leaves while another still works), then every
-    process leaves the group. UserError on mps, or with more processes than the machine has GPUs."""
+    """Within it, a process that torchrun started is in the process group (nccl on CUDA, each
+    process on cuda:LOCAL_RANK; gloo on the CPU): it yields (rank, world size, this process's
+    device); (0, 1, device) without torchrun. UserError on mps, or with more processes than GPUs."""
     if "LOCAL_RANK" not in os.environ:
         yield 0, 1, device
         return
     if device.type == "mps":
-        raise UserError(
-            "torchrun needs --device cuda or cpu: PyTorch has no distributed backend for mps."
-        )
+        raise UserError("torchrun needs --device cuda or cpu: PyTorch has no distributed mps.")
     if device.type == "cuda":
-        local_rank = int(os.environ["LOCAL_RANK"])
-        if local_rank >= torch.cuda.device_count():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if device.index >= torch.cuda.device_count():
             raise UserError(
-                f"torchrun started process {local_rank} on a machine with "
+                f"torchrun started process {device.index} on a machine with "
                 f"{torch.cuda.device_count()} GPU(s); give --nproc_per_node at most that."
             )
-        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     # torch.distributed.nn's functions take group.WORLD as a default argument, fixed when DDP first
     # imports them: imported after the group exists, they would keep it past destroy_process_group,
@@ -1143,60 +1099,10 @@ def process_group(device):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield dist.get_rank(), dist.get_world_size(), device
-        dist.barrier()
+        dist.barrier()  # gloo can abort a process that leaves while another still works
     finally:
-        # What still holds the group's work (a DDP model in a reference cycle) goes now: freed at
-        # interpreter exit instead, gloo's threads would abort the process as they release it.
-        gc.collect()
+        gc.collect()  # a DDP model in a reference cycle would free the group's work at exit, too late
         dist.destroy_process_group()
-
-
-class CUDAGraphStep:
-    """`train_step` captured once as a CUDA graph and replayed: a `step` for `train_epoch`.
-
-    On a GPU, an MNIST VAE's eager step is bound by the CPU launching its ~100 kernels one by one;
-    a replay launches the whole step (forward, backward, Adam) at once ("whole-network capture" in
-    PyTorch's CUDA Graphs notes). A call copies its batch and beta into the graph's buffers (the
-    step_args likelihood, sigma, free_bits, grad_clip are fixed here); a batch of another size (an
-    epoch's last) runs eagerly. x, y: an example batch (B, C, H, W) on the GPU, and labels (B,)
-    for a conditional model; the optimizer must be Adam(capturable=True). The warm-up steps that
-    capture needs are undone.
-    """
-
-    def __init__(self, model, optimizer, x, y=None, **step_args):
-        self.x = x.clone()
-        self.y = None if y is None else y.clone()
-        self.beta = x.new_ones(())
-        step = functools.partial(
-            train_step, model, optimizer, self.x, self.beta, self.y, **step_args
-        )
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        adam = {p: {k: v.clone() for k, v in optimizer.state[p].items()} for p in optimizer.state}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = step()  # (4,) loss, recon, kl, gradient norm: rewritten by every replay
-        model.load_state_dict(before)  # copies into the tensors that the graph reads
-        with torch.no_grad():
-            for p in (p for group in optimizer.param_groups for p in group["params"]):
-                for k, v in optimizer.state[p].items():  # zero: a fresh Adam's state
-                    v.copy_(adam[p][k]) if p in adam else v.zero_()
-
-    def __call__(self, model, optimizer, x, beta=1.0, y=None, **step_args):
-        """As `train_step`: the (4,) [loss, recon, kl, gradient norm] of one step on x."""
-        if len(x) != len(self.x):
-            return train_step(model, optimizer, x, beta, y, **step_args)
-        self.x.copy_(x)
-        if y is not None:
-            self.y.copy_(y)
-        self.beta.fill_(beta)
-        self.graph.replay()
-        return self.out.clone()  # the next replay rewrites self.out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1220,13 +1126,13 @@ def atomic_write(path, write):
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(e, OSError):
-            raise UserError(
-                f"cannot write '{path}' ({e.strerror or e}); its previous version, if any, is "
-                f"intact: free some space or choose another --out_dir.",
-                1,
-            ) from None
-        raise
+        if not isinstance(e, OSError):
+            raise
+        raise UserError(
+            f"cannot write '{path}' ({e.strerror or e}); its previous version, if any, is intact: "
+            f"free some space or choose another --out_dir.",
+            1,
+        ) from None
 
 
 def save_json(obj, path):
@@ -1235,12 +1141,9 @@ def save_json(obj, path):
 
 
 def save_csv(rows, path):
-    """Write a list of dicts to path as CSV with a header of all their keys, atomically."""
+    """Write a list of dicts (the same keys) to path as CSV with a header, atomically."""
     text = io.StringIO()
-    columns = list(
-        dict.fromkeys(key for row in rows for key in row)
-    )  # an older run's rows lack some
-    writer = csv.DictWriter(text, fieldnames=columns)
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
     # surrogateescape: a folder name's bytes that are not UTF-8 are written as they are
@@ -1275,10 +1178,10 @@ def refuse_other_run(out_dir, overwrite, training=True):
 
 
 def prepare_output_dir(out_dir, overwrite=False, resume=False, training=True):
-    """Create out_dir and lock it: returns the open lock file, which this process holds until it
-    closes it or exits (a crash leaves no stale lock), so that a second run into the folder refuses
-    at once. Then remove a killed run's temporary files and, with `overwrite`, every file of the
-    earlier run, and of its evaluations in eval/. UserError if the folder is unusable or locked."""
+    """Create out_dir and lock it: returns the open lock file, held until this process closes it
+    or exits (a crash leaves no stale lock), so that a second run into the folder refuses at once.
+    Then remove a killed run's temporary files and, with `overwrite`, the earlier run's files and
+    those of its eval/. UserError if the folder cannot be made or is locked."""
     import fcntl
 
     try:
@@ -1286,7 +1189,7 @@ def prepare_output_dir(out_dir, overwrite=False, resume=False, training=True):
         lock = open(os.path.join(out_dir, ".lock"), "a")
     except OSError as e:
         raise UserError(
-            f"cannot create --out_dir '{out_dir}' ({e.strerror}); choose another folder."
+            f"cannot create --out_dir '{out_dir}' ({e.strerror}); choose another."
         ) from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1304,85 +1207,34 @@ def prepare_output_dir(out_dir, overwrite=False, resume=False, training=True):
     return lock
 
 
-def save_checkpoint(path, model, optimizer=None, **extra):
-    """Part 1's `save_model`, atomically, with the optimizer's state if given and the plain values
-    of `extra` (a run adds epoch, config, history, rng)."""
-    if optimizer is not None:
-        extra["optimizer"] = optimizer.state_dict()
+def save_checkpoint(path, model, **extra):
+    """Part 1's `save_model` with the plain values of `extra` (a run's optimizer state, epoch,
+    config, history, random state), written atomically."""
     buffer = io.BytesIO()  # torch's zip writer turns a full disk into an unclear RuntimeError
     save_model(buffer, model, **extra)
     atomic_write(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path, device="cpu"):
-    """Part 1's `load_model` of a `save_checkpoint` file: (model on `device` in eval mode, the
-    checkpoint's dict). UserError, one sentence for each way it can fail: no file, not a PyTorch
-    file, a pickle with code, not vae.py's, weights that do not fit, a run's field that is missing
-    or of the wrong type (an edited file: the first such field is named)."""
+    """Part 1's `load_model` of a checkpoint: (model on `device` in eval mode, the file's dict).
+    UserError, one sentence, when there is no such file or it cannot be loaded: not a PyTorch
+    file, a truncated one, a pickle that carries code (refused by weights_only=True), a model
+    that vae.py cannot rebuild from it."""
     try:
-        model, state = load_model(path, device)
+        return load_model(path, device)
     except FileNotFoundError:
         raise UserError(f"there is no checkpoint at '{path}'.") from None
-    except IsADirectoryError:
+    except Exception as e:  # torch's reader fails in many ways on a file that is not a checkpoint
         raise UserError(
-            f"'{path}' is a folder; give its checkpoint file, '{path}/checkpoint.pt'."
+            f"'{path}' cannot be loaded as a model of vae.py ({first_line(e)})."
         ) from None
-    except ValueError as e:  # load_model's: a PyTorch file, but not one of save_model
-        raise UserError(f"'{path}' cannot be loaded as a model of vae.py: {e}.") from None
-    except Exception as e:  # the unpickler fails in many ways on a file that is not a checkpoint
-        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):  # code to import and run
-            raise UserError(
-                f"'{path}' was refused: it holds Python objects beyond tensors and plain data, "
-                f"which could run code when loaded, and vae.py loads only with weights_only=True."
-            ) from None
-        raise UserError(
-            f"'{path}' is not a checkpoint written by vae.py (not a PyTorch file, or a truncated one)."
-        ) from None
-    if "config" in state:
-        _check_run_state(state, model, path)
-    return model, state
-
-
-def _check_run_state(state, model, path):
-    """UserError naming the first field of a run's checkpoint that is missing or not what vae.py
-    writes (an edited or partial file), before anything uses it."""
-
-    def need(ok, field):
-        if not ok:
-            raise UserError(
-                f"'{path}' is not a whole checkpoint of a vae.py run: its {field} is missing or "
-                f"not what vae.py writes; use another checkpoint."
-            )
-
-    config = state.get("config")
-    need(isinstance(config, dict), "config")
-    for key, default in vars(build_parser().parse_args([])).items():  # each flag's type
-        kinds = (float, int) if type(default) is float else (type(default),)
-        need(default is None or type(config.get(key, default)) in kinds, key)
-    need(all(type(config.get(k)) is int for k in ("image_size", "channels")), "image size")
-    epoch = state.get("epoch")
-    need(type(epoch) is int, "epoch")
-    rows = state.get("history")
-    columns = {"epoch", "beta", "train_loss", "test_neg_elbo"}
-    whole = isinstance(rows, list) and len(rows) == epoch
-    need(whole and all(isinstance(r, dict) and columns <= set(r) for r in rows), "history")
-    rng = state.get("rng")
-    need(isinstance(rng, dict) and torch.is_tensor(rng.get("cpu")), "random state")
-    need(isinstance(rng.get("cuda"), list), "random state")
-    adam = state.get("optimizer")
-    moments = adam.get("state") if isinstance(adam, dict) else None
-    need(isinstance(moments, dict), "optimizer")
-    for p, s in zip(model.parameters(), moments.values()):  # Adam's moments fit the weights
-        need(
-            isinstance(s, dict) and getattr(s.get("exp_avg"), "shape", None) == p.shape, "optimizer"
-        )
 
 
 # ---------------------------------------------------------------------------------------------
 # Figures and the latent-space analysis
 #
-# Image grids come from torchvision, plots from matplotlib's object API (no pyplot, so that a
-# caller's matplotlib backend is left alone). Images are (N, C, H, W) in [0, 1].
+# Plots go through matplotlib's object API (no pyplot, so that a caller's backend is left alone).
+# Each figure is a short function on two helpers: `save_grid` for images, `save_figure` for any.
 
 
 def _figure(width, height):
@@ -1396,25 +1248,34 @@ def save_figure(fig, path):
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
-def save_grid(images, path, nrow):
-    """Save images (N, C, H, W) in [0, 1] as one PNG grid of nrow images per row, atomically."""
-    from torchvision.utils import save_image
-
-    atomic_write(
-        path, lambda f: save_image(images, f, format="png", nrow=nrow, padding=2, pad_value=0.5)
-    )
-
-
 def _literal(name):
-    """A folder name as matplotlib should draw it: '$' escaped (it would start mathematics), and bytes
-    that are not UTF-8 (a file system allows them) as U+FFFD, which a font can show."""
+    """A name as matplotlib should draw it: '$' escaped (it would start mathematics), and bytes that
+    are not UTF-8 (a file system allows them) as U+FFFD, which a font can show."""
     return os.fsencode(str(name)).decode("utf-8", "replace").replace("$", r"\$")
 
 
+def save_grid(rows, path, title, row_labels=(), col_labels=()):
+    """Rows of images (R, n, C, H, W) in [0, 1] as one titled grid, two screen pixels per image
+    pixel, with a label per row and per column if given."""
+    from torchvision.utils import make_grid
+
+    r, n = rows.shape[:2]
+    grid = make_grid(rows.flatten(0, 1).float().cpu(), nrow=n, padding=2, pad_value=1.0)
+    h, w = grid.shape[1:]  # grid: (3, h, w)
+    ax = _figure(1.5 + w / 50, 0.6 + h / 50).subplots()
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_yticks([2 + (h - 2) / r * (i + 0.5) for i in range(len(row_labels))])
+    ax.set_yticklabels(map(_literal, row_labels))
+    ax.set_xticks([2 + (w - 2) / n * (i + 0.5) for i in range(len(col_labels))], col_labels)
+    ax.tick_params(length=0)
+    ax.set_title(title)
+    save_figure(ax.figure, path)
+
+
 def _hist(ax, values, **kwargs):
-    """ax.hist of a tensor's values in 100 bins, whatever their spread: matplotlib cannot cut a
-    range narrower than float resolution (all values equal, or equal to 7 digits near 1e30) into
-    bins, so such a range is widened around its values."""
+    """ax.hist of a tensor's values in 100 bins over their range, widened where it is narrower
+    than float resolution (all values equal, or equal to 7 digits near 1e30), which matplotlib
+    cannot cut into bins."""
     values = values.double().flatten().numpy()
     low, high = values.min(), values.max()
     scale = max(abs(low), abs(high), 1.0)
@@ -1423,81 +1284,53 @@ def _hist(ax, values, **kwargs):
     ax.hist(values, bins=100, range=(low, high), **kwargs)
 
 
-def _grid_figure(rows, row_labels, title, path, col_labels=None):
-    """Draw rows of images (R, n, C, H, W) as one grid, with a label per row (and per column)."""
-    from torchvision.utils import make_grid
-
-    r, n = rows.shape[:2]
-    grid = make_grid(rows.flatten(0, 1).float().cpu(), nrow=n, padding=2, pad_value=1.0)
-    h, w = grid.shape[1:]  # grid: (3, h, w)
-    ax = _figure(1.5 + w / 50, 0.6 + h / 50).subplots()
-    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_yticks([2 + (h - 2) / r * (i + 0.5) for i in range(r)], map(_literal, row_labels))
-    col_ticks = [] if col_labels is None else [2 + (w - 2) / n * (i + 0.5) for i in range(n)]
-    ax.set_xticks(col_ticks, col_labels)
-    ax.tick_params(length=0)
-    ax.set_title(title)
-    save_figure(ax.figure, path)
-
-
-def save_reconstructions(model, x, path, y=None):
-    """Images x (B, C, H, W) in [0, 1] above their reconstructions from the posterior mean
-    (`reconstruct`)."""
-    save_grid(torch.cat([x, reconstruct(model, x, y)]), path, nrow=len(x))
+def save_reconstructions(model, x, path, title, y=None):
+    """Images x (B, C, H, W) in [0, 1] above their reconstructions from the posterior mean."""
+    save_grid(torch.stack([x, reconstruct(model, x, y)]), path, title, ["image", "decode(mu)"])
 
 
 def save_samples(model, path, classes=None, seed=0):
-    """Images decoded from z ~ N(0, I) (a fixed seed): 8 x 8; or for a conditional model one row
-    per class (names `classes`), each decoding the same 10 z, so that a column keeps one style."""
+    """8 x 8 images decoded from z ~ N(0, I) (seeded); for a conditional model, a row per class
+    (names `classes`) decoding the same 10 z, so that a column keeps one style."""
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     if not model.num_classes:
-        return save_grid(model.sample(64, generator=g), path, nrow=8)
+        images = model.sample(64, generator=g)
+        title = "samples: z ~ N(0, I), decoded to the mean of p(x|z)"
+        return save_grid(images.view(8, 8, *images.shape[1:]), path, title)
     k = model.num_classes
     z = torch.randn(10, model.latent_dim, device=device, generator=g)
-    labels = torch.arange(k, device=device).repeat_interleave(10)
-    images = model.decode(z.repeat(k, 1), labels)  # (10 K, C, H, W)
-    _grid_figure(
-        images.view(k, 10, *images.shape[1:]),
-        [str(c) for c in classes],
-        "conditional samples: row = label y, column = one z ~ N(0, I)",
-        path,
-    )
+    images = model.decode(z.repeat(k, 1), torch.arange(k, device=device).repeat_interleave(10))
+    title = "conditional samples: row = label y, column = one z ~ N(0, I)"
+    save_grid(images.view(k, 10, *images.shape[1:]), path, title, [str(c) for c in classes])
 
 
 def plot_losses(history, path):
-    """The -ELBO, recon and KL per epoch, train and test, in nats per image, from the metrics' rows.
-    The training ones are means over each epoch as it learns, with the run's beta; the -ELBO
-    weighs the KL by 1 whatever the run trained on (a beta, the IWAE bound), which the first title
-    names (an epoch on the IWAE bound shows the ELBO of its K draws: their mean recon, and KL)."""
-    epochs = [row["epoch"] for row in history]
+    """The -ELBO, recon and KL per epoch, train (the means over each epoch as it learns) and test,
+    in nats per image, from the metrics' rows. The -ELBO weighs the KL by 1 whatever the run
+    minimised, which its title names: a beta, or the IWAE bound (whose epochs show the ELBO of
+    their K draws: their mean recon, and the KL)."""
     betas = sorted({row["beta"] for row in history})
+    trained = ""
     if betas != [1]:
         shown = f"{betas[0]:g}" if len(betas) == 1 else f"from {betas[0]:g} to {betas[-1]:g}"
         trained = f"\n(the run minimised recon + beta * KL, beta {shown})"
-    else:
-        trained = ""
-    pieces = []  # (the first epoch, its objective) where the objective changed, as a resume may
-    for row in history:
-        name = row.get("objective", "elbo").upper()  # older checkpoints: the ELBO
-        name = name if name == "ELBO" else f"{name} bound"
-        if not pieces or pieces[-1][1] != name:
-            pieces.append((row["epoch"], name))
-    if [name for _, name in pieces] != ["ELBO"]:
-        later = "".join(f",\nthen from epoch {epoch} on the {name}" for epoch, name in pieces[1:])
-        trained += f"\n(trained on the {pieces[0][1]}{later})"
+    o = [row["objective"] for row in history]
+    pieces = [(row["epoch"], o[i]) for i, row in enumerate(history) if i == 0 or o[i] != o[i - 1]]
+    if [p[1] for p in pieces] != ["elbo"]:  # the IWAE bound, or the ELBO then the bound
+        name = {"elbo": "the ELBO"}
+        words = [name.get(obj, f"the {obj.upper()} bound") for _, obj in pieces]
+        later = "".join(
+            f",\nthen from epoch {e} on {w}" for (e, _), w in zip(pieces[1:], words[1:])
+        )
+        trained += f"\n(trained on {words[0]}{later})"
     fig = _figure(12, 3.8)
-    panels = (
-        ("neg_elbo", f"-ELBO = recon + KL{trained}"),
-        ("recon", "reconstruction -log p(x|z)"),
-        ("kl", "KL(q(z|x) || p(z))"),
-    )
-    for ax, (key, title) in zip(fig.subplots(1, 3), panels):
-        if key == "neg_elbo":
-            train = [row["train_recon"] + row["train_kl"] for row in history]
-        else:
-            train = [row[f"train_{key}"] for row in history]
-        ax.plot(epochs, train, "o-", ms=3, label="train")
+    panels = {"neg_elbo": f"-ELBO = recon + KL{trained}", "recon": "reconstruction -log p(x|z)"}
+    panels["kl"] = "KL(q(z|x) || p(z))"
+    epochs = [row["epoch"] for row in history]
+    for ax, (key, title) in zip(fig.subplots(1, 3), panels.items()):
+        keys = ("train_recon", "train_kl") if key == "neg_elbo" else (f"train_{key}",)
+        ax.plot(epochs, [sum(row[k] for k in keys) for row in history], "o-", ms=3, label="train")
         ax.plot(epochs, [row[f"test_{key}"] for row in history], "s-", ms=3, label="test")
         ax.set(title=title, xlabel="epoch", ylabel="nats per image")
         ax.xaxis.get_major_locator().set_params(integer=True)  # epochs 1, 2, not 1.2
@@ -1506,65 +1339,36 @@ def plot_losses(history, path):
     save_figure(fig, path)
 
 
-@in_eval_mode
-def encode_split(model, images, labels=None, likelihood="bernoulli", sigma=0.1, batch_size=1000):
-    """A split's posteriors and reconstructions, on the CPU: mu, logvar (N, D); recon_error (N,),
-    -log p(x | z = mu) in nats; x_hat (N, C, H, W) uint8. images: uint8 on the model's device."""
-    out = {"mu": [], "logvar": [], "recon_error": [], "x_hat": []}
-    for start in range(0, len(images), batch_size):
-        x = to_float(images[start : start + batch_size])
-        y = None if labels is None else labels[start : start + batch_size]
-        mu, logvar = model.encode(x, y)
-        logits = model.decode_logits(mu, y)
-        x_hat = (torch.sigmoid(logits) * 255).round().to(torch.uint8)
-        error = reconstruction_loss(logits, x, likelihood, sigma)
-        for key, value in zip(out, (mu, logvar, error, x_hat)):
-            out[key].append(value.cpu())
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
 def save_latent_distribution(mu, logvar, stats, path, seed=0):
     """The aggregate posterior q(z) against the prior, the posteriors' sigmas, and each dimension's
-    KL, the active units (stats['mu_var'] > ACTIVE_UNIT_THRESHOLD, as `evaluate` counts them) in
-    blue. mu, logvar: (N, D) on the CPU.
+    KL, the active units in blue (stats: `evaluate`'s). mu, logvar: (N, D) on the CPU.
 
     What should match the prior N(0, I) is q(z) = mean over images x of q(z|x), drawn here as
     z = mu + sigma * eps, one per image (seed: for eps): its variance is Var(mu) + E[sigma^2],
     so narrow posteriors (sigma << 1) can only match it if the means spread nearly as wide."""
-    g = torch.Generator().manual_seed(seed)
     std = torch.exp(0.5 * logvar)
-    z = mu + std * torch.randn(mu.shape, generator=g)  # (N, D), one draw of q(z|x) per image
-    fig = _figure(15, 3.8)
-    ax_z, ax_sigma, ax_kl = fig.subplots(1, 3)
-    _hist(
-        ax_z,
-        z,
-        density=True,
-        alpha=0.6,
-        label=f"z ~ q(z) (variance {z.var(correction=0).item():.2f})",
-    )
+    z = mu + std * torch.randn(mu.shape, generator=torch.Generator().manual_seed(seed))  # (N, D)
+    ax_z, ax_sigma, ax_kl = _figure(15, 3.8).subplots(1, 3)
+    variance = z.var(correction=0).item()
+    _hist(ax_z, z, density=True, alpha=0.6, label=f"z ~ q(z) (variance {variance:.2f})")
     _hist(ax_z, mu, density=True, histtype="step", color="C1", label="mu, the posterior means")
     t = torch.linspace(-4, 4, 200)
     ax_z.plot(t, torch.exp(-0.5 * t**2) / math.sqrt(2 * math.pi), "k", label="prior N(0, 1)")
     ax_z.set(title="aggregate posterior q(z), all dimensions", xlabel="z", ylabel="density")
-    ax_sigma.hist(std.flatten().numpy(), bins=100, range=(0, 1.2), alpha=0.7, label="sigma")
+    ax_z.legend(fontsize=8)
+    _hist(ax_sigma, std, alpha=0.7, label="sigma")
     ax_sigma.axvline(1.0, color="k", label="prior sigma = 1")
     ax_sigma.set(title="posterior standard deviations sigma", xlabel="sigma", ylabel="count")
+    ax_sigma.legend()
     kl = torch.tensor(stats["kl_per_dim"])
     order = torch.argsort(kl, descending=True).tolist()
     active = [stats["mu_var"][d] > ACTIVE_UNIT_THRESHOLD for d in order]
     ax_kl.bar(range(len(kl)), kl[order].numpy(), color=["C0" if a else "C7" for a in active])
-    every = 1 if len(kl) <= 32 else -(-len(kl) // 16)  # labels that do not overlap
-    shown = range(0, len(kl), every)
+    shown = range(0, len(kl), 1 if len(kl) <= 32 else -(-len(kl) // 16))  # labels apart
     ax_kl.set_xticks(shown, [str(order[i]) for i in shown], fontsize=6)
-    ax_kl.set(
-        title=f"KL per dimension: {sum(active)} of {len(kl)} active (blue)",
-        xlabel="latent dimension",
-        ylabel="nats per image",
-    )
-    ax_z.legend(fontsize=8)
-    ax_sigma.legend()
-    save_figure(fig, path)
+    title = f"KL per dimension: {sum(active)} of {len(kl)} active (blue)"
+    ax_kl.set(title=title, xlabel="latent dimension", ylabel="nats per image")
+    save_figure(ax_z.figure, path)
 
 
 def save_traversals(model, x, kl_per_dim, path, y=None, n_dims=8, span=3.0):
@@ -1578,13 +1382,10 @@ def save_traversals(model, x, kl_per_dim, path, y=None, n_dims=8, span=3.0):
     for row, d in enumerate(dims):
         z[row, :, d] = values
     images = model.decode(z.flatten(0, 1), None if y is None else y.expand(len(dims) * 11))
-    _grid_figure(
-        images.view(len(dims), 11, *x.shape),
-        [f"z{d} ({kl_per_dim[d]:.1f} nats)" for d in dims],
-        "traversals of the most informative dimensions, from mu of one test image",
-        path,
-        col_labels=[f"{round(v, 1) + 0.0:+.1f}" for v in values.tolist()],
-    )
+    title = "traversals of the most informative dimensions, from mu of one test image"
+    rows = [f"z{d} ({kl_per_dim[d]:.1f} nats)" for d in dims]
+    columns = [f"{round(v, 1) + 0.0:+.1f}" for v in values.tolist()]
+    save_grid(images.view(len(dims), 11, *x.shape), path, title, rows, columns)
 
 
 def save_class_means(model, mu, labels, classes, path, per_class=8, noise=0.1, seed=0):
@@ -1598,12 +1399,9 @@ def save_class_means(model, mu, labels, classes, path, per_class=8, noise=0.1, s
     y = torch.tensor(present, device=device).repeat_interleave(per_class)
     images = model.decode(z.flatten(0, 1).to(device), y)  # (classes * per_class, C, H, W)
     with_label = " with the label" if model.num_classes else ""
-    _grid_figure(
-        images.view(len(present), per_class, *images.shape[1:]),
-        [str(classes[c]) for c in present],
-        f"class means of mu + {noise} * N(0, I), decoded{with_label}",
-        path,
-    )
+    title = f"class means of mu + {noise} * N(0, I), decoded{with_label}"
+    rows = [str(classes[c]) for c in present]
+    save_grid(images.view(len(present), per_class, *images.shape[1:]), path, title, rows)
 
 
 def save_latent_pca(mu, labels, classes, path):
@@ -1614,12 +1412,11 @@ def save_latent_pca(mu, labels, classes, path):
     proj = torch.cat([centered @ v[:2].T, torch.zeros(len(mu), 2)], dim=1)[:, :2]  # (N, 2)
     explained = (s**2 / (s**2).sum().clamp(min=1e-300)).tolist() + [0.0]  # PC 2 is 0 when D = 1
     ax = _figure(6.5, 5.5).subplots()
-    if labels is None:
-        ax.scatter(*proj.T, s=2, alpha=0.5)
-    else:
-        for c in sorted(set(labels.tolist())):
-            points = proj[labels == c].T
-            ax.scatter(*points, s=2, alpha=0.5, color=f"C{c % 10}", label=_literal(classes[c]))
+    for c in sorted(set(labels.tolist())) if labels is not None else [None]:
+        points = proj.T if c is None else proj[labels == c].T
+        name = None if c is None else _literal(classes[c])
+        ax.scatter(*points, s=2, alpha=0.5, color=f"C{(c or 0) % 10}", label=name)
+    if labels is not None:
         ax.legend(markerscale=6, title="class", loc="best", fontsize=8)
     ax.set(
         title="test-set means mu, first two principal components",
@@ -1629,144 +1426,109 @@ def save_latent_pca(mu, labels, classes, path):
     save_figure(ax.figure, path)
 
 
-def save_error_analysis(images, enc, labels, classes, out_dir, n=16):
-    """The histogram of reconstruction errors, the n best and worst reconstructed images, and the
-    per-class table (in per_class.csv; returned, [] without labels). images: (N, C, H, W) uint8 on
-    the CPU; enc: `encode_split`'s dict; labels: (N,) or None."""
-    error = enc["recon_error"]
-    kl = kl_divergence(enc["mu"], enc["logvar"])
+@in_eval_mode
+def save_error_analysis(model, images, labels, classes, out_dir, likelihood, sigma, n=16):
+    """Each test image's reconstruction error -log p(x | z = mu): their histogram, the n best and
+    worst reconstructed images, and per class (per_class.csv) the mean error and KL; returns those
+    rows ([] without labels). images: (N, C, H, W) uint8 on the model's device; labels: (N,) on
+    the CPU, or None. Returns also mu (N, D) and logvar, on the CPU, for the other figures."""
+    y = labels.to(images.device) if model.num_classes else None
+    out = []  # per batch: mu, logvar, error, x_hat
+    for start in range(0, len(images), 1000):
+        x = to_float(images[start : start + 1000])
+        mu, logvar = model.encode(x, None if y is None else y[start : start + 1000])
+        logits = model.decode_logits(mu, None if y is None else y[start : start + 1000])
+        error = reconstruction_loss(logits, x, likelihood, sigma)
+        x_hat = (torch.sigmoid(logits) * 255).round().to(torch.uint8)
+        out.append([t.cpu() for t in (mu, logvar, error, x_hat)])
+    mu, logvar, error, x_hat = (torch.cat(parts) for parts in zip(*out))
     ax = _figure(6.5, 4).subplots()
     _hist(ax, error)
     ax.set(title="reconstruction error per test image", xlabel="-log p(x | z = mu), nats")
     ax.set_ylabel("images")
     save_figure(ax.figure, os.path.join(out_dir, "recon_error_hist.png"))
     order = torch.argsort(error)
-    best = order[:n]
-    worst = order.flip(0)[:n]
-    grid = torch.stack([images[best], enc["x_hat"][best], images[worst], enc["x_hat"][worst]])
-    title = (
-        f"best and worst reconstructed test images ({error[best[0]]:.4g} to "
-        f"{error[worst[0]]:.4g} nats)"
+    best, worst = order[:n], order.flip(0)[:n]
+    x = images.cpu()
+    grid = torch.stack([x[best], x_hat[best], x[worst], x_hat[worst]]).float() / 255
+    title = f"best and worst reconstructed test images ({error[best[0]]:.4g} to {error[worst[0]]:.4g} nats)"
+    save_grid(
+        grid, os.path.join(out_dir, "best_worst.png"), title, ["best", "recon", "worst", "recon"]
     )
-    path = os.path.join(out_dir, "best_worst.png")
-    _grid_figure(grid.float() / 255, ["best", "recon", "worst", "recon"], title, path)
+    kl = kl_divergence(mu, logvar)
     rows = []
     for c in sorted(set(labels.tolist())) if labels is not None else ():
         m = labels == c
-        rows.append(
-            dict(
-                label=c,
-                name=classes[c],
-                count=int(m.sum()),
-                recon_error=error[m].mean().item(),
-                kl=kl[m].mean().item(),
-            )
-        )
+        row = dict(label=c, name=classes[c], count=int(m.sum()), recon_error=error[m].mean().item())
+        rows.append(dict(row, kl=kl[m].mean().item()))
     if rows:
         save_csv(rows, os.path.join(out_dir, "per_class.csv"))
-    return rows
+    return rows, mu, logvar
 
 
 @in_eval_mode
-def write_analysis(model, test_x, test_y, stats, out_dir, config, classes=None):
-    """Write every figure of a trained model into out_dir, in eval mode; returns the per-class rows.
-    test_x: (N, C, H, W) uint8 on the model's device; test_y: (N,) on the CPU, or None (no class
-    figures then), and `classes` their names; stats: `evaluate`'s dict; config: the run's
-    settings, of which it reads likelihood and sigma, seed (for every random draw) and
-    interpolate = (A, B): the interpolation joins the first test images of classes A and B
-    (else test images 0 and 1)."""
+def write_figures(model, test_x, test_y, classes, stats, out_dir, likelihood, sigma, seed, pair):
+    """Every figure of a trained model, in out_dir; returns the per-class rows. test_x: (N, C, H, W)
+    uint8 on the model's device; test_y: (N,) on the CPU, or None (no class figures then), and
+    `classes` their names; stats: `evaluate`'s; likelihood, sigma: p(x|z); seed: for every random
+    draw; pair = (A, B): the interpolation joins the first test images of classes A and B (else
+    test images 0 and 1)."""
     path = lambda name: os.path.join(out_dir, name)  # noqa: E731
-    seed = config["seed"]
     conditional = model.num_classes > 0
     label = (lambda i: int(test_y[i])) if conditional else (lambda i: None)
-    y = test_y.to(test_x.device) if conditional else None
-    enc = encode_split(model, test_x, y, config["likelihood"], config["sigma"])
+    rows, mu, logvar = save_error_analysis(
+        model, test_x, test_y, classes, out_dir, likelihood, sigma
+    )
     save_samples(
         model, path("samples_per_class.png" if conditional else "samples.png"), classes, seed
     )
-    a, b = config["interpolate"]
     labels = [] if test_y is None else test_y.tolist()
     i, j = 0, min(1, len(test_x) - 1)
-    if a != b and a in labels and b in labels:
-        i, j = labels.index(a), labels.index(b)
+    if pair[0] != pair[1] and set(pair) <= set(labels):
+        i, j = labels.index(pair[0]), labels.index(pair[1])
     elif labels:
         print(
-            f"note: --interpolate {a} {b} does not name two classes that the test set has, so "
-            f"interpolation.png joins test images 0 and 1"
+            f"note: --interpolate {pair[0]} {pair[1]} does not name two classes that the test set "
+            f"has, so interpolation.png joins test images 0 and 1"
         )
-    x_i = to_float(test_x[i])
-    x_j = to_float(test_x[j])
-    path_ij = interpolate(model, x_i, x_j, 10, label(i), label(j))
-    save_grid(torch.cat([x_i[None], path_ij, x_j[None]]), path("interpolation.png"), nrow=12)
-    save_latent_distribution(enc["mu"], enc["logvar"], stats, path("latent_distribution.png"), seed)
-    x_0 = to_float(test_x[0])
-    save_traversals(model, x_0, stats["kl_per_dim"], path("traversals.png"), label(0))
+    ends = to_float(test_x[[i, j]])
+    line = interpolate(model, ends[0], ends[1], 10, label(i), label(j))
+    title = "interpolation: two test images, and decode(z) on the line between their mu"
+    save_grid(torch.cat([ends[:1], line, ends[1:]])[None], path("interpolation.png"), title)
+    save_latent_distribution(mu, logvar, stats, path("latent_distribution.png"), seed)
+    save_traversals(model, ends[0], stats["kl_per_dim"], path("traversals.png"), label(i))
     if test_y is None:
         print(
             "note: the images have no class labels, so class_means.png and per_class.csv are not "
             "written and latent_pca.png has one colour"
         )
     else:
-        save_class_means(model, enc["mu"], test_y, classes, path("class_means.png"), seed=seed)
-    save_latent_pca(enc["mu"], test_y, classes, path("latent_pca.png"))
+        save_class_means(model, mu, test_y, classes, path("class_means.png"), seed=seed)
+    save_latent_pca(mu, test_y, classes, path("latent_pca.png"))
     if model.latent_dim == 2 and not conditional:  # decoded over [-3, 3]^2, z1 rightwards, z2 up
         z = torch.cartesian_prod(torch.linspace(3, -3, 20), torch.linspace(-3, 3, 20)).flip(1)
-        save_grid(model.decode(z.to(test_x.device)), path("manifold.png"), nrow=20)  # z: (400, 2)
-    return save_error_analysis(test_x.cpu(), enc, test_y, classes, out_dir)
+        images = model.decode(z.to(test_x.device)).view(20, 20, *test_x.shape[1:])  # z: (400, 2)
+        save_grid(images, path("manifold.png"), "decode(z) for z1, z2 in [-3, 3], z2 upwards")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
 # The final report: the numbers of a trained model, and every figure
 
 
-def eval_generator(seed, device):
-    """The random generator of one evaluation: a new one, seeded `seed`, at every call, so that the
-    same weights give the same numbers and training draws the same whether or not it is evaluated."""
-    return torch.Generator(device).manual_seed(seed)
-
-
 @in_eval_mode
 def evaluate_nll(model, images, k, labels=None, likelihood="bernoulli", sigma=0.1, seed=0):
-    """Mean -log p(x) of a split by `log_likelihood` with k samples, under the likelihood the model
-    was trained with: (nats per image, bits per dim = nats / (C H W ln 2)). images: uint8 on the
-    model's device; labels: for a conditional model, whose number is then -log p(x|y)."""
-    generator = eval_generator(seed, images.device)
+    """-log p(x) by `log_likelihood` with k samples, under the model's likelihood, in nats per
+    image, the mean over a split. images: uint8 on the model's device; labels: for a conditional
+    model, whose number is then -log p(x|y)."""
+    generator = torch.Generator(images.device).manual_seed(seed)
     total = torch.zeros((), device=images.device)
     for start in range(0, len(images), 100):
         y = None if labels is None else labels[start : start + 100]
         total += log_likelihood(
             model, images[start : start + 100], k, y, likelihood, sigma, generator
         ).sum()
-    nll = -total.item() / len(images)
-    return nll, nll / (images[0].numel() * math.log(2))
-
-
-def constant_decoder_cost(images, likelihood="bernoulli", sigma=0.1):
-    """The -ELBO of images (uint8) under a model that ignores z and says 0.5 for every pixel (logits
-    0, KL 0), in nats per image: P ln 2 for P pixels under a Bernoulli likelihood."""
-    total = 0.0
-    for start in range(0, len(images), 1000):
-        x = to_float(images[start : start + 1000])
-        total += reconstruction_loss(torch.zeros_like(x), x, likelihood, sigma).sum().item()
-    return total / len(images)
-
-
-def divergence_warning(neg_elbo, previous, constant_cost, lr):
-    """A warning when the test -ELBO explodes but stays finite: over ten times `constant_cost`, or
-    grown ten-fold since the epoch before (`previous`, or None). A creeping rise, as a model
-    overfits, passes. Else None."""
-    if neg_elbo > 10 * abs(constant_cost):
-        what = (
-            f"over 10 times the {constant_cost:.4g} nats of a decoder that says 0.5 for every pixel"
-        )
-    elif previous is not None and neg_elbo - previous > 9 * abs(previous):
-        what = f"ten times or more the {previous:.4g} nats of the epoch before"
-    else:
-        return None
-    return (
-        f"warning: training has diverged: the test -ELBO is {neg_elbo:.4g} nats, {what}; try a "
-        f"lower --lr (now {lr:g}) or --grad_clip 10."
-    )
+    return -total.item() / len(images)
 
 
 def collapse_warning(kl, active_units, n_images):
@@ -1781,51 +1543,57 @@ def collapse_warning(kl, active_units, n_images):
         )
     if active_units == 0 and n_images >= 10:
         return (
-            f"warning: no active latent unit: no mean mu_u varies across the test images by more "
-            f"than {ACTIVE_UNIT_THRESHOLD} (the test KL is {kl:.3f} nats), so z tells the decoder "
+            f"warning: no active latent unit: no mean mu_u has a variance across the test images "
+            f"over {ACTIVE_UNIT_THRESHOLD} (the test KL is {kl:.3f} nats), so z tells the decoder "
             f"little about each image; {advice}"
         )
     return None
 
 
-def report(model, test_x, test_y, config, out_dir, nll_samples=0, extra=None, classes=None):
-    """The final evaluation of a trained model: the test -ELBO and the beta-weighted loss, the NLL
-    if asked, every figure; all in evaluation.json, whose dict it returns. test_x: (N, C, H, W)
-    uint8 on the model's device; test_y: (N,) on the CPU, or None; config: the run's settings
-    (beta, likelihood, sigma, seed, interpolate). A Bernoulli likelihood of pixels that are not
-    binary is not a probability: its numbers say so."""
-    y = test_y.to(test_x.device) if model.num_classes else None
-    beta = config["beta"]
-    likelihood = config["likelihood"]
-    sigma = config["sigma"]
-    seed = config["seed"]
-    te = evaluate(model, test_x, y, likelihood, sigma, eval_generator(seed, test_x.device))
-    results = dict(extra or {}, likelihood=likelihood)
-    if likelihood == "gaussian":
-        results["sigma"] = sigma
+def report(model, data, out_dir, likelihood, sigma, beta, seed, nll_samples, pair, extra):
+    """The final evaluation of a trained model, printed and saved with every figure: the test
+    -ELBO, the loss at `beta` (the last epoch's), the NLL with nll_samples > 0, each in nats per
+    image; returns evaluation.json's dict (with `extra`'s values). data: the run's (test_x uint8
+    on the model's device, labels on the CPU or None, classes). Bits per dimension are given for
+    binary pixels only: a Bernoulli likelihood of grey pixels is not a probability, and a Gaussian
+    one is a density of continuous pixels, which the log says."""
+    test_x = data["test_x"]
+    y = data["labels"].to(test_x.device) if model.num_classes else None
+    generator = torch.Generator(test_x.device).manual_seed(seed)
+    te = evaluate(model, test_x, y, likelihood, sigma, generator)
+    results = dict(extra, likelihood=likelihood, sigma=sigma if likelihood == "gaussian" else None)
     results.update(test_neg_elbo=te["neg_elbo"], test_recon=te["recon"], test_kl=te["kl"])
     results.update(beta=beta, test_loss=te["recon"] + beta * te["kl"])
     results.update({k: te[k] for k in ("active_units", "kl_per_dim", "mu_var")})
+    binary = bool(((test_x == 0) | (test_x == 255)).all())
     note = ""
-    if likelihood == "bernoulli" and not bool(((test_x == 0) | (test_x == 255)).all()):
-        note = " (Bernoulli on pixels that are not binary: not a probability;"
-        note += " it compares runs of vae.py, and --binarize gives the standard binary protocol)"
+    if likelihood == "bernoulli" and not binary:
+        note = " (Bernoulli on pixels that are not binary: not a probability; it compares runs of"
+        note += " vae.py, and --binarize gives the standard binary protocol)"
+    elif likelihood == "gaussian":
+        note = f" (a Gaussian density of pixels in [0, 1] with sigma {sigma:g}: it compares"
+        note += " Gaussian runs, not published likelihoods of 8-bit pixels)"
     print(
         f"test -ELBO {te['neg_elbo']:.3f} = recon {te['recon']:.3f} + kl {te['kl']:.3f} nats/image "
         f"(one z per image){note}; {te['active_units']} of {model.latent_dim} latent units active"
     )
     if beta != 1:
-        print(f"test loss with beta {beta:g}, recon + {beta:g} * kl: {results['test_loss']:.3f}")
+        print(
+            f"test loss at the last epoch's beta, recon + {beta:g} kl: {results['test_loss']:.3f}"
+        )
     if nll_samples > 0:
         t0 = time.perf_counter()
-        nll, bpd = evaluate_nll(model, test_x, nll_samples, y, likelihood, sigma, seed)
-        print(
-            f"test {'NLL' if y is None else '-log p(x|y)'} (K={nll_samples}): {nll:.2f} nats/image, "
-            f"{bpd:.4f} bits/dim [{time.perf_counter() - t0:.0f} s]{note}",
-            flush=True,
-        )
-        results.update(nll_samples=nll_samples, test_nll=nll, test_nll_bits_per_dim=bpd)
-    results["per_class"] = write_analysis(model, test_x, test_y, te, out_dir, config, classes)
+        nll = evaluate_nll(model, test_x, nll_samples, y, likelihood, sigma, seed)
+        results.update(nll_samples=nll_samples, test_nll=nll)
+        bits = ""
+        if likelihood == "bernoulli" and binary:
+            results["test_nll_bits_per_dim"] = nll / (test_x[0].numel() * math.log(2))
+            bits = f", {results['test_nll_bits_per_dim']:.4f} bits/dim"
+        what = "NLL" if y is None else "-log p(x|y)"
+        took = time.perf_counter() - t0
+        print(f"test {what} (K={nll_samples}): {nll:.2f} nats/image{bits} [{took:.0f} s]{note}")
+    figures = (data["classes"], te, out_dir, likelihood, sigma, seed, pair)
+    results["per_class"] = write_figures(model, test_x, data["labels"], *figures)
     save_json(results, os.path.join(out_dir, "evaluation.json"))
     return results
 
@@ -1834,49 +1602,20 @@ def report(model, test_x, test_y, config, out_dir, nll_samples=0, extra=None, cl
 # A training run
 
 
-def load_data(args, device, world=1):
-    """The run's data (`load_dataset`'s dict) with train_x, test_x on the device, and train_y,
-    test_y there for a conditional model (else None); labels: the test labels on the CPU, for the
-    figures. Sets args.channels and args.image_size to the data's."""
-    if args.batch_size % world:
-        raise UserError(
-            f"--batch_size {args.batch_size} is the batch of all {world} processes together, so "
-            f"it must be a multiple of {world}."
-        )
-    data = load_dataset(args.dataset, args.data_dir, args.image_size, args.channels, args.binarize)
-    if data["note"]:
-        print(f"data: {data['note']}", flush=True)
-    if args.conditional and data["train_y"] is None:
-        raise UserError(
-            "--conditional needs class labels, and these images have none; use a dataset with "
-            "classes, or a folder with one subfolder per class."
-        )
-    args.channels = data["train_x"].shape[1]
-    args.image_size = data["train_x"].shape[-1]
-    data["labels"] = data["test_y"]
-    for split in ("train", "test"):
-        data[f"{split}_x"] = data[f"{split}_x"].to(device)
-        data[f"{split}_y"] = data[f"{split}_y"].to(device) if args.conditional else None
-    return data
-
-
 def build_model(args, num_classes=0):
     """The command line's model: --model conv, a ConvVAE whose first block has --width channels and
     --res_blocks residual blocks on each side, or mlp, an MLPVAE with hidden layers of 16 and 8
     times --width units (512 and 256 at 32)."""
     size = (args.image_size, args.channels, args.latent_dim)
     if args.model == "conv":
-        return ConvVAE(
-            *size, base_channels=args.width, num_classes=num_classes, res_blocks=args.res_blocks
-        )
+        return ConvVAE(*size, args.width, num_classes, args.res_blocks)
     return MLPVAE(*size, hidden=(16 * args.width, 8 * args.width), num_classes=num_classes)
 
 
 def to_device(model, device, distributed=False):
-    """The model on `device`, a ConvVAE in the NHWC layout (channels_last) unless under DDP, whose
-    gradient buckets expect the default strides. NHWC runs convolutions about 25% faster on CPUs
-    (oneDNN) and tensor-core GPUs; and a run and the evaluation of its checkpoint both use it, so
-    that they compute the same numbers, bit for bit."""
+    """The model on `device`, a ConvVAE in the NHWC layout (channels_last), about 25% faster on CPUs
+    (oneDNN) and tensor-core GPUs, unless under DDP, whose gradient buckets expect the default
+    strides. A run and the evaluation of its checkpoint both use it: the same numbers, bit for bit."""
     model = model.to(device)
     if isinstance(model, ConvVAE) and not distributed:
         model = model.to(memory_format=torch.channels_last)
@@ -1892,223 +1631,36 @@ def check_classes(model, classes, data_dir):
         )
 
 
-class Run:
-    """A training run across its epochs: the model, its optimizer and step, the metrics so far.
-    Under torchrun each process has one, and rank 0 alone evaluates, prints and writes. model,
-    state: a resumed run's model and checkpoint (see `resume_config`), else a new model."""
+def train_share(model, optimizer, data, batch_size, beta, binarize, step_args, epoch, share):
+    """One epoch of Part 1's loop over this process's share of the training set, with a progress
+    bar. One process shuffles as Part 1's `train_epoch` does; under torchrun (share = (rank, world,
+    seed)), one order seeded by the epoch is padded so that each process takes as many steps, and
+    dealt out by rank. Returns the epoch's mean [loss, recon, kl] (3,), nats per image, on the
+    device."""
+    from tqdm import tqdm
 
-    def __init__(self, args, data, device, rank=0, world=1, model=None, state=None):
-        self.args = args
-        self.data = data
-        self.rank = rank
-        self.world = world
-        distributed = dist.is_initialized()  # under torchrun, even with one process
-        num_classes = len(data["classes"]) if args.conditional else 0
-        model = build_model(args, num_classes) if model is None else model
-        check_classes(model, data["classes"], args.data_dir)
-        model = to_device(model, device, distributed)
-        self.model = model  # saved and evaluated; step_model is what training calls
-        ids = [device] if device.type == "cuda" else None
-        self.step_model = nn.parallel.DistributedDataParallel(model, ids) if distributed else model
-        # DDP's gradient exchange would not be in the graph, so there is none under torchrun.
-        graph = args.cuda_graph == "auto" and device.type == "cuda" and not distributed
-        # Fused Adam updates all parameters in one kernel, not a dozen per tensor; capturable
-        # keeps its step count on the GPU, so that a CUDA graph can record it. A graph reads the
-        # learning rate from a tensor, which `set_lr` fills at each epoch.
-        lr = torch.tensor(args.lr, device=device) if graph else args.lr
-        fused = device.type in ("cuda", "cpu")
-        capturable = device.type == "cuda"
-        self.optimizer = torch.optim.Adam(
-            model.parameters(), lr, fused=fused, capturable=capturable
-        )
-        self.config = dict(vars(args), num_classes=num_classes, classes=data["classes"])
-        self.history = [] if state is None else state["history"]
-        self.saved_epoch = None if state is None else state["epoch"]
-        if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr  # the schedule sets its value at each epoch
-        self.step_args = dict(likelihood=args.likelihood, sigma=args.sigma)
-        self.step_args.update(free_bits=args.free_bits, grad_clip=args.grad_clip)
-        self.step_args.update(iwae_samples=args.iwae_samples)
-        self.step = train_step
-        if graph:
-            x = to_float(data["train_x"][: args.batch_size])
-            y = None if data["train_y"] is None else data["train_y"][: args.batch_size]
-            self.step = CUDAGraphStep(self.step_model, self.optimizer, x, y, **self.step_args)
-        self.constant_cost = constant_decoder_cost(data["test_x"], args.likelihood, args.sigma)
-        graph = ", CUDA graph" if self.step is not train_step else ""
-        self.header = (
-            f"{args.model} VAE{f' conditional on {num_classes} classes' if num_classes else ''}, "
-            f"{sum(p.numel() for p in model.parameters()):,} parameters, latent_dim "
-            f"{args.latent_dim}, {len(data['train_x']):,} train / {len(data['test_x']):,} test "
-            f"{args.dataset} images of {args.channels}x{args.image_size}x{args.image_size}"
-            f"{' binarized' if args.binarize else ''}, device {device}"
-            f"{f' x {world} processes' if world > 1 else ''}{graph}"
-        )
-        if state is not None:  # the generators go on from the saved epoch: on a CPU, bit for bit
-            torch.set_rng_state(state["rng"]["cpu"])
-            if device.type == "cuda" and state["rng"]["cuda"]:
-                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-            if rank > 0:  # the checkpoint holds rank 0's generators; the others get their own
-                torch.manual_seed(args.seed + rank + world * self.saved_epoch)
-
-    def saved(self):
-        """What the run has saved, for the sentence that stops it."""
-        if self.saved_epoch:
-            return f"the checkpoint of epoch {self.saved_epoch} in '{self.args.out_dir}' is intact"
-        return "no epoch had finished, so no checkpoint was written"
-
-    def check_step(self, epoch, step, stats):
-        """Stop the run (UserError, exit code 3) when a step's [loss, recon, kl, gradient norm] are
-        not all finite, naming the part that went first (recon, KL, gradient), not the loss."""
-        if torch.isfinite(stats).all():  # waits for that step only
-            return
-        values = dict(zip(("loss", "reconstruction term", "KL term", "gradient"), stats.tolist()))
-        bad = [name for name, v in values.items() if not math.isfinite(v)]
-        shown = ", ".join(f"{v:.4g}" for v in values.values())
-        raise UserError(
-            f"the {bad[1] if len(bad) > 1 else bad[0]} became non-finite at epoch {epoch}, step "
-            f"{step} (loss, recon, kl, gradient norm = {shown}), so training stopped; "
-            f"{self.saved()}; try a lower --lr (now {self.args.lr:g}) or --grad_clip 10.",
-            3,
-        )
-
-    def train_epoch(self, epoch, beta):
-        """One epoch of Part 1's `train_epoch` with this run's hooks: (its dict, seconds). Its
-        `on_step` draws the progress bar and checks each step once the next one is queued: reading
-        a step's numbers makes the CPU wait for the GPU, which this way never idles."""
-        from tqdm import tqdm
-
-        args = self.args
-        x = self.data["train_x"]
-        n = len(x)
-        order = None
-        if self.world > 1:  # one shuffled order, padded so that all processes take as many steps
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + epoch))
-            order = torch.cat([order, order[: -n % self.world]])[self.rank :: self.world]
-            order = order.to(x.device)
-        steps = -(-n // args.batch_size)
-        desc = f"epoch {epoch}/{args.epochs}"
-        bar = tqdm(total=steps, desc=desc, leave=False, disable=not sys.stderr.isatty())
-        pending = []
-
-        def on_step(step, stats):
-            bar.update()
-            if pending:
-                self.check_step(epoch, *pending.pop())
-            pending.append((step, stats))
-
-        t0 = time.perf_counter()
-        batch = args.batch_size // self.world
-        with bar:
-            y = self.data["train_y"]
-            loop = (self.step_model, self.optimizer, x, batch, beta, y, args.binarize, self.step)
-            tr = train_epoch(*loop, order, on_step, **self.step_args)
-            self.check_step(epoch, *pending.pop())
-        seconds = time.perf_counter() - t0  # train_epoch has read its sums: the device is done
-        if self.world > 1:  # every process took as many images: the mean of their means
-            means = torch.tensor(list(tr.values()), device=x.device)
-            dist.all_reduce(means)
-            tr = dict(zip(tr, (means / self.world).tolist()))
-            for buffer in self.model.buffers():  # BatchNorm's statistics of rank 0, as DDP does
-                dist.broadcast(buffer, src=0)
-        return tr, seconds
-
-    def evaluate_and_log(self, epoch, beta, tr, seconds, t0):
-        """Evaluate the epoch's weights on the test set, add its row to the history, and print its
-        log line and any warning. t0: when the epoch started; seconds: its training time."""
-        args, test_x = self.args, self.data["test_x"]
-        generator = eval_generator(args.seed, test_x.device)
-        te = evaluate(
-            self.model, test_x, self.data["test_y"], args.likelihood, args.sigma, generator
-        )
-        if not all(map(math.isfinite, (te["recon"], te["kl"]))):  # the last step diverged
-            raise UserError(
-                f"the test -ELBO became non-finite after epoch {epoch} (recon {te['recon']:.4g}, "
-                f"kl {te['kl']:.4g}), so training stopped; {self.saved()}; try a lower --lr (now "
-                f"{args.lr:g}) or --grad_clip 10.",
-                3,
-            )
-        previous = self.history[-1]["test_neg_elbo"] if self.history else None
-        k = args.iwae_samples
-        objective = "elbo" if k == 1 else f"iwae{k}"  # train_loss: recon + beta kl, or -IWAE bound
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        r = dict(epoch=epoch, beta=beta, lr=lr, objective=objective)
-        r.update({f"train_{name}": v for name, v in tr.items()})
-        r.update(test_neg_elbo=te["neg_elbo"], test_recon=te["recon"], test_kl=te["kl"])
-        r.update(test_active_units=te["active_units"], seconds=time.perf_counter() - t0)
-        r.update(images_per_sec=len(self.data["train_x"]) / seconds)
-        self.history.append(r)
-        loss_name = "loss" if k == 1 else f"-IWAE{k}"
-        print(
-            f"epoch {epoch:3d}/{args.epochs} | beta {beta:.3f} | train {loss_name} "
-            f"{r['train_loss']:8.3f} recon {r['train_recon']:8.3f} kl {r['train_kl']:7.3f} | test "
-            f"-ELBO {r['test_neg_elbo']:8.3f} recon {r['test_recon']:8.3f} kl {r['test_kl']:7.3f} | AU "
-            f"{r['test_active_units']:3d} | {r['seconds']:6.2f} s {r['images_per_sec']:7.0f} img/s",
-            flush=True,
-        )
-        for warning in (
-            divergence_warning(te["neg_elbo"], previous, self.constant_cost, args.lr),
-            collapse_warning(te["kl"], te["active_units"], len(test_x)),
-        ):
-            if warning:
-                print(warning, flush=True)
-
-    def save(self, epoch):
-        """The epoch's files: metrics.csv, the checkpoint and, at epochs 1, 5, 15 and the last,
-        the reconstructions of the first 16 test images."""
-        out_dir = self.args.out_dir
-        if epoch in (1, 5, 15, self.args.epochs):
-            x = to_float(self.data["test_x"][:16])
-            y = None if self.data["test_y"] is None else self.data["test_y"][:16]
-            save_reconstructions(
-                self.model, x, f"{out_dir}/reconstructions_epoch{epoch:03d}.png", y
-            )
-        save_csv(self.history, os.path.join(out_dir, "metrics.csv"))
-        rng = dict(cpu=torch.get_rng_state(), cuda=[])
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        path = os.path.join(out_dir, "checkpoint.pt")
-        state = dict(epoch=epoch, config=self.config, history=self.history, rng=rng)
-        save_checkpoint(path, self.model, self.optimizer, **state)
-        self.saved_epoch = epoch
-
-    def stopped(self, interrupt):
-        """The UserError of a run stopped by SIGINT or SIGTERM (`interrupt`: a KeyboardInterrupt
-        whose argument, if any, is the signal)."""
-        signum = interrupt.args[0] if interrupt.args else signal.SIGINT
-        hint = f"; continue with: python vae.py --resume --out_dir {self.args.out_dir}"
-        return UserError(
-            f"stopped by {signal.Signals(signum).name} in epoch {len(self.history) + 1}; "
-            f"{self.saved()}{hint if self.saved_epoch else ''}",
-            128 + signum,
-        )
-
-
-@contextlib.contextmanager
-def sigterm_as_ctrl_c():
-    """Within it, SIGTERM stops a run as Ctrl-C does: KeyboardInterrupt(SIGTERM). Every file is
-    written atomically, so the last checkpoint stays whole. Only the main thread sets handlers."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(signum)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    images = data["train_x"]
+    n = len(images)
+    order = torch.randperm(n, device=images.device)
+    rank, world, seed = share
+    if world > 1:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        order = torch.cat([order, order[: -n % world]])[rank::world].to(images.device)
+    model.train()
+    sums = torch.zeros(3, device=images.device)  # summed on the device, read once by the caller
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty()):
+        idx = order[start : start + batch_size]  # (B,)
+        x = get_batch(images, idx, binarize)  # (B, C, H, W) in [0, 1]
+        y = None if data["train_y"] is None else data["train_y"][idx]
+        sums += train_step(model, optimizer, x, beta, y, **step_args)[:3] * len(idx)
+    return sums / len(order)
 
 
 # The settings a resumed run may change; everything else comes from its checkpoint. A run of the
 # ELBO resumed with --iwae_samples K goes on under the tighter bound (the longer recipe's last piece).
-RESUMABLE = (
-    "epochs lr grad_clip data_dir device cuda_graph deterministic nll_samples iwae_samples".split()
-)
+RESUMABLE = "epochs lr grad_clip data_dir device deterministic nll_samples iwae_samples".split()
+RUN_STATE = {"config", "epoch", "history", "optimizer", "rng"}  # what a run saves beside the model
 
 
 def resume_config(args, explicit):
@@ -2121,22 +1673,41 @@ def resume_config(args, explicit):
             f"--resume, or point --out_dir at the run's folder."
         )
     model, state = load_checkpoint(path)
-    if "config" not in state:
-        raise UserError(f"'{path}' holds a model but no training run to resume.")
-    config = vars(build_parser().parse_args([]))  # for the flags newer than the checkpoint
-    config.update(state["config"], resume=True, overwrite=False, out_dir=args.out_dir)
+    if not RUN_STATE <= set(state):
+        raise UserError(f"'{path}' holds a model but not a training run to resume.")
+    config = dict(state["config"], resume=True, overwrite=False, out_dir=args.out_dir)
     config.update({k: getattr(args, k) for k in RESUMABLE if k in explicit})
-    if iwae_with_a_beta(argparse.Namespace(**config)):
+    args = argparse.Namespace(**config)
+    if iwae_with_a_beta(args):
         raise UserError(
             f"the run in '{args.out_dir}' trains with --beta, --free_bits or --kl_warmup, which "
             f"the IWAE bound has not; resume it without --iwae_samples."
         )
-    if state["epoch"] >= config["epochs"]:
+    if state["epoch"] >= args.epochs:
         raise UserError(
             f"the run in '{args.out_dir}' has finished epoch {state['epoch']} of "
-            f"{config['epochs']}; give --resume a larger --epochs to train further."
+            f"{args.epochs}; give --resume a larger --epochs to train further."
         )
-    return argparse.Namespace(**config), model, state
+    return args, model, state
+
+
+def restore(state, optimizer, args, device, rank, world):
+    """Go on from a resumed run's checkpoint: Adam's state and the random generators, so that on a
+    CPU the run ends bit for bit as the uninterrupted one does (the checkpoint holds rank 0's
+    generators; the other processes get their own). Returns the metrics' rows so far."""
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if device.type == "cuda" and state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if rank > 0:
+        torch.manual_seed(args.seed + rank + world * state["epoch"])
+    changed = [k for k in RESUMABLE if getattr(args, k) != state["config"].get(k)]
+    but = ", ".join(f"--{k} {getattr(args, k)}" for k in changed)
+    print(
+        f"resuming at epoch {state['epoch'] + 1} of {args.epochs} with the saved settings"
+        f"{f' but {but}' if but else ''}"
+    )
+    return state["history"]
 
 
 def train(args, explicit=()):
@@ -2152,50 +1723,141 @@ def train(args, explicit=()):
     device = select_device(args.device, args.deterministic)
     with process_group(device) as (rank, world, device):
         with contextlib.redirect_stdout(sys.stdout if rank == 0 else io.StringIO()):
+            if args.batch_size % world:
+                raise UserError(
+                    f"--batch_size {args.batch_size} is the batch of all {world} processes "
+                    f"together, so it must be a multiple of {world}."
+                )
             torch.manual_seed(args.seed + rank)  # rank 0 draws what a single process would
-            data = load_data(args, device, world)
+            data = load_data(vars(args), device)
+            args.channels = data["train_x"].shape[1]
+            args.image_size = data["train_x"].shape[-1]
             if rank == 0:  # the data is good: now the folder may be made, an earlier run cleared
                 lock = prepare_output_dir(args.out_dir, args.overwrite, args.resume)  # noqa: F841
-            run = Run(args, data, device, rank, world, model, state)
-            print(f"{run.header}, writing to {args.out_dir}", flush=True)
-            if state is not None:
-                saved = state["config"]
-                changed = [k for k in RESUMABLE if getattr(args, k) != saved.get(k)]
-                given = ", ".join(f"--{k} {getattr(args, k)}" for k in changed)
-                print(
-                    f"resuming at epoch {state['epoch'] + 1} of {args.epochs} with the saved "
-                    f"settings{f' but {given}' if given else ''}"
-                )
+            num_classes = len(data["classes"]) if args.conditional else 0
+            model = build_model(args, num_classes) if model is None else model
+            check_classes(model, data["classes"], args.data_dir)
+            model = to_device(model, device, distributed=dist.is_initialized())
+            # The fused Adam updates every parameter in one kernel, not a dozen per tensor.
+            fused = device.type in ("cuda", "cpu")
+            optimizer = torch.optim.Adam(model.parameters(), args.lr, fused=fused)
+            print(
+                f"{args.model} VAE{f' conditional on {num_classes} classes' if num_classes else ''}, "
+                f"{sum(p.numel() for p in model.parameters()):,} parameters, latent_dim "
+                f"{args.latent_dim}, {len(data['train_x']):,} train / {len(data['test_x']):,} test "
+                f"{args.dataset} images of {args.channels}x{args.image_size}x{args.image_size}"
+                f"{' binarized' if args.binarize else ''}, device {device}"
+                f"{f' x {world} processes' if world > 1 else ''}, writing to {args.out_dir}",
+                flush=True,
+            )
+            history = [] if state is None else restore(state, optimizer, args, device, rank, world)
+            config = dict(vars(args), num_classes=num_classes, classes=data["classes"])
             if rank == 0:
-                save_json(run.config, os.path.join(args.out_dir, "config.json"))
-            with sigterm_as_ctrl_c():
-                try:
-                    for epoch in range(len(run.history) + 1, args.epochs + 1):
-                        t0 = time.perf_counter()
-                        beta = beta_schedule(epoch, args.beta, args.kl_warmup)
-                        lr = lr_schedule(epoch, args.lr, args.epochs, args.lr_schedule)
-                        set_lr(run.optimizer, lr)
-                        tr, seconds = run.train_epoch(epoch, beta)
-                        if rank == 0:  # the test set is small: rank 0 evaluates it alone
-                            run.evaluate_and_log(epoch, beta, tr, seconds, t0)
-                            run.save(epoch)
-                except KeyboardInterrupt as e:
-                    raise run.stopped(e) from None
-            run.step_model = run.step = None  # training is over: DDP goes while its group exists
+                save_json(config, os.path.join(args.out_dir, "config.json"))
+            train_epochs(args, model, optimizer, data, history, config, rank, world)
     if rank == 0:  # the final evaluation on the whole test set, by one process
-        plot_losses(run.history, os.path.join(args.out_dir, "loss_curves.png"))
-        extra = dict(epoch=run.history[-1]["epoch"])
-        report(
-            run.model,
-            data["test_x"],
-            data["labels"],
-            run.config,
-            args.out_dir,
-            args.nll_samples,
-            extra,
-            data["classes"],
+        plot_losses(history, os.path.join(args.out_dir, "loss_curves.png"))
+        settings = (args.likelihood, args.sigma, history[-1]["beta"], args.seed, args.nll_samples)
+        extra = dict(epoch=history[-1]["epoch"])
+        report(model, data, args.out_dir, *settings, args.interpolate, extra)
+    return history
+
+
+def train_epochs(args, model, optimizer, data, history, config, rank, world):
+    """The epoch loop: each process trains its share (DDP averages the gradients), then rank 0
+    evaluates, logs and saves, adding the epoch's row to `history`. Ctrl-C stops it with one
+    sentence (exit code 130), a non-finite loss with another (exit code 1); the last good
+    checkpoint stays."""
+    device = data["train_x"].device
+    step_model = model
+    if dist.is_initialized():  # under torchrun, even with one process
+        step_model = nn.parallel.DistributedDataParallel(
+            model, [device] if device.type == "cuda" else None
         )
-    return run.history
+    step_args = dict(likelihood=args.likelihood, sigma=args.sigma, free_bits=args.free_bits)
+    step_args.update(grad_clip=args.grad_clip, iwae_samples=args.iwae_samples)
+    saved = epoch = len(history)
+    try:
+        for epoch in range(len(history) + 1, args.epochs + 1):
+            t0 = time.perf_counter()
+            beta = beta_schedule(epoch, args.beta, args.kl_warmup)
+            set_lr(optimizer, lr_schedule(epoch, args.lr, args.epochs, args.lr_schedule))
+            step = (args.batch_size // world, beta, args.binarize, step_args)
+            means = train_share(step_model, optimizer, data, *step, epoch, (rank, world, args.seed))
+            if world > 1:  # every process took as many images: the mean of their means
+                dist.all_reduce(means)
+                means /= world
+                for buffer in model.buffers():  # BatchNorm's statistics of rank 0, as DDP does
+                    dist.broadcast(buffer, src=0)
+            train_loss = means.tolist()  # waits for the device: the epoch's steps are done
+            if rank == 0:  # the test set is small: rank 0 evaluates it alone
+                row = dict(epoch=epoch, beta=beta, lr=optimizer.param_groups[0]["lr"])
+                history.append(log_epoch(args, model, data, row, train_loss, t0, saved))
+                save_epoch(model, optimizer, data, history, config, args.out_dir, args.epochs)
+                saved = epoch
+    except KeyboardInterrupt:
+        hint = f"; continue with: python vae.py --resume --out_dir {args.out_dir}" if saved else ""
+        raise UserError(
+            f"stopped by Ctrl-C in epoch {epoch}; {kept(args.out_dir, saved)}{hint}", 130
+        ) from None
+
+
+def kept(out_dir, epoch):
+    """What a stopped run has kept, for the sentence that stops it."""
+    if epoch:
+        return f"the checkpoint of epoch {epoch} in '{out_dir}' is intact"
+    return "no epoch had finished, so no checkpoint was written"
+
+
+def log_epoch(args, model, data, row, train_loss, t0, saved):
+    """The epoch's metrics row, completed with the training means (train_loss: recon + beta kl, or
+    minus the IWAE bound), the test -ELBO of the weights (z drawn from a generator seeded --seed)
+    and the time since t0; printed as one line, with the collapse warning if it applies.
+    UserError (exit code 1) when a loss is not finite."""
+    generator = torch.Generator(data["test_x"].device).manual_seed(args.seed)
+    te = evaluate(model, data["test_x"], data["test_y"], args.likelihood, args.sigma, generator)
+    if not all(map(math.isfinite, (*train_loss, te["neg_elbo"]))):
+        raise UserError(
+            f"the loss became non-finite in epoch {row['epoch']} (train {train_loss[0]:.4g}, test "
+            f"-ELBO {te['neg_elbo']:.4g}), so training stopped; {kept(args.out_dir, saved)}; try "
+            f"a lower --lr (now {args.lr:g}) or --grad_clip 10.",
+            1,
+        )
+    k = args.iwae_samples
+    row.update(objective="elbo" if k == 1 else f"iwae{k}")
+    row.update(zip(("train_loss", "train_recon", "train_kl"), train_loss))
+    row.update(test_neg_elbo=te["neg_elbo"], test_recon=te["recon"], test_kl=te["kl"])
+    row.update(test_active_units=te["active_units"], seconds=time.perf_counter() - t0)
+    row.update(images_per_sec=len(data["train_x"]) / row["seconds"])
+    print(
+        f"epoch {row['epoch']:3d}/{args.epochs} | beta {row['beta']:.3f} | train "
+        f"{'loss' if k == 1 else f'-IWAE{k}'} {row['train_loss']:8.3f} recon "
+        f"{row['train_recon']:8.3f} kl {row['train_kl']:7.3f} | test -ELBO "
+        f"{row['test_neg_elbo']:8.3f} recon {row['test_recon']:8.3f} kl {row['test_kl']:7.3f} | AU "
+        f"{row['test_active_units']:3d} | {row['seconds']:6.2f} s {row['images_per_sec']:7.0f} img/s",
+        flush=True,
+    )
+    warning = collapse_warning(te["kl"], te["active_units"], len(data["test_x"]))
+    if warning:
+        print(warning, flush=True)
+    return row
+
+
+def save_epoch(model, optimizer, data, history, config, out_dir, epochs):
+    """The epoch's files: metrics.csv, the checkpoint and, at epochs 1, 5, 15 and the last, the
+    reconstructions of the first 16 test images."""
+    epoch = history[-1]["epoch"]
+    if epoch in (1, 5, 15, epochs):
+        y = None if data["test_y"] is None else data["test_y"][:16]
+        path = os.path.join(out_dir, f"reconstructions_epoch{epoch:03d}.png")
+        title = f"epoch {epoch}: test images and their reconstructions"
+        save_reconstructions(model, to_float(data["test_x"][:16]), path, title, y)
+    save_csv(history, os.path.join(out_dir, "metrics.csv"))
+    rng = dict(cpu=torch.get_rng_state(), cuda=[])
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    state = dict(optimizer=optimizer.state_dict(), epoch=epoch, config=config, history=history)
+    save_checkpoint(os.path.join(out_dir, "checkpoint.pt"), model, rng=rng, **state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2203,18 +1865,18 @@ def train(args, explicit=()):
 
 # The flags that checkpoint mode uses; it names any other flag given as ignored. A file of
 # `save_model` without a run's settings is evaluated with MODEL_FILE_FLAGS too.
-CHECKPOINT_FLAGS = "checkpoint data_dir out_dir nll_samples interpolate device seed deterministic"
-CHECKPOINT_FLAGS = set(f"{CHECKPOINT_FLAGS} overwrite".split())
-MODEL_FILE_FLAGS = ("dataset", "binarize", "likelihood", "sigma", "beta")
+CHECKPOINT_FLAGS = {"checkpoint", "data_dir", "out_dir", "nll_samples", "interpolate", "device"}
+CHECKPOINT_FLAGS |= {"seed", "deterministic", "overwrite"}
+MODEL_FILE_FLAGS = {"dataset", "binarize", "likelihood", "sigma", "beta"}
 
 
 def evaluate_checkpoint(args, explicit=()):
-    """`--checkpoint PATH`: evaluate a saved model; nothing is trained. It writes what `report`
-    writes, reconstructions.png, and loss_curves.png when the file holds a run's metrics. The model
-    and its training settings come from the checkpoint (from the flags of MODEL_FILE_FLAGS for a
-    file without a run's settings, which a note names), the data from --data_dir (default: the
-    run's own), every random draw from --seed (default: the run's), the outputs go to --out_dir
-    (default: eval/ beside the checkpoint). Returns the results' dict."""
+    """`--checkpoint PATH`: evaluate a saved model, training nothing. It writes what `report`
+    writes, reconstructions.png, and loss_curves.png for a run's checkpoint. The model and its
+    settings come from the checkpoint (for a `save_model` file, from MODEL_FILE_FLAGS, which a
+    note names), the data from --data_dir (default: the run's), every random draw from --seed
+    (default: the run's), the files go to --out_dir (default: eval/ beside the checkpoint).
+    Returns the results' dict."""
     out_dir = args.out_dir or os.path.join(os.path.dirname(args.checkpoint), "eval")
     if {"checkpoint.pt", "metrics.csv"} & set(run_files(out_dir)):  # not even with --overwrite
         raise UserError(
@@ -2225,59 +1887,54 @@ def evaluate_checkpoint(args, explicit=()):
     device = select_device(args.device, args.deterministic)
     model, state = load_checkpoint(args.checkpoint, device)
     model = to_device(model, device)
-    saved = state.get("config")
-    ignored = set(explicit) - CHECKPOINT_FLAGS - (set() if saved else set(MODEL_FILE_FLAGS))
+    run = RUN_STATE <= set(state)
+    ignored = set(explicit) - CHECKPOINT_FLAGS - (set() if run else MODEL_FILE_FLAGS)
     if ignored:
+        flags = ", ".join(sorted(f"--{k}" for k in ignored))
         print(
-            f"note: --checkpoint evaluates the saved model as it was trained, so it ignores "
-            f"{', '.join(sorted(f'--{k}' for k in ignored))}",
-            flush=True,
+            f"note: --checkpoint evaluates the saved model as it was trained, so it ignores {flags}"
         )
-    config = {**vars(args), **model.model_args, **(saved or {}), "out_dir": out_dir}
-    config.update({k: getattr(args, k) for k in ("interpolate", "seed") if k in explicit})
-    if not saved:
-        binarize = "--binarize" if config["binarize"] else "no --binarize"
+    config = {**vars(args), **(state["config"] if run else {}), "out_dir": out_dir}
+    config.update(
+        {k: getattr(args, k) for k in ("interpolate", "seed", "data_dir") if k in explicit}
+    )
+    config.update(
+        image_size=model.image_size, channels=model.channels, conditional=model.num_classes > 0
+    )
+    config["data_dir"] = config["data_dir"] or default_data_dir(config["dataset"])
+    if not run:
         print(
             f"note: '{args.checkpoint}' holds a model without a training run's settings, so it is "
-            f"evaluated with --dataset {config['dataset']}, {binarize}, --likelihood "
-            f"{config['likelihood']}, --sigma {config['sigma']}, --beta {config['beta']} (set "
-            f"them with those flags)",
-            flush=True,
+            f"evaluated with --dataset {config['dataset']}{' --binarize' if config['binarize'] else ''}"
+            f" --likelihood {config['likelihood']} --sigma {config['sigma']} --beta {config['beta']}"
         )
-    data_dir = (
-        args.data_dir
-        or config["data_dir"]
-        or ("./mnist" if config["dataset"] == "mnist" else "./data")
-    )
-    data = load_dataset(
-        config["dataset"], data_dir, config["image_size"], config["channels"], config["binarize"]
-    )
-    check_classes(model, data["classes"], data_dir)
+    data = load_data(config, device)
+    check_classes(model, data["classes"], config["data_dir"])
     lock = prepare_output_dir(out_dir, args.overwrite, training=False)  # noqa: F841 (held)
     epoch = state.get("epoch")
-    model_name = type(model).__name__
     print(
-        f"{model_name} from {args.checkpoint} (epoch {epoch}), device {device}, writing to {out_dir}"
+        f"{type(model).__name__} from {args.checkpoint} (epoch {epoch}), device {device}, writing to {out_dir}"
     )
-    test_x = data["test_x"].to(device)
-    y = data["test_y"][:16].to(device) if model.num_classes else None
+    path = os.path.join(out_dir, "reconstructions.png")
+    y = None if data["test_y"] is None else data["test_y"][:16]
     save_reconstructions(
-        model, to_float(test_x[:16]), os.path.join(out_dir, "reconstructions.png"), y
+        model, to_float(data["test_x"][:16]), path, "test images and their reconstructions", y
     )
-    if saved:
+    if run:
         plot_losses(state["history"], os.path.join(out_dir, "loss_curves.png"))
+    beta = state["history"][-1]["beta"] if run else config["beta"]
+    settings = (config["likelihood"], config["sigma"], beta, config["seed"], args.nll_samples)
     extra = dict(checkpoint=args.checkpoint, epoch=epoch)
-    return report(
-        model, test_x, data["test_y"], config, out_dir, args.nll_samples, extra, data["classes"]
-    )
+    return report(model, data, out_dir, *settings, config["interpolate"], extra)
 
 
 # ---------------------------------------------------------------------------------------------
 # The command line
 #
-# Each default lives here, once, and --help prints it. A bad value gets one sentence from argparse
-# (exit code 2) before anything is read or written. Abbreviations are off: --epoch for --epochs is
-# easy to misread, and --resume takes only the flags written out in full.
+# Each flag's default is in its definition below, and --help prints it; --data_dir's and
+# --out_dir's depend on other flags, and `parse_args` sets them. A bad value gets one sentence
+# from argparse (exit code 2) before anything is read or written. Abbreviations are off: --epoch
+# for --epochs is easy to misread, and --resume takes only the flags written out in full.
 
 
 def in_range(kind, low, high):
@@ -2331,7 +1988,6 @@ def build_parser():
     add("--lr_schedule", choices=("constant", "cosine"), default="cosine", help="per epoch")
     add("--seed", type=in_range(int, 0, 2**32 - 1), default=0, help="%(type)s")
     add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: best")
-    add("--cuda_graph", choices=("auto", "off"), default="auto", help="auto: on CUDA")
     add("--grad_clip", type=in_range(float, 0.0, 1e6), default=0.0, help="norm, %(type)s")
     add("--deterministic", action="store_true", help="repeatable CUDA runs, slower")
     add("--resume", action="store_true", help="continue the run in --out_dir")
@@ -2356,7 +2012,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.resume and (args.overwrite or args.checkpoint):
         parser.error(
-            "--resume continues the run in --out_dir: it goes with neither --overwrite nor --checkpoint"
+            "--resume continues the run in --out_dir: not with --overwrite or --checkpoint"
         )
     if iwae_with_a_beta(args):
         parser.error(
@@ -2369,41 +2025,43 @@ def parse_args(argv=None):
         if args.data_dir is None and not args.resume:
             if args.dataset == "folder":
                 parser.error("--dataset folder needs --data_dir, the folder of images")
-            args.data_dir = "./mnist" if args.dataset == "mnist" else "./data"
+            args.data_dir = default_data_dir(args.dataset)
     return args
 
 
 def main(argv=None):
     """Run the command line with argv (default sys.argv[1:]): train (returns the metrics' rows) or,
-    with --checkpoint, evaluate a saved model (returns its results). Bad input prints one sentence
-    to stderr and raises SystemExit with a non-zero code (see UserError)."""
+    with --checkpoint, evaluate a saved model (returns its results). A stop prints one sentence to
+    stderr and raises SystemExit: 2 for bad input, 1 for any other stop, 130 for Ctrl-C."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     words = {w.split("=")[0] for w in argv if w.startswith("--")}
     explicit = {a.dest for a in build_parser()._actions if words & set(a.option_strings)}
     try:
-        if args.checkpoint:
-            return evaluate_checkpoint(args, explicit)
-        return train(args, explicit)
-    except UserError as e:
+        return evaluate_checkpoint(args, explicit) if args.checkpoint else train(args, explicit)
+    except (UserError, KeyboardInterrupt, OSError, MemoryError, RuntimeError) as e:
+        message, code = stop_sentence(e)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the others would say it again
-            print(f"vae.py: error: {e}", file=sys.stderr)
-        raise SystemExit(e.exit_code) from None
-    except KeyboardInterrupt:  # outside the training loop
-        print("vae.py: interrupted.", file=sys.stderr)
-        raise SystemExit(130) from None
-    except OSError as e:  # e.g. a file that cannot be read
-        print(
-            f"vae.py: error: {e.strerror or e} ({e.filename or 'no file name'}).", file=sys.stderr
+            print(f"vae.py: error: {message}", file=sys.stderr)
+        raise SystemExit(code) from None
+
+
+def stop_sentence(e):
+    """(the sentence, the exit code) of an exception that stops a run; raises it again when it is
+    a RuntimeError other than running out of memory (a bug, whose traceback should show)."""
+    if isinstance(e, UserError):
+        return str(e), e.exit_code
+    if isinstance(e, KeyboardInterrupt):  # outside the training loop
+        return "interrupted.", 130
+    if isinstance(e, OSError):  # a file or folder that cannot be read
+        return f"cannot read or write '{e.filename}' ({e.strerror or e}).", 1
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e):
+        return (
+            "memory ran out (the images, the model or a batch); use a smaller --batch_size, "
+            "--image_size or --width, or fewer images; an earlier checkpoint is intact.",
+            1,
         )
-        raise SystemExit(1) from None
-    except torch.OutOfMemoryError:  # the images, the model or a batch: the checkpoint is intact
-        print(
-            "vae.py: error: the GPU ran out of memory; use a smaller --batch_size, --image_size or "
-            "--width.",
-            file=sys.stderr,
-        )
-        raise SystemExit(2) from None
+    raise e
 
 
 if __name__ == "__main__":
