@@ -64,7 +64,7 @@ def flops_per_image(model, x):
     """FLOPs of one training step's forward and backward pass, divided by the batch size."""
     counter = FlopCounterMode(display=False)
     with counter:
-        logits, mu, logvar = model(x, return_logits=True)
+        logits, mu, logvar = model(x)
         vae.vae_loss(logits, x, mu, logvar)[0].backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / len(x)
