@@ -45,13 +45,14 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------------
 # Images, and what each function returns
 #
-## Every function here that takes images, the models' own methods included, takes (B, C, H, W)
-## uint8 in [0, 255] or floats in [0, 1]: `to_float` turns the first into the second and
-## refuses anything else. Functions of one batch return tensors and leave them on the device
-## (train_step's numbers, the models' outputs), so that a GPU never waits for the CPU to read a
-## number; functions of a whole split or epoch (train_epoch, evaluate) read their sums once at
-## the end and return a dict of Python floats. Every number is in nats (natural logarithms;
-## divide by ln 2 for bits), per image.
+## Every function here that takes images, the models' own methods included, takes them as uint8
+## in [0, 255] or floats in [0, 1], a batch (B, C, H, W) (or one (C, H, W) for interpolate):
+## `to_float` turns the first into the second and, on the CPU, refuses floats out of range.
+## Functions of one batch return tensors and leave them on the device (train_step's numbers, the
+## models' outputs), so that a GPU never waits for the CPU to read a number; functions of a whole
+## epoch or split (train_epoch, evaluate, defined below) read their sums once at the end and
+## return a dict of Python numbers. Every loss is in nats (natural logarithms; divide by ln 2
+## for bits) per image.
 
 
 def to_float(images):
@@ -77,7 +78,8 @@ def to_float(images):
 # ---------------------------------------------------------------------------------------------
 # The models
 #
-## Both models share the interface of pytorch/examples' VAE, and add sample(n):
+## Both models have the method names of pytorch/examples' VAE, and add sample(n); forward
+## returns logits where theirs returns probabilities:
 ##   encode(x) -> (mu, logvar)      x: (B, C, H, W) images;  mu, logvar: (B, latent_dim)
 ##   reparameterize(mu, logvar) -> z               z: (B, latent_dim)
 ##   forward(x) -> (logits, mu, logvar)            logits: (B, C, H, W), what the loss takes
@@ -85,9 +87,10 @@ def to_float(images):
 ##   sample(n) -> n images decoded from z ~ N(0, I)
 ## The decoder ends in logits, and the model's output is what the loss takes: a cross-entropy
 ## computed from probabilities is clipped where the sigmoid has rounded to 0 or 1, and loses its
-## gradient there; from the logits it is exact. The classic bug, a loss on probabilities (the
-## sigmoid applied twice: the model learns grey blurs), cannot be written with model(x)[0].
-## Images come from the functions that make images: decode, reconstruct, sample, interpolate.
+## gradient there; from the logits it is exact. The classic bug, a loss that applies a sigmoid
+## to probabilities (the model then learns grey blurs), takes a deliberate call to write: the
+## natural one, vae_loss(model(x)[0], ...), is right. Images come from the functions that make
+## images: decode, reconstruct, sample, interpolate.
 
 ## Why the encoder predicts logvar = log sigma^2 and not sigma: a linear layer outputs any
 ## real number, and sigma must be positive. exp(logvar) is positive for every output, a step
@@ -154,7 +157,7 @@ class VAE(nn.Module):
         """h (B, n) -> (B, n + num_classes), the one-hot y appended (h if unconditional); ValueError
         when a conditional model gets no y."""
         if not self.num_classes:
-            if y is not None:  # silently ignored, they would hide a model built without classes
+            if y is not None:  # ignored, they would hide that the model was built without classes
                 raise ValueError("this VAE is unconditional (num_classes 0): it takes no labels y")
             return h
         if y is None:
@@ -252,8 +255,11 @@ class ConvVAE(VAE):
     layer, a reshape, res_blocks residual blocks, ConvTranspose2d blocks doubling the side back,
     ending in logits. Why so: stopping at a side of 7 or less keeps the flattened features that
     the linear heads see small; an even side at each halving lets the doublings return exactly
-    to image_size; the cap on channels bounds the parameters; BatchNorm lets the stack train fast
-    at a high learning rate (its cost: train and eval mode differ, see `in_eval_mode`).
+    to image_size; a kernel of 4 at stride 2 halves (and its transpose doubles) a side exactly,
+    and the stride divides the kernel, which spares the decoder a checkerboard pattern; the cap
+    on channels bounds the parameters; BatchNorm lets the stack train fast at a high learning
+    rate (its cost: train and eval mode differ, see `in_eval_mode`); LeakyReLU keeps a gradient
+    for the negative half of the activations that BatchNorm centres on 0.
 
     image_size: H = W, a multiple of 4 and at least 16 (else ValueError); channels: C (1 or 3,
     any works); latent_dim: size of z; num_classes: K > 0 for a conditional VAE (see `VAE`);
@@ -435,7 +441,7 @@ def vae_loss(
     Returns (loss, recon, kl): scalar tensors in nats per image; loss == recon + beta * kl
     when free_bits is 0, and kl is always the true KL. Raises ValueError: x out of range (checked
     on the CPU), an unknown likelihood. beta is not checked here (it may be a tensor):
-    `beta_schedule` and `train_epoch` refuse a negative beta or free_bits.
+    `beta_schedule` refuses a negative beta, `train_epoch` a negative beta or free_bits.
     """
     rec = reconstruction_loss(recon_logits, x, likelihood, sigma).mean()
     kl_dims = kl_per_dimension(mu, logvar).mean(0)  # (D,) batch means
@@ -470,7 +476,8 @@ def train_step(model, optimizer, x, beta=1.0, y=None, grad_clip=0.0, iwae_sample
 
     Returns a dict of detached 0-dim tensors, left on the device: loss (recon + beta * kl without
     the free-bits floor, or minus the IWAE bound), recon and kl in nats per image, and grad_norm,
-    the gradient's norm before any clipping: inf or nan there is the first sign of divergence.
+    the gradient's norm before any clipping, for a caller to log (a norm that grows by orders of
+    magnitude, or turns inf or nan, is the first sign of a diverging run).
     """
     if iwae_samples > 1:
         loss_args.pop("free_bits", None)  # the bound has none (nor a beta)
@@ -484,7 +491,7 @@ def train_step(model, optimizer, x, beta=1.0, y=None, grad_clip=0.0, iwae_sample
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads)
-    if grad_clip > 0:  # one bad batch then moves the weights by at most lr-sized steps
+    if grad_clip > 0:  # a rare huge gradient would also swell Adam's moments for many steps
         torch.nn.utils.clip_grads_with_norm_(model.parameters(), grad_clip, grad_norm)
     optimizer.step()
     stats = dict(loss=shown, recon=rec, kl=kl, grad_norm=grad_norm)
@@ -660,7 +667,8 @@ def log_likelihood(
         log_weights(model, x, mu, logvar, min(chunk, k - start), y, likelihood, sigma, generator)[0]
         for start in range(0, k, chunk)
     ]
-    # log of the mean of the w_k from the log w_k, which exp() would under- or overflow (-90 nats)
+    # the log of the mean of the w_k, from the log w_k: on MNIST log w is about -90 nats, whose
+    # exp() underflows float32 to 0
     return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)  # (B,)
 
 
@@ -898,7 +906,7 @@ def load_torchvision(name, data_dir, image_size=None, channels=None):
             with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
                 ds = cls(data_dir, train=split == "train", download=not present)
         except Exception as e:
-            reason = (str(e).strip() or type(e).__name__).splitlines()[-1].strip()
+            reason = (str(e).strip() or type(e).__name__).splitlines()[-1]  # torchvision's own
             what = "cannot be read" if present else "is not there and could not be downloaded"
             raise UserError(
                 f"{cls.__name__} in '{folder}' {what} ({reason}); put its {len(files)} original "
@@ -1631,7 +1639,8 @@ def build_model(args, num_classes=0):
 def to_device(model, device, distributed=False):
     """The model on `device`, a ConvVAE in the NHWC layout (channels_last), about 25% faster on CPUs
     (oneDNN) and tensor-core GPUs, unless under DDP, whose gradient buckets expect the default
-    strides. A run and the evaluation of its checkpoint both use it: the same numbers, bit for bit."""
+    strides. A run of one process and the evaluation of its checkpoint both use it, and so compute
+    the same numbers, bit for bit."""
     model = model.to(device)
     if isinstance(model, ConvVAE) and not distributed:
         model = model.to(memory_format=torch.channels_last)
@@ -1657,9 +1666,10 @@ def train_share(model, optimizer, data, batch_size, beta, binarize, step_args, e
 
     images = data["train_x"]
     n = len(images)
-    order = torch.randperm(n, device=images.device)
     rank, world, seed = share
-    if world > 1:
+    if world == 1:
+        order = torch.randperm(n, device=images.device)
+    else:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
         order = torch.cat([order, order[: -n % world]])[rank::world].to(images.device)
     model.train()
@@ -2081,7 +2091,7 @@ def stop_sentence(e):
     if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e):
         return (
             "memory ran out (the images, the model or a batch); use a smaller --batch_size, "
-            "--image_size or --width, or fewer images; an earlier checkpoint is intact.",
+            "--image_size or --width, or fewer images; a checkpoint already written is intact.",
             1,
         )
     raise e
