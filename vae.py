@@ -841,11 +841,6 @@ class UserError(Exception):
         self.exit_code = exit_code
 
 
-def first_line(e):
-    """An exception's message for a sentence: its first line, or its type's name."""
-    return (str(e).strip() or type(e).__name__).splitlines()[0]
-
-
 # ---------------------------------------------------------------------------------------------
 # Data
 #
@@ -1248,9 +1243,8 @@ def load_checkpoint(path, device="cpu"):
     except ValueError as e:  # model_from_dict's, which names the file
         raise UserError(f"{e}.") from None
     except Exception as e:  # torch's reader fails in many ways on a file that is not a checkpoint
-        raise UserError(
-            f"'{path}' cannot be loaded as a model of vae.py ({first_line(e)})."
-        ) from None
+        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise UserError(f"'{path}' cannot be loaded as a model of vae.py ({reason}).") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1320,7 +1314,8 @@ def save_samples(model, path, classes=None, seed=0):
     if not model.num_classes:
         images = model.sample(64, generator=g)
         title = "samples: z ~ N(0, I), decoded to the mean of p(x|z)"
-        return save_grid(images.view(8, 8, *images.shape[1:]), path, title)
+        save_grid(images.view(8, 8, *images.shape[1:]), path, title)
+        return
     k = model.num_classes
     z = torch.randn(10, model.latent_dim, device=device, generator=g)
     images = model.decode(z.repeat(k, 1), torch.arange(k, device=device).repeat_interleave(10))
@@ -1575,12 +1570,11 @@ def collapse_warning(kl, active_units, n_images):
 
 
 def report(model, data, out_dir, likelihood, sigma, beta, seed, nll_samples, pair, extra):
-    """The final evaluation of a trained model, printed and saved with every figure: the test
-    -ELBO, the loss at `beta` (the last epoch's), the NLL with nll_samples > 0, each in nats per
-    image; returns evaluation.json's dict (with `extra`'s values). data: the run's (test_x uint8
-    on the model's device, labels on the CPU or None, classes). Bits per dimension are given for
-    binary pixels only: a Bernoulli likelihood of grey pixels is not a probability, and a Gaussian
-    one is a density of continuous pixels, which the log says."""
+    """The final evaluation, printed and saved with every figure: the test -ELBO, the loss at
+    `beta` (the last epoch's), the NLL if nll_samples > 0, in nats per image; returns
+    evaluation.json's dict (with `extra`'s values). data: test_x uint8 on the model's device,
+    labels on the CPU or None, classes. Bits per dimension for binary pixels only: a Bernoulli
+    likelihood of grey pixels is not a probability, a Gaussian one a density (the log says so)."""
     test_x = data["test_x"]
     y = data["labels"].to(test_x.device) if model.num_classes else None
     generator = torch.Generator(test_x.device).manual_seed(seed)
@@ -1657,11 +1651,9 @@ def check_classes(model, classes, data_dir):
 
 
 def train_share(model, optimizer, data, batch_size, beta, binarize, step_args, epoch, share):
-    """One epoch of Part 1's loop over this process's share of the training set, with a progress
-    bar. One process shuffles as Part 1's `train_epoch` does; under torchrun (share = (rank, world,
-    seed)), one order seeded by the epoch is padded so that each process takes as many steps, and
-    dealt out by rank. Returns the epoch's mean [loss, recon, kl] (3,), nats per image, on the
-    device."""
+    """Part 1's loop over this process's share of an epoch, with a progress bar: the epoch's mean
+    [loss, recon, kl] (3,) on the device. Under torchrun (share: rank, world, seed) one order,
+    seeded by the epoch, is padded so that each process takes as many steps, and dealt by rank."""
     from tqdm import tqdm
 
     images = data["train_x"]
@@ -1904,12 +1896,10 @@ MODEL_FILE_FLAGS = {"dataset", "binarize", "likelihood", "sigma", "beta"}
 
 
 def evaluate_checkpoint(args, explicit=()):
-    """`--checkpoint PATH`: evaluate a saved model, training nothing. It writes what `report`
-    writes, reconstructions.png, and loss_curves.png for a run's checkpoint. The model and its
-    settings come from the checkpoint (for a `save_model` file, from MODEL_FILE_FLAGS, which a
-    note names), the data from --data_dir (default: the run's), every random draw from --seed
-    (default: the run's), the files go to --out_dir (default: eval/ beside the checkpoint).
-    Returns the results' dict."""
+    """`--checkpoint PATH`: `report`'s files, reconstructions.png and a run's loss curves for a
+    saved model, trained no further; returns the results. Its settings come from the checkpoint
+    (for a `save_model` file, from MODEL_FILE_FLAGS, which a note names), the data from --data_dir
+    and the draws from --seed (defaults: the run's), the files go to --out_dir (default: eval/)."""
     out_dir = args.out_dir or os.path.join(os.path.dirname(args.checkpoint), "eval")
     if {"checkpoint.pt", "metrics.csv"} & set(run_files(out_dir)):  # not even with --overwrite
         raise UserError(
