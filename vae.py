@@ -474,19 +474,18 @@ def train_step(model, optimizer, x, beta=1.0, y=None, grad_clip=0.0, iwae_sample
     trains `iwae_loss` with K samples instead, which has no beta or free bits (`train_epoch`
     refuses them). grad_clip > 0 first rescales the gradient to at most that global L2 norm.
 
-    Returns a dict of detached 0-dim tensors, left on the device: loss (recon + beta * kl without
-    the free-bits floor, or minus the IWAE bound), recon and kl in nats per image, and grad_norm,
-    the gradient's norm before any clipping, for a caller to log (a norm that grows by orders of
-    magnitude, or turns inf or nan, is the first sign of a diverging run).
+    Returns a dict of detached 0-dim tensors, left on the device: loss (the loss minimised: recon +
+    beta * kl, each KL_j floored at free_bits, or minus the IWAE bound), recon and kl (the true KL)
+    in nats per image, and grad_norm, the gradient's norm before any clipping, for a caller to log
+    (a norm that grows by orders of magnitude, or turns inf or nan, is the first sign of a
+    diverging run).
     """
     if iwae_samples > 1:
         loss_args.pop("free_bits", None)  # the bound has none (nor a beta)
         loss, rec, kl = iwae_loss(model, x, iwae_samples, y, **loss_args)
-        shown = loss
     else:
         logits, mu, logvar = model(x, y)
         loss, rec, kl = vae_loss(logits, x, mu, logvar, beta, **loss_args)
-        shown = rec + beta * kl  # what the log names recon + beta * kl: without the floor
     optimizer.zero_grad(set_to_none=True)  # gradients accumulate in .grad until cleared
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -494,7 +493,7 @@ def train_step(model, optimizer, x, beta=1.0, y=None, grad_clip=0.0, iwae_sample
     if grad_clip > 0:  # a rare huge gradient would also swell Adam's moments for many steps
         torch.nn.utils.clip_grads_with_norm_(model.parameters(), grad_clip, grad_norm)
     optimizer.step()
-    stats = dict(loss=shown, recon=rec, kl=kl, grad_norm=grad_norm)
+    stats = dict(loss=loss, recon=rec, kl=kl, grad_norm=grad_norm)
     return {k: v.detach() for k, v in stats.items()}  # no graph kept alive past the step
 
 
@@ -541,8 +540,7 @@ def train_epoch(
     for a conditional model; beta, binarize, **step_args (likelihood, sigma, free_bits, grad_clip,
     iwae_samples): see `train_step` and `get_batch`.
 
-    Returns a dict of the epoch's means, in nats per image: loss (recon + beta * kl, or minus the
-    IWAE bound), recon and kl. ValueError if beta < 0 or free_bits < 0, if an IWAE objective has
+    Returns a dict of the epoch's means, in nats per image: loss (as `train_step`'s), recon and kl. ValueError if beta < 0 or free_bits < 0, if an IWAE objective has
     a beta or free bits, or if labels do not fit the model (given or not).
     """
     free_bits = step_args.get("free_bits", 0)
@@ -810,465 +808,252 @@ def load_model(file, map_location="cpu"):
 
 
 # =============================================================================================
-# Part 2: the tool. Datasets, devices and several processes, files and checkpoints, figures,
-# the command line. It builds on Part 1: `train` is the list of what a run does, and `main`, at
-# the end, runs it or evaluates a checkpoint.
+# Part 2: the tool. Data, devices and torchrun, the run folder, figures, the final report, the
+# run and its command line: `train` is a run from the data to the report, `main` reads the flags.
 # =============================================================================================
 
 import argparse
-import contextlib
 import csv
-import gc
-import importlib
-import io
 import json
 import os
 import re
 import sys
 import time
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import torch.distributed as dist
 
 
-class UserError(Exception):
-    """Bad input or a stop that `main` prints as one sentence, without a traceback, and exits with
-    `exit_code`: 2 for bad input, 1 for any other stop, 130 for Ctrl-C."""
-
-    def __init__(self, message, exit_code=2):
-        super().__init__(message)
-        self.exit_code = exit_code
+def fail(message):
+    """Stop with one sentence and exit code 1: a mistake of the user's, not a bug."""
+    raise SystemExit(f"vae.py: error: {message}")
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
-#
-# Each split is read once into one uint8 tensor (N, C, S, S), the form Part 1 takes, with every
-# conversion (channels, size) done here. Two sources: torchvision's datasets, and any folder of
-# images. A new dataset is a new entry of DATASETS and a branch of `load_dataset`.
+# Data: each split read once into one uint8 tensor (N, C, S, S), the form Part 1 takes
 
-DATASETS = {  # each dataset's torchvision class, or None for a folder of your images
-    "mnist": "MNIST",
-    "fashion-mnist": "FashionMNIST",
-    "kmnist": "KMNIST",
-    "cifar10": "CIFAR10",
-    "folder": None,
-}
-IMAGE_SIZES = (28, 32, 64, 128)
-FOLDER_TEST_FRACTION = 0.1  # without train/ and val/: a fixed random 10% (seed 0) is the test split
-EIGHT_BIT_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
-
-
-def default_data_dir(dataset):
-    """Where --data_dir points when it is not given."""
-    return "./mnist" if dataset == "mnist" else "./data"
-
-
-def load_dataset(name, data_dir, image_size=None, channels=None, binarize=False):
-    """Dataset `name` (of DATASETS) from data_dir, on the CPU: a dict of train_x, test_x (N, C, S,
-    S) uint8; train_y, test_y (N,) int64, or None for unlabelled images; classes (names, or None);
-    note (a sentence for the log, or None). image_size, channels: None keeps the data's (a
-    folder's: 64 and 3). binarize draws the test set once as binary pixels, Bernoulli(intensity),
-    seeded on the CPU: the same set on every device. UserError names what is wrong."""
-    if name == "folder":
-        data = load_folder(data_dir, image_size or 64, channels or 3)
-    else:
-        data = load_torchvision(name, data_dir, image_size, channels)
-    if binarize:
-        g = torch.Generator().manual_seed(0)
-        data["test_x"] = torch.bernoulli(to_float(data["test_x"]), generator=g).byte() * 255
-    return data
+DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "kmnist": "KMNIST"}
+DATASETS.update({"cifar10": "CIFAR10", "folder": None})  # folder: your images
 
 
 def load_torchvision(name, data_dir, image_size=None, channels=None):
-    """A torchvision dataset from data_dir, downloaded if its files are missing."""
-    from torchvision import datasets  # imported here: importing torchvision takes a second
+    """A torchvision dataset, downloaded if data_dir lacks it: a dict of train_x, test_x (N, C, S, S)
+    uint8 (S = image_size and C = channels; None: the data's), train_y, test_y (N,) and classes."""
+    from torchvision import datasets
     from torchvision.transforms.functional import resize, rgb_to_grayscale
 
     cls = getattr(datasets, DATASETS[name])
-    if name == "cifar10":
-        folder = os.path.join(data_dir, cls.base_folder)
-        files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
-    else:
-        folder = os.path.join(data_dir, cls.__name__, "raw")
-        files = [os.path.splitext(f)[0] for f, _ in cls.resources]  # the uncompressed files
-    present = all(os.path.isfile(os.path.join(folder, f)) for f in files)
-    data = dict(note=None)
-    for split in ("train", "test"):
-        quiet = io.StringIO()  # torchvision prints every mirror it tries
-        try:
-            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-                ds = cls(data_dir, train=split == "train", download=not present)
-        except Exception as e:
-            reason = (str(e).strip() or type(e).__name__).splitlines()[-1]  # torchvision's own
-            what = "cannot be read" if present else "is not there and could not be downloaded"
-            raise UserError(
-                f"{cls.__name__} in '{folder}' {what} ({reason}); put its {len(files)} original "
-                f"files there ({', '.join(files)}: as torchvision names them, uncompressed), or "
-                f"point --data_dir at a folder whose {os.path.relpath(folder, data_dir)}/ has them."
-            ) from None
+    try:
+        splits = [cls(data_dir, train=train, download=True) for train in (True, False)]
+    except Exception as e:  # offline, or a damaged file: torchvision raises many kinds
+        folder = data_dir if name == "cifar10" else os.path.join(data_dir, cls.__name__, "raw")
+        files = [cls.filename] if name == "cifar10" else [f for f, _ in cls.resources]
+        reason = (str(e).strip() or type(e).__name__).splitlines()[-1]  # torchvision's last word
+        fail(
+            f"{cls.__name__} could not be read from '{folder}' nor downloaded ({reason}); "
+            f"put its files there: {', '.join(files)} (each .gz may be uncompressed)."
+        )
+    data = dict(classes=list(splits[0].classes))
+    for split, ds in zip(("train", "test"), splits):
         x = torch.as_tensor(ds.data)
         x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, H, W[, C]) -> NCHW
-        if channels == 3 and x.shape[1] == 1:  # gray repeated into RGB
-            x = x.expand(-1, 3, -1, -1)
-        if channels == 1 and x.shape[1] == 3:  # RGB to luma, with PIL's weights (ITU-R 601-2)
-            x = torch.cat([rgb_to_grayscale(chunk) for chunk in x.split(4096)])
-        if image_size and image_size != x.shape[-1]:  # in chunks: resize makes a float copy
-            x = torch.cat([resize(c, [image_size] * 2, antialias=True) for c in x.split(4096)])
-        data[f"{split}_x"] = x.contiguous()
-        data[f"{split}_y"] = torch.as_tensor(ds.targets).long()
-    return dict(data, classes=list(ds.classes))
+        chunks = []
+        for chunk in x.split(4096):  # in chunks: torchvision converts in floats
+            if channels == 1 and chunk.shape[1] == 3:
+                chunk = rgb_to_grayscale(chunk)  # PIL's weights (ITU-R 601-2)
+            if image_size and image_size != chunk.shape[-1]:
+                chunk = resize(chunk, [image_size, image_size], antialias=True)
+            chunks.append(chunk.expand(-1, channels or chunk.shape[1], -1, -1))  # grey into RGB
+        data[f"{split}_x"] = torch.cat(chunks)
+        data[f"{split}_y"] = torch.as_tensor(ds.targets)
+    return data
 
 
-def list_images(root, seen):
-    """(paths, labels or None, class names or None) of the images under root: a class per
-    subfolder (ImageFolder's layout), or, without subfolders, root's images unlabelled. Only
-    regular files with one of torchvision's image extensions, hidden ones skipped. `seen`, the
-    real paths taken so far (shared by both splits), ends a link loop and takes each file once."""
+def image_folder(root):
+    """(paths, labels, classes) of root: a class per subfolder, as torchvision's ImageFolder reads
+    them; without subfolders, root's own images, sorted, with labels and classes None."""
+    from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    def raise_error(e):  # os.walk would skip a folder it cannot list, silently
-        raise e
-
-    def images(folder):
-        found = []
-        for top, dirs, files in os.walk(folder, onerror=raise_error, followlinks=True):
-            seen.add(os.path.realpath(top))
-            real = {d: os.path.realpath(os.path.join(top, d)) for d in dirs}
-            dirs[:] = sorted(d for d in dirs if d[0] != "." and real[d] not in seen)
-            for name in sorted(files):
-                path = os.path.realpath(os.path.join(top, name))
-                ok = name[0] != "." and name.lower().endswith(IMG_EXTENSIONS) and path not in seen
-                if ok and os.path.isfile(path):
-                    seen.add(path)
-                    found.append(path)
-        return found
-
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
-    if not classes:
-        return images(root), None, None
-    found = [images(os.path.join(root, name)) for name in classes]
-    labels = [c for c, paths in enumerate(found) for _ in paths]
-    return sum(found, []), labels, classes
-
-
-def folder_splits(data_dir):
-    """(train, test, classes, note) of an image folder, each split (paths, labels or None):
-    train/ and val/ (or test/) if it has them, else a fixed random FOLDER_TEST_FRACTION of it."""
-    has = lambda d: os.path.isdir(os.path.join(data_dir, d))  # noqa: E731
-    test_name = next((d for d in ("val", "test") if has(d)), None)
-    seen = set()
-    if has("train") and test_name:
-        train_paths, train_y, classes = list_images(os.path.join(data_dir, "train"), seen)
-        test_paths, test_y, test_classes = list_images(os.path.join(data_dir, test_name), seen)
-        if set(test_classes or [None]) - set(classes or [None]):  # labelled or not, as train/
-            raise UserError(
-                f"'{data_dir}/{test_name}' has classes {test_classes} that do not match those "
-                f"of '{data_dir}/train', {classes}."
-            )
-        if classes is not None:  # class indices follow the training split's names
-            test_y = [classes.index(test_classes[c]) for c in test_y]
-        note = f"splits: {data_dir}/train, {test_name}"
-        return (train_paths, train_y), (test_paths, test_y), classes, note
-    root = os.path.join(data_dir, "train") if has("train") else data_dir
-    paths, labels, classes = list_images(root, seen)
-    if len(paths) < 2:
-        raise UserError(f"'{root}' holds {len(paths)} images vae.py reads; it needs at least 2.")
-    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0)).tolist()
-    n_test = max(1, round(FOLDER_TEST_FRACTION * len(paths)))
-    split = lambda part: ([paths[i] for i in part], labels and [labels[i] for i in part])  # noqa
-    note = (
-        f"no train/ and val/ (or test/) subfolders in '{data_dir}', so a fixed random "
-        f"{FOLDER_TEST_FRACTION:.0%} of its images (seed 0) is the test split"
-    )
-    return split(order[n_test:]), split(order[:n_test]), classes, note
-
-
-def load_image(path, image_size, channels):
-    """One image file -> (channels, image_size, image_size) uint8: its centre square (so that
-    nothing long is made longer), resized with antialiasing; a JPEG is decoded at the smallest
-    scale that keeps image_size. UserError names a file that PIL cannot read, or whose pixels
-    have more than 8 bits (refused, not scaled by a guess at their range)."""
-    from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor, resize
-
+    if not any(entry.is_dir() for entry in os.scandir(root)):
+        names = sorted(name for name in os.listdir(root) if name.lower().endswith(IMG_EXTENSIONS))
+        return [os.path.join(root, name) for name in names], None, None
     try:
-        with Image.open(path) as im:
-            if im.mode not in EIGHT_BIT_MODES:
-                raise ValueError(f"its pixels are of mode {im.mode}, more than 8 bits")
-            im.draft("RGB" if channels == 3 else "L", (image_size, image_size))
-            side = min(im.size)
-            left = (im.width - side) // 2
-            top = (im.height - side) // 2
-            im = im.crop((left, top, left + side, top + side))
-            im = im.convert("RGB" if channels == 3 else "L")  # also palette and alpha images
-            return pil_to_tensor(resize(im, [image_size, image_size], antialias=True))
-    except Exception as e:  # PIL raises many types for a file it cannot read
-        raise UserError(
-            f"cannot read the image '{path}' ({e}); convert it to an 8-bit image, or remove it."
-        ) from None
+        folder = ImageFolder(root)
+    except FileNotFoundError as e:  # a class folder without images
+        fail(f"'{root}': {e}")
+    return [path for path, _ in folder.samples], folder.targets, folder.classes
 
 
-def load_folder(data_dir, image_size=64, channels=3):
-    """A folder of images (see `folder_splits`), read once by up to 8 threads (PIL decodes
-    without holding Python's lock). An image over PIL's pixel limit (Image.MAX_IMAGE_PIXELS, a
-    guard against decompression bombs) is refused by name."""
+def load_image(path, size, channels):
+    """An image file as (channels, size, size) uint8: resized (antialiased) so that its shorter side
+    is `size`, then its centre square."""
     from PIL import Image
+    from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
+
+    with Image.open(path) as image:
+        if image.mode.startswith(("I", "F")):  # 16 or 32 bits a pixel, which convert() would clip
+            fail(f"'{path}' has pixels of more than 8 bits (mode {image.mode}); convert it to 8.")
+        image = image.convert("RGB" if channels == 3 else "L")  # from any 8-bit mode
+    return pil_to_tensor(center_crop(resize(image, size), size))
+
+
+def load_folder(data_dir, image_size, channels):
+    """A folder of images as `load_torchvision`'s dict: its train/ and val/ (or test/) are the splits,
+    the test classes numbered as train/'s, by name; else a fixed random 10% is the test split."""
     from tqdm import tqdm
 
     if not os.path.isdir(data_dir):
-        raise UserError(
-            f"--data_dir '{data_dir}' is not a folder; --dataset folder needs a folder of images "
-            f"(class subfolders, or images directly in it)."
-        )
-    train, test, classes, note = folder_splits(data_dir)
-    data = dict(
-        classes=classes, note=note + ("" if classes else "; no class subfolders, no labels")
-    )
-    load = functools.partial(load_image, image_size=image_size, channels=channels)
-    with warnings.catch_warnings(), ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's warning: a refusal
-        for split, (paths, labels) in (("train", train), ("test", test)):
-            if not paths:
-                raise UserError(f"the {split} split of '{data_dir}' has no images vae.py reads.")
-            bar = tqdm(desc=f"reading {split}", total=len(paths), disable=not sys.stderr.isatty())
-            try:
-                images = [bar.update() or image for image in pool.map(load, paths)]
-            except BaseException:
-                pool.shutdown(cancel_futures=True)  # a bad file stops the reading now
-                raise
-            data[f"{split}_x"] = torch.stack(images)
-            data[f"{split}_y"] = None if labels is None else torch.tensor(labels)
-            bar.close()
+        fail(f"--data_dir '{data_dir}' is not a folder; --dataset folder reads a folder of images.")
+    test = next((d for d in ("val", "test") if os.path.isdir(os.path.join(data_dir, d))), None)
+    if test and os.path.isdir(os.path.join(data_dir, "train")):
+        train_paths, train_y, classes = image_folder(os.path.join(data_dir, "train"))
+        test_paths, test_y, test_classes = image_folder(os.path.join(data_dir, test))
+        if test_y is not None:
+            if set(test_classes) - set(classes or ()):
+                fail(f"'{test}' has classes that 'train' has not: {test_classes}, {classes}.")
+            test_y = [classes.index(test_classes[c]) for c in test_y]
+    else:
+        paths, labels, classes = image_folder(data_dir)
+        order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0)).tolist()
+        train, test = order[round(0.1 * len(paths)) :], order[: round(0.1 * len(paths))]
+        train_paths, test_paths = [paths[i] for i in train], [paths[i] for i in test]
+        train_y, test_y = (labels and [labels[i] for i in idx] for idx in (train, test))
+    data = dict(classes=classes)
+    for split, paths, labels in (("train", train_paths, train_y), ("test", test_paths, test_y)):
+        if not paths:
+            fail(f"'{data_dir}' has no images for a {split} split.")
+        images = [load_image(p, image_size, channels) for p in tqdm(paths, split, disable=None)]
+        data[f"{split}_x"] = torch.stack(images)
+        data[f"{split}_y"] = None if labels is None else torch.tensor(labels)
     return data
 
 
 def load_data(config, device):
-    """The run's data: `load_dataset`'s dict for the settings of `config` (dataset, data_dir,
-    image_size, channels, binarize, conditional), with train_x, test_x on the device, train_y,
-    test_y there for a conditional model (else None), and labels, the test labels on the CPU."""
-    keys = ("dataset", "data_dir", "image_size", "channels", "binarize")
-    data = load_dataset(*(config[k] for k in keys))
-    if data["note"]:
-        print(f"data: {data['note']}", flush=True)
-    if config["conditional"] and data["train_y"] is None:
-        raise UserError(
-            "--conditional needs class labels, and these images have none; use a dataset with "
-            "classes, or a folder with one subfolder per class."
-        )
+    """The run's data on the device: `load_torchvision`'s dict, the test set binarized once with
+    --binarize, the labels there only for --conditional (else None; on the CPU in `labels`)."""
+    size, channels = config.image_size, config.channels
+    if config.dataset == "folder":
+        data = load_folder(config.data_dir, size or 64, channels or 3)
+    else:
+        data = load_torchvision(config.dataset, config.data_dir, size, channels)
+    if config.binarize:  # once, seeded on the CPU: the same test set on every device
+        g = torch.Generator().manual_seed(0)
+        data["test_x"] = torch.bernoulli(to_float(data["test_x"]), generator=g).byte() * 255
+    if config.conditional and data["classes"] is None:
+        fail("--conditional needs class labels, and these images have no class subfolders.")
     data["labels"] = data["test_y"]
     for split in ("train", "test"):
         data[f"{split}_x"] = data[f"{split}_x"].to(device)
-        data[f"{split}_y"] = data[f"{split}_y"].to(device) if config["conditional"] else None
+        data[f"{split}_y"] = data[f"{split}_y"].to(device) if config.conditional else None
     return data
 
 
 # ---------------------------------------------------------------------------------------------
-# Devices and several processes
+# Devices, and several processes under torchrun
+#
+## Data parallel training: torchrun starts a process per GPU (or several on the CPU), each with the
+## same weights and a share of each batch, and each gradient is averaged over the processes before
+## the step, so that all take the same one. DistributedDataParallel's wrapper averages only what
+## runs inside its forward, and the IWAE bound calls encode and decode_logits: so a hook on each
+## parameter averages its gradient, as soon as backward has it, whatever computed it.
 
 
 def select_device(name, deterministic=False):
-    """'auto' -> cuda, then mps, then cpu; a named device must be available (else UserError).
-    deterministic: PyTorch's deterministic algorithms, for repeatable CUDA runs (CPU runs are)."""
+    """--device: 'auto' is cuda, then mps, then cpu; deterministic: repeatable CUDA runs."""
+    have = dict(cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available())
+    name = next(d for d in ("cuda", "mps", "cpu") if have[d]) if name == "auto" else name
+    if not have[name]:
+        fail(f"--device {name} is not available here; use --device auto or cpu.")
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
         torch.use_deterministic_algorithms(True)
-    available = dict(
-        cpu=True, cuda=torch.cuda.is_available(), mps=torch.backends.mps.is_available()
-    )
-    if name == "auto":
-        name = next(d for d in ("cuda", "mps", "cpu") if available[d])
-    elif not available[name]:
-        raise UserError(
-            f"--device {name} was asked for but is not available here; use --device auto or cpu."
-        )
     if name == "cuda":
         torch.backends.cudnn.benchmark = not deterministic  # fixed shapes: cuDNN's fastest kernels
-        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores, as cuDNN's
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 matmuls on the tensor cores
     return torch.device(name)
 
 
-@contextlib.contextmanager
-def process_group(device):
-    """Within it, a process that torchrun started is in the process group (nccl on CUDA, each
-    process on cuda:LOCAL_RANK; gloo on the CPU): it yields (rank, world size, this process's
-    device); (0, 1, device) without torchrun. UserError on mps, or with more processes than GPUs."""
-    if "LOCAL_RANK" not in os.environ:
-        yield 0, 1, device
-        return
-    if device.type == "mps":
-        raise UserError("torchrun needs --device cuda or cpu: PyTorch has no distributed mps.")
+def join_processes(device):
+    """(rank, world size, device) of this process: under torchrun (RANK is set), in the process
+    group, nccl with a GPU each on cuda, gloo on the CPU; else (0, 1, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        if device.index >= torch.cuda.device_count():
-            raise UserError(
-                f"torchrun started process {device.index} on a machine with "
-                f"{torch.cuda.device_count()} GPU(s); give --nproc_per_node at most that."
-            )
         torch.cuda.set_device(device)
-    # torch.distributed.nn's functions take group.WORLD as a default argument, fixed when DDP first
-    # imports them: imported after the group exists, they would keep it past destroy_process_group,
-    # and gloo's threads would end only at interpreter exit, where they can abort the process.
-    importlib.import_module("torch.distributed.nn")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield dist.get_rank(), dist.get_world_size(), device
-        dist.barrier()  # gloo can abort a process that leaves while another still works
-    finally:
-        gc.collect()  # a DDP model in a reference cycle would free the group's work at exit, too late
-        dist.destroy_process_group()
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def average_gradients(model, world):
+    """Average each parameter's gradient over the `world` processes, as backward computes it."""
+
+    def average(p):
+        dist.all_reduce(p.grad)  # the sum (gloo has no mean)
+        p.grad /= world
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(average)
 
 
 # ---------------------------------------------------------------------------------------------
-# Files: atomic writes, run folders, checkpoints
-#
-# Every file is written into a temporary file in its folder and moved into place, so that a crash
-# mid-write leaves the previous complete file, never half of one.
+# The run folder and checkpoints
 
-
-def atomic_write(path, write):
-    """Write `path` through write(f), f a binary file, atomically. UserError (exit code 1) when the
-    disk is full or the folder unwritable; `path` then keeps its previous content."""
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{name}")  # one writer per process and file
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if not isinstance(e, OSError):
-            raise
-        raise UserError(
-            f"cannot write '{path}' ({e.strerror or e}); its previous version, if any, is intact: "
-            f"free some space or choose another --out_dir.",
-            1,
-        ) from None
-
-
-def save_json(obj, path):
-    """Write obj as JSON to path, atomically."""
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode() + b"\n"))
-
-
-def save_csv(rows, path):
-    """Write a list of dicts (the same keys) to path as CSV with a header, atomically."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    # surrogateescape: a folder name's bytes that are not UTF-8 are written as they are
-    atomic_write(path, lambda f: f.write(text.getvalue().encode(errors="surrogateescape")))
-
-
-RUN_FILES = re.compile(
-    r"checkpoint\.pt|config\.json|metrics\.csv|evaluation\.json|per_class\.csv|\.tmp-.*|"
-    r"(reconstructions(_epoch\d+)?|samples|samples_per_class|interpolation|loss_curves|"
-    r"traversals|latent_distribution|class_means|latent_pca|recon_error_hist|best_worst|"
-    r"manifold)\.png"
+RUN_FILES = re.compile(  # the files a run writes, which --overwrite removes
+    r"(checkpoint\.pt|config\.json|metrics\.csv|evaluation\.json|(reconstructions(_epoch\d+)?|"
+    r"samples(_per_class)?|interpolation|loss_curves|latent_distribution|traversals|"
+    r"class_means|best_worst|latent_pca)\.png)(\.tmp)?"
 )
 
 
 def run_files(folder):
-    """The names of the files in `folder` that a run of vae.py writes, sorted."""
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        return sorted(name for name in os.listdir(folder) if RUN_FILES.fullmatch(name))
-    return []
+    """The names of a run's files in `folder`, sorted ([] if there is no such folder)."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(name for name in names if RUN_FILES.fullmatch(name))
 
 
-def refuse_other_run(out_dir, overwrite, training=True):
-    """UserError when out_dir holds files of another run and `overwrite` is not given."""
-    found = [name for name in run_files(out_dir) if not name.startswith(".tmp-")]
-    if found and not overwrite:
-        more = ", ..." if len(found) > 3 else ""
-        resume = "continue it with --resume, " if training and "checkpoint.pt" in found else ""
-        raise UserError(
-            f"'{out_dir}' already holds the files of another run ({', '.join(found[:3])}{more}); "
-            f"{resume}replace them with --overwrite, or choose another --out_dir."
-        )
-
-
-def prepare_output_dir(out_dir, overwrite=False, resume=False, training=True):
-    """Create out_dir and lock it: returns the open lock file, held until this process closes it
-    or exits (a crash leaves no stale lock), so that a second run into the folder refuses at once.
-    Then remove a killed run's temporary files and, with `overwrite`, the earlier run's files and
-    those of its eval/. UserError if the folder cannot be made or is locked."""
-    import fcntl
-
+def make_out_dir(out_dir, overwrite):
+    """Make out_dir; with `overwrite`, first remove the earlier run's files there and in its eval/."""
+    for folder in (out_dir, os.path.join(out_dir, "eval")) if overwrite else ():
+        for name in run_files(folder):
+            os.remove(os.path.join(folder, name))
     try:
         os.makedirs(out_dir, exist_ok=True)
-        lock = open(os.path.join(out_dir, ".lock"), "a")
     except OSError as e:
-        raise UserError(
-            f"cannot create --out_dir '{out_dir}' ({e.strerror}); choose another."
-        ) from None
+        fail(f"cannot make --out_dir '{out_dir}' ({e.strerror}); choose another.")
+
+
+def save_checkpoint(path, model, **state):
+    """Part 1's `save_model` with a run's state, written to a temporary file that then replaces
+    `path`: a failure at any moment leaves the previous checkpoint whole."""
+    save_model(model, path + ".tmp", **state)
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path):
+    """The dict of a run's checkpoint, on the CPU; one sentence for a file that is missing, not a
+    checkpoint, or a pickle that carries code (which weights_only refuses)."""
+    if not os.path.isfile(path):
+        fail(f"there is no checkpoint at '{path}'.")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        raise UserError(
-            f"another run is writing into '{out_dir}' now; let it finish, or choose another --out_dir."
-        ) from None
-    if not resume:  # again, now that no other run can write here
-        refuse_other_run(out_dir, overwrite, training)
-    for folder in (out_dir, os.path.join(out_dir, "eval")) if overwrite else (out_dir,):
-        for name in run_files(folder):
-            if overwrite or name.startswith(".tmp-"):
-                os.remove(os.path.join(folder, name))
-    return lock
-
-
-def save_checkpoint(path, model, **extra):
-    """Part 1's `save_model` with the plain values of `extra` (a run's optimizer state, epoch,
-    config, history, random state), written atomically."""
-    buffer = io.BytesIO()  # torch's zip writer turns a full disk into an unclear RuntimeError
-    save_model(model, buffer, **extra)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()))
-
-
-def load_checkpoint(path, device="cpu"):
-    """A checkpoint, read once: (its model on `device` in eval mode, by Part 1's `model_from_dict`,
-    and the file's dict). UserError, one sentence, when there is no such file or it cannot be
-    loaded: not a PyTorch file, a truncated one, a pickle that carries code (refused by
-    weights_only=True), a model that vae.py cannot rebuild from it."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-        return model_from_dict(state, f"'{path}'"), state
-    except FileNotFoundError:
-        raise UserError(f"there is no checkpoint at '{path}'.") from None
-    except ValueError as e:  # model_from_dict's, which names the file
-        raise UserError(f"{e}.") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model_from_dict(state, f"'{path}'")  # a model of vae.py, whose weights fit
     except Exception as e:  # torch's reader fails in many ways on a file that is not a checkpoint
-        reason = (str(e).strip() or type(e).__name__).splitlines()[0]
-        raise UserError(f"'{path}' cannot be loaded as a model of vae.py ({reason}).") from None
+        fail(f"'{path}' is not a checkpoint of vae.py ({str(e).strip().splitlines()[0]}).")
+    if "config" not in state:
+        fail(f"'{path}' holds a model of save_model, not a run: load it with load_model.")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures and the latent-space analysis
-#
-# Plots go through matplotlib's object API (no pyplot, so that a caller's backend is left alone).
-# Each figure is a short function on two helpers: `save_grid` for images, `save_figure` for any.
+# Figures: each a short function on `save_grid` (images) or `figure` (plots). matplotlib's object
+# API, without pyplot, leaves a caller's backend alone.
 
 
-def _figure(width, height):
+def figure(width, height):
     from matplotlib.figure import Figure  # imported here: only the figures need matplotlib
 
     return Figure(figsize=(width, height), layout="constrained")
-
-
-def save_figure(fig, path):
-    """Write a matplotlib figure to path as a PNG, atomically (see `atomic_write`)."""
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-
-
-def _literal(name):
-    """A name as matplotlib should draw it: '$' escaped (it would start mathematics), and bytes that
-    are not UTF-8 (a file system allows them) as U+FFFD, which a font can show."""
-    return os.fsencode(str(name)).decode("utf-8", "replace").replace("$", r"\$")
 
 
 def save_grid(rows, path, title, row_labels=(), col_labels=()):
@@ -1279,256 +1064,168 @@ def save_grid(rows, path, title, row_labels=(), col_labels=()):
     r, n = rows.shape[:2]
     grid = make_grid(rows.flatten(0, 1).float().cpu(), nrow=n, padding=2, pad_value=1.0)
     h, w = grid.shape[1:]  # grid: (3, h, w)
-    ax = _figure(1.5 + w / 50, 0.6 + h / 50).subplots()
+    ax = figure(1.5 + w / 50, 0.6 + h / 50).subplots()
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_yticks([2 + (h - 2) / r * (i + 0.5) for i in range(len(row_labels))])
-    ax.set_yticklabels(map(_literal, row_labels))
+    ax.set_yticks([2 + (h - 2) / r * (i + 0.5) for i in range(len(row_labels))], row_labels)
     ax.set_xticks([2 + (w - 2) / n * (i + 0.5) for i in range(len(col_labels))], col_labels)
     ax.tick_params(length=0)
     ax.set_title(title)
-    save_figure(ax.figure, path)
+    ax.figure.savefig(path, dpi=100)
 
 
-def _hist(ax, values, **kwargs):
-    """ax.hist of a tensor's values in 100 bins over their range, widened where it is narrower
-    than float resolution (all values equal, or equal to 7 digits near 1e30), which matplotlib
-    cannot cut into bins."""
-    values = values.double().flatten().numpy()
-    low, high = values.min(), values.max()
-    scale = max(abs(low), abs(high), 1.0)
-    if high - low < 1e-6 * scale:
-        low, high = low - 1e-3 * scale, high + 1e-3 * scale
-    ax.hist(values, bins=100, range=(low, high), **kwargs)
-
-
-def save_reconstructions(model, x, path, title, y=None):
-    """Images x (B, C, H, W) in [0, 1] above their reconstructions from the posterior mean."""
+def save_reconstructions(model, data, path, title):
+    """The first 16 test images above their reconstructions from the posterior mean."""
+    x = to_float(data["test_x"][:16])
+    y = None if data["test_y"] is None else data["test_y"][:16]
     save_grid(torch.stack([x, reconstruct(model, x, y)]), path, title, ["image", "decode(mu)"])
 
 
-def save_samples(model, path, classes=None, seed=0):
-    """8 x 8 images decoded from z ~ N(0, I) (seeded); for a conditional model, a row per class
-    (names `classes`) decoding the same 10 z, so that a column keeps one style."""
+def save_samples(model, path, classes, seed):
+    """8 x 8 images decoded from z ~ N(0, I); for a conditional model, a row per class decoding the
+    same 10 z, so that a column keeps one style."""
     device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
+    g = torch.Generator(device).manual_seed(seed)
     if not model.num_classes:
         images = model.sample(64, generator=g)
         title = "samples: z ~ N(0, I), decoded to the mean of p(x|z)"
-        save_grid(images.view(8, 8, *images.shape[1:]), path, title)
-        return
-    k = model.num_classes
+        return save_grid(images.view(8, 8, *images.shape[1:]), path, title)
     z = torch.randn(10, model.latent_dim, device=device, generator=g)
-    images = model.decode(z.repeat(k, 1), torch.arange(k, device=device).repeat_interleave(10))
+    y = torch.arange(model.num_classes, device=device).repeat_interleave(10)
+    images = model.decode(z.repeat(model.num_classes, 1), y)
     title = "conditional samples: row = label y, column = one z ~ N(0, I)"
-    save_grid(images.view(k, 10, *images.shape[1:]), path, title, [str(c) for c in classes])
+    save_grid(images.view(-1, 10, *images.shape[1:]), path, title, classes)
+
+
+def save_interpolation(model, data, pair, path):
+    """decode(z) on the line between the mu of the first test images of the classes `pair` (test
+    images 0 and 1 when the test set lacks them), between the two images."""
+    labels = [] if data["labels"] is None else data["labels"].tolist()
+    i, j, what = 0, 1, "test images 0 and 1"
+    if pair[0] != pair[1] and set(pair) <= set(labels):
+        i, j, what = labels.index(pair[0]), labels.index(pair[1]), f"a {pair[0]} and a {pair[1]}"
+    ends = to_float(data["test_x"][[i, j]])
+    y = (labels[i], labels[j]) if model.num_classes else (None, None)
+    line = interpolate(model, ends[0], ends[1], 10, *y)
+    title = f"interpolation: decode(z) on the line between the mu of {what}"
+    save_grid(torch.cat([ends[:1], line, ends[1:]])[None], path, title)
 
 
 def plot_losses(history, path):
-    """The -ELBO, recon and KL per epoch, train (the means over each epoch as it learns) and test,
-    in nats per image, from the metrics' rows. The -ELBO weighs the KL by 1 whatever the run
-    minimised, which its title names: a beta, or the IWAE bound (whose epochs show the ELBO of
-    their K draws: their mean recon, and the KL)."""
+    """The -ELBO, recon and KL per epoch, train (each epoch's means) and test, in nats per image,
+    from the metrics' rows; the title says what the run minimised."""
     betas = sorted({row["beta"] for row in history})
-    trained = ""
-    if betas != [1]:
-        shown = f"{betas[0]:g}" if len(betas) == 1 else f"from {betas[0]:g} to {betas[-1]:g}"
-        trained = f"\n(the run minimised recon + beta * KL, beta {shown})"
+    beta = f"{betas[0]:g}" if len(betas) == 1 else f"{betas[0]:g} to {betas[-1]:g}"
     o = [row["objective"] for row in history]
-    pieces = [(row["epoch"], o[i]) for i, row in enumerate(history) if i == 0 or o[i] != o[i - 1]]
-    if [p[1] for p in pieces] != ["elbo"]:  # the IWAE bound, or the ELBO then the bound
-        name = {"elbo": "the ELBO"}
-        words = [name.get(obj, f"the {obj.upper()} bound") for _, obj in pieces]
-        later = "".join(
-            f",\nthen from epoch {e} on {w}" for (e, _), w in zip(pieces[1:], words[1:])
-        )
-        trained += f"\n(trained on {words[0]}{later})"
-    fig = _figure(12, 3.8)
-    panels = {"neg_elbo": f"-ELBO = recon + KL{trained}", "recon": "reconstruction -log p(x|z)"}
-    panels["kl"] = "KL(q(z|x) || p(z))"
+    starts = [(row["epoch"], o[i]) for i, row in enumerate(history) if i == 0 or o[i] != o[i - 1]]
+    words = ["recon + beta KL" if obj == "elbo" else f"-{obj.upper()}" for _, obj in starts]
+    minimised = ", then ".join(f"{w} from epoch {e}" for (e, _), w in zip(starts, words))
+    panels = {"neg_elbo": f"-ELBO = recon + KL\n(minimised: {minimised}; beta {beta})"}
+    panels.update(recon="reconstruction -log p(x|z)", kl="KL(q(z|x) || p(z))")
+    fig = figure(12, 3.8)
     epochs = [row["epoch"] for row in history]
     for ax, (key, title) in zip(fig.subplots(1, 3), panels.items()):
         keys = ("train_recon", "train_kl") if key == "neg_elbo" else (f"train_{key}",)
         ax.plot(epochs, [sum(row[k] for k in keys) for row in history], "o-", ms=3, label="train")
         ax.plot(epochs, [row[f"test_{key}"] for row in history], "s-", ms=3, label="test")
         ax.set(title=title, xlabel="epoch", ylabel="nats per image")
-        ax.xaxis.get_major_locator().set_params(integer=True)  # epochs 1, 2, not 1.2
+        ax.xaxis.get_major_locator().set_params(integer=True)  # epochs 1, 2, not 1.5
         ax.grid(alpha=0.3)
         ax.legend()
-    save_figure(fig, path)
+    fig.savefig(path, dpi=100)
 
 
-def save_latent_distribution(mu, logvar, stats, path, seed=0):
+def save_latent_distribution(mu, logvar, stats, path, seed):
     """The aggregate posterior q(z) against the prior, the posteriors' sigmas, and each dimension's
-    KL, the active units in blue (stats: `evaluate`'s). mu, logvar: (N, D) on the CPU.
+    KL, the active units in blue; mu, logvar: (N, D) on the CPU, stats: `evaluate`'s.
 
-    What should match the prior N(0, I) is q(z) = mean over images x of q(z|x), drawn here as
-    z = mu + sigma * eps, one per image (seed: for eps): its variance is Var(mu) + E[sigma^2],
-    so narrow posteriors (sigma << 1) can only match it if the means spread nearly as wide."""
-    std = torch.exp(0.5 * logvar)
-    z = mu + std * torch.randn(mu.shape, generator=torch.Generator().manual_seed(seed))  # (N, D)
-    ax_z, ax_sigma, ax_kl = _figure(15, 3.8).subplots(1, 3)
-    variance = z.var(correction=0).item()
-    _hist(ax_z, z, density=True, alpha=0.6, label=f"z ~ q(z) (variance {variance:.2f})")
-    _hist(ax_z, mu, density=True, histtype="step", color="C1", label="mu, the posterior means")
+    q(z), the mean over images x of q(z|x), is what should match the prior N(0, I); drawn as
+    z = mu + sigma * eps, one per image, its variance is Var(mu) + E[sigma^2]."""
+    sigma = torch.exp(0.5 * logvar)
+    z = mu + sigma * torch.randn(mu.shape, generator=torch.Generator().manual_seed(seed))
+    ax_z, ax_sigma, ax_kl = figure(15, 3.8).subplots(1, 3)
+    label = f"z ~ q(z), variance {z.var(correction=0):.2f}"
+    ax_z.hist(z.flatten(), 100, density=True, alpha=0.6, label=label)
+    ax_z.hist(mu.flatten(), 100, density=True, histtype="step", label="mu, the posterior means")
     t = torch.linspace(-4, 4, 200)
     ax_z.plot(t, torch.exp(-0.5 * t**2) / math.sqrt(2 * math.pi), "k", label="prior N(0, 1)")
     ax_z.set(title="aggregate posterior q(z), all dimensions", xlabel="z", ylabel="density")
     ax_z.legend(fontsize=8)
-    _hist(ax_sigma, std, alpha=0.7, label="sigma")
+    ax_sigma.hist(sigma.flatten(), 100, alpha=0.7)
     ax_sigma.axvline(1.0, color="k", label="prior sigma = 1")
     ax_sigma.set(title="posterior standard deviations sigma", xlabel="sigma", ylabel="count")
     ax_sigma.legend()
     kl = torch.tensor(stats["kl_per_dim"])
     order = torch.argsort(kl, descending=True).tolist()
     active = [stats["mu_var"][d] > ACTIVE_UNIT_THRESHOLD for d in order]
-    ax_kl.bar(range(len(kl)), kl[order].numpy(), color=["C0" if a else "C7" for a in active])
-    shown = range(0, len(kl), 1 if len(kl) <= 32 else -(-len(kl) // 16))  # labels apart
+    ax_kl.bar(range(len(kl)), kl[order].tolist(), color=["C0" if a else "C7" for a in active])
+    shown = range(0, len(kl), -(-len(kl) // 32))  # at most 32 labels
     ax_kl.set_xticks(shown, [str(order[i]) for i in shown], fontsize=6)
     title = f"KL per dimension: {sum(active)} of {len(kl)} active (blue)"
     ax_kl.set(title=title, xlabel="latent dimension", ylabel="nats per image")
-    save_figure(ax_z.figure, path)
+    ax_z.figure.savefig(path, dpi=100)
 
 
-def save_traversals(model, x, kl_per_dim, path, y=None, n_dims=8, span=3.0):
-    """mu(x) of one image x (C, H, W) (label y, an int, if conditional) decoded with one dimension
-    swept over [-span, span] in 11 steps, for each of the n_dims dimensions of highest KL."""
-    y = None if y is None else torch.tensor([y], device=x.device)
+def save_traversals(model, x, y, mu_var, path, n_dims=8):
+    """mu(x) of one image x (C, H, W) (label y if conditional) decoded with one dimension swept over
+    [-3, 3], for the n_dims dimensions whose mu varies most across the test set (its active units:
+    a dimension's KL can be spent on nothing about x)."""
+    y = None if y is None else y[None]
     mu = model.encode(x[None], y)[0][0]  # (D,)
-    dims = torch.argsort(torch.tensor(kl_per_dim), descending=True)[:n_dims].tolist()
-    values = torch.linspace(-span, span, 11, device=mu.device)
+    dims = torch.argsort(torch.tensor(mu_var), descending=True)[:n_dims].tolist()
+    values = torch.linspace(-3, 3, 11, device=mu.device)
     z = mu.repeat(len(dims), 11, 1)  # (n_dims, 11, D)
     for row, d in enumerate(dims):
         z[row, :, d] = values
     images = model.decode(z.flatten(0, 1), None if y is None else y.expand(len(dims) * 11))
-    title = "traversals of the most informative dimensions, from mu of one test image"
-    rows = [f"z{d} ({kl_per_dim[d]:.1f} nats)" for d in dims]
-    columns = [f"{round(v, 1) + 0.0:+.1f}" for v in values.tolist()]
+    title = "traversals of the dimensions whose mu varies most, from mu of one test image"
+    rows = [f"z{d} (Var mu {mu_var[d]:.2f})" for d in dims]
+    columns = [f"{round(v, 1) + 0.0:+.1f}" for v in values.tolist()]  # + 0.0: no -0.0
     save_grid(images.view(len(dims), 11, *x.shape), path, title, rows, columns)
 
 
-def save_class_means(model, mu, labels, classes, path, per_class=8, noise=0.1, seed=0):
-    """For each class, the mean of its images' mu (N, D) plus noise * N(0, I), decoded (with the
-    class's label for a conditional model); labels (N,) and names `classes` on the CPU."""
-    g = torch.Generator().manual_seed(seed)
+def save_class_means(model, mu, labels, classes, path, seed, noise=0.1):
+    """For each class, the mean of its test images' mu (N, D) plus noise * N(0, I), 8 times, decoded
+    (with the class's label, for a conditional model); labels (N,) on the CPU."""
     present = sorted(set(labels.tolist()))
     means = torch.stack([mu[labels == c].mean(0) for c in present])  # (classes, D)
-    z = means[:, None] + noise * torch.randn(len(present), per_class, mu.shape[1], generator=g)
+    eps = torch.randn(len(present), 8, mu.shape[1], generator=torch.Generator().manual_seed(seed))
     device = next(model.parameters()).device
-    y = torch.tensor(present, device=device).repeat_interleave(per_class)
-    y = y if model.num_classes else None  # the label, to a conditional model
-    images = model.decode(z.flatten(0, 1).to(device), y)  # (classes * per_class, C, H, W)
-    with_label = " with the label" if model.num_classes else ""
-    title = f"class means of mu + {noise} * N(0, I), decoded{with_label}"
+    y = torch.tensor(present, device=device).repeat_interleave(8) if model.num_classes else None
+    images = model.decode((means[:, None] + noise * eps).flatten(0, 1).to(device), y)
+    title = f"class means of mu + {noise} * N(0, I), decoded"
+    title += " with the label" if model.num_classes else ""
     rows = [str(classes[c]) for c in present]
-    save_grid(images.view(len(present), per_class, *images.shape[1:]), path, title, rows)
+    save_grid(images.view(len(present), 8, *images.shape[1:]), path, title, rows)
 
 
 def save_latent_pca(mu, labels, classes, path):
     """The means mu (N, D) on their first two principal components, coloured by class (labels (N,)
-    and names; None for unlabelled images: one colour)."""
-    centered = (mu - mu.mean(0)).double()  # float64: means near 1e15 still have a variance
+    on the CPU; None: one colour)."""
+    centered = mu - mu.mean(0)
     _, s, v = torch.linalg.svd(centered, full_matrices=False)
-    proj = torch.cat([centered @ v[:2].T, torch.zeros(len(mu), 2)], dim=1)[:, :2]  # (N, 2)
-    explained = (s**2 / (s**2).sum().clamp(min=1e-300)).tolist() + [0.0]  # PC 2 is 0 when D = 1
-    ax = _figure(6.5, 5.5).subplots()
-    for c in sorted(set(labels.tolist())) if labels is not None else [None]:
-        points = proj.T if c is None else proj[labels == c].T
-        name = None if c is None else _literal(classes[c])
-        ax.scatter(*points, s=2, alpha=0.5, color=f"C{(c or 0) % 10}", label=name)
+    points = centered @ v[:2].T  # (N, 2)
+    explained = s**2 / (s**2).sum()
+    ax = figure(6.5, 5.5).subplots()
+    for c in [None] if labels is None else sorted(set(labels.tolist())):
+        mine = points if c is None else points[labels == c]
+        ax.scatter(*mine.T, s=2, alpha=0.5, color=f"C{(c or 0) % 10}", label=classes and classes[c])
     if labels is not None:
-        ax.legend(markerscale=6, title="class", loc="best", fontsize=8)
-    ax.set(
-        title="test-set means mu, first two principal components",
-        xlabel=f"PC 1 ({explained[0]:.0%} of variance)",
-        ylabel=f"PC 2 ({explained[1]:.0%} of variance)",
-    )
-    save_figure(ax.figure, path)
+        ax.legend(markerscale=6, title="class", fontsize=8)
+    ax.set(title="test-set means mu, first two principal components")
+    ax.set(xlabel=f"PC 1 ({explained[0]:.0%} of variance)", ylabel=f"PC 2 ({explained[1]:.0%})")
+    ax.figure.savefig(path, dpi=100)
 
 
-@in_eval_mode
-def save_error_analysis(model, images, labels, classes, out_dir, likelihood, sigma, n=16):
-    """Each test image's reconstruction error -log p(x | z = mu): their histogram, the n best and
-    worst reconstructed images, and per class (per_class.csv) the mean error and KL; returns those
-    rows ([] without labels). images: (N, C, H, W) uint8 on the model's device; labels: (N,) on
-    the CPU, or None. Returns also mu (N, D) and logvar, on the CPU, for the other figures."""
-    y = labels.to(images.device) if model.num_classes else None
-    out = []  # per batch: mu, logvar, error, x_hat
-    for start in range(0, len(images), 1000):
-        x = to_float(images[start : start + 1000])
-        mu, logvar = model.encode(x, None if y is None else y[start : start + 1000])
-        logits = model.decode_logits(mu, None if y is None else y[start : start + 1000])
-        error = reconstruction_loss(logits, x, likelihood, sigma)
-        x_hat = (torch.sigmoid(logits) * 255).round().to(torch.uint8)
-        out.append([t.cpu() for t in (mu, logvar, error, x_hat)])
-    mu, logvar, error, x_hat = (torch.cat(parts) for parts in zip(*out))
-    ax = _figure(6.5, 4).subplots()
-    _hist(ax, error)
-    ax.set(title="reconstruction error per test image", xlabel="-log p(x | z = mu), nats")
-    ax.set_ylabel("images")
-    save_figure(ax.figure, os.path.join(out_dir, "recon_error_hist.png"))
+def save_best_worst(data, error, x_hat, path, n=16):
+    """The n test images reconstructed best and worst (error (N,), in nats), above x_hat (N, C, H, W)
+    uint8, their reconstructions."""
     order = torch.argsort(error)
     best, worst = order[:n], order.flip(0)[:n]
-    x = images.cpu()
+    x = data["test_x"].cpu()
     grid = torch.stack([x[best], x_hat[best], x[worst], x_hat[worst]]).float() / 255
-    title = f"best and worst reconstructed test images ({error[best[0]]:.4g} to {error[worst[0]]:.4g} nats)"
-    save_grid(
-        grid, os.path.join(out_dir, "best_worst.png"), title, ["best", "recon", "worst", "recon"]
-    )
-    kl = kl_divergence(mu, logvar)
-    rows = []
-    for c in sorted(set(labels.tolist())) if labels is not None else ():
-        m = labels == c
-        row = dict(label=c, name=classes[c], count=int(m.sum()), recon_error=error[m].mean().item())
-        rows.append(dict(row, kl=kl[m].mean().item()))
-    if rows:
-        save_csv(rows, os.path.join(out_dir, "per_class.csv"))
-    return rows, mu, logvar
-
-
-@in_eval_mode
-def write_figures(model, test_x, test_y, classes, stats, out_dir, likelihood, sigma, seed, pair):
-    """Every figure of a trained model, in out_dir; returns the per-class rows. test_x: (N, C, H, W)
-    uint8 on the model's device; test_y: (N,) on the CPU, or None (no class figures then), and
-    `classes` their names; stats: `evaluate`'s; likelihood, sigma: p(x|z); seed: for every random
-    draw; pair = (A, B): the interpolation joins the first test images of classes A and B (else
-    test images 0 and 1)."""
-    path = lambda name: os.path.join(out_dir, name)  # noqa: E731
-    conditional = model.num_classes > 0
-    label = (lambda i: int(test_y[i])) if conditional else (lambda i: None)
-    rows, mu, logvar = save_error_analysis(
-        model, test_x, test_y, classes, out_dir, likelihood, sigma
-    )
-    save_samples(
-        model, path("samples_per_class.png" if conditional else "samples.png"), classes, seed
-    )
-    labels = [] if test_y is None else test_y.tolist()
-    i, j = 0, min(1, len(test_x) - 1)
-    if pair[0] != pair[1] and set(pair) <= set(labels):
-        i, j = labels.index(pair[0]), labels.index(pair[1])
-    elif labels:
-        print(
-            f"note: --interpolate {pair[0]} {pair[1]} does not name two classes that the test set "
-            f"has, so interpolation.png joins test images 0 and 1"
-        )
-    ends = to_float(test_x[[i, j]])
-    line = interpolate(model, ends[0], ends[1], 10, label(i), label(j))
-    title = "interpolation: two test images, and decode(z) on the line between their mu"
-    save_grid(torch.cat([ends[:1], line, ends[1:]])[None], path("interpolation.png"), title)
-    save_latent_distribution(mu, logvar, stats, path("latent_distribution.png"), seed)
-    save_traversals(model, ends[0], stats["kl_per_dim"], path("traversals.png"), label(i))
-    if test_y is None:
-        print(
-            "note: the images have no class labels, so class_means.png and per_class.csv are not "
-            "written and latent_pca.png has one colour"
-        )
-    else:
-        save_class_means(model, mu, test_y, classes, path("class_means.png"), seed=seed)
-    save_latent_pca(mu, test_y, classes, path("latent_pca.png"))
-    if model.latent_dim == 2 and not conditional:  # decoded over [-3, 3]^2, z1 rightwards, z2 up
-        z = torch.cartesian_prod(torch.linspace(3, -3, 20), torch.linspace(-3, 3, 20)).flip(1)
-        images = model.decode(z.to(test_x.device)).view(20, 20, *test_x.shape[1:])  # z: (400, 2)
-        save_grid(images, path("manifold.png"), "decode(z) for z1, z2 in [-3, 3], z2 upwards")
-    return rows
+    title = f"best and worst reconstructed test images ({error[best[0]]:.4g} to "
+    title += f"{error[worst[0]]:.4g} nats)"
+    save_grid(grid, path, title, ["best", "recon", "worst", "recon"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1536,465 +1233,348 @@ def write_figures(model, test_x, test_y, classes, stats, out_dir, likelihood, si
 
 
 @in_eval_mode
-def evaluate_nll(model, images, k, labels=None, likelihood="bernoulli", sigma=0.1, seed=0):
-    """-log p(x) by `log_likelihood` with k samples, under the model's likelihood, in nats per
-    image, the mean over a split. images: uint8 on the model's device; labels: for a conditional
-    model, whose number is then -log p(x|y)."""
+def reconstruction_errors(model, data, likelihood, sigma):
+    """Each test image's -log p(x | z = mu) in nats (N,), its mu and logvar (N, D) and its
+    reconstruction, uint8 (N, C, H, W): all on the CPU."""
+    out = []
+    for start in range(0, len(data["test_x"]), 1000):
+        x = to_float(data["test_x"][start : start + 1000])
+        y = None if data["test_y"] is None else data["test_y"][start : start + 1000]
+        mu, logvar = model.encode(x, y)
+        logits = model.decode_logits(mu, y)
+        error = reconstruction_loss(logits, x, likelihood, sigma)
+        out.append(
+            [t.cpu() for t in (error, mu, logvar, (torch.sigmoid(logits) * 255).round().byte())]
+        )
+    return [torch.cat(parts) for parts in zip(*out)]
+
+
+@in_eval_mode
+def evaluate_nll(model, images, labels, k, likelihood, sigma, seed):
+    """-log p(x) by `log_likelihood` with k samples (of x given y, for a conditional model), in
+    nats per image, the mean over images (N, C, H, W) on the model's device."""
     generator = torch.Generator(images.device).manual_seed(seed)
-    total = torch.zeros((), device=images.device)
+    total = 0.0
     for start in range(0, len(images), 100):
         y = None if labels is None else labels[start : start + 100]
-        total += log_likelihood(
-            model, images[start : start + 100], k, y, likelihood, sigma, generator
-        ).sum()
-    return -total.item() / len(images)
+        x = images[start : start + 100]
+        total += log_likelihood(model, x, k, y, likelihood, sigma, generator).sum().item()
+    return -total / len(images)
 
 
-def collapse_warning(kl, active_units, n_images):
-    """A warning when the posterior has collapsed (Bowman et al. 2016): a test KL under 0.1 nats,
-    so q(z|x) is the prior for every image; or no active unit among at least 10 images (fewer tell
-    too little of a variance), so z hardly varies across them. Else None."""
-    advice = "try --kl_warmup 10, --free_bits 0.5 or a smaller --beta."
-    if kl < 0.1:
-        return (
-            f"warning: posterior collapse: the test KL is {kl:.3f} nats, so q(z|x) is the prior "
-            f"for every image and the decoder ignores z; {advice}"
-        )
-    if active_units == 0 and n_images >= 10:
-        return (
-            f"warning: no active latent unit: no mean mu_u has a variance across the test images "
-            f"over {ACTIVE_UNIT_THRESHOLD} (the test KL is {kl:.3f} nats), so z tells the decoder "
-            f"little about each image; {advice}"
-        )
-    return None
-
-
-def report(model, data, out_dir, likelihood, sigma, beta, seed, nll_samples, pair, extra):
-    """The final evaluation, printed and saved with every figure: the test -ELBO, the loss at
-    `beta` (the last epoch's), the NLL if nll_samples > 0, in nats per image; returns
-    evaluation.json's dict (with `extra`'s values). data: test_x uint8 on the model's device,
-    labels on the CPU or None, classes. Bits per dimension for binary pixels only: a Bernoulli
-    likelihood of grey pixels is not a probability, a Gaussian one a density (the log says so)."""
-    test_x = data["test_x"]
-    y = data["labels"].to(test_x.device) if model.num_classes else None
-    generator = torch.Generator(test_x.device).manual_seed(seed)
-    te = evaluate(model, test_x, y, likelihood, sigma, generator)
-    results = dict(extra, likelihood=likelihood, sigma=sigma if likelihood == "gaussian" else None)
+@in_eval_mode
+def report(model, data, history, config):
+    """The final evaluation, printed and in evaluation.json (nats per image), and every figure,
+    in config.out_dir. Bits per dimension only for binary pixels: a Bernoulli of grey pixels
+    is not a probability, a Gaussian a density."""
+    path = lambda name: os.path.join(config.out_dir, name)  # noqa: E731
+    likelihood, sigma, seed = config.likelihood, config.sigma, config.seed
+    epoch, beta = history[-1]["epoch"], history[-1]["beta"]
+    generator = torch.Generator(data["test_x"].device).manual_seed(seed)
+    te = evaluate(model, data["test_x"], data["test_y"], likelihood, sigma, generator)
+    # the loss as the last epoch minimised it, each KL_j with its floor
+    loss = te["recon"] + beta * sum(max(config.free_bits, kl) for kl in te["kl_per_dim"])
+    results = dict(epoch=epoch, likelihood=likelihood, sigma=sigma, beta=beta, test_loss=loss)
     results.update(test_neg_elbo=te["neg_elbo"], test_recon=te["recon"], test_kl=te["kl"])
-    results.update(beta=beta, test_loss=te["recon"] + beta * te["kl"])
     results.update({k: te[k] for k in ("active_units", "kl_per_dim", "mu_var")})
-    binary = bool(((test_x == 0) | (test_x == 255)).all())
+    binary = bool(((data["test_x"] == 0) | (data["test_x"] == 255)).all())
     note = ""
-    if likelihood == "bernoulli" and not binary:
-        note = " (Bernoulli on pixels that are not binary: not a probability; it compares runs of"
-        note += " vae.py, and --binarize gives the standard binary protocol)"
-    elif likelihood == "gaussian":
-        note = f" (a Gaussian density of pixels in [0, 1] with sigma {sigma:g}: it compares"
-        note += " Gaussian runs, not published likelihoods of 8-bit pixels)"
+    if likelihood == "gaussian":
+        note = f" (a Gaussian density with sigma {sigma:g}: it compares Gaussian runs of vae.py)"
+    elif not binary:
+        note = " (Bernoulli on pixels that are not binary: a cross-entropy that compares runs of "
+        note += "vae.py, not a probability; --binarize gives the standard binary protocol)"
     print(
         f"test -ELBO {te['neg_elbo']:.3f} = recon {te['recon']:.3f} + kl {te['kl']:.3f} nats/image "
         f"(one z per image){note}; {te['active_units']} of {model.latent_dim} latent units active"
     )
-    if beta != 1:
-        print(
-            f"test loss at the last epoch's beta, recon + {beta:g} kl: {results['test_loss']:.3f}"
-        )
-    if nll_samples > 0:
-        t0 = time.perf_counter()
-        nll = evaluate_nll(model, test_x, nll_samples, y, likelihood, sigma, seed)
-        results.update(nll_samples=nll_samples, test_nll=nll)
+    if beta != 1 or config.free_bits:
+        print(f"test loss as the last epoch minimised it, at beta {beta:g}: {loss:.3f}")
+    if config.nll_samples:
+        k = config.nll_samples
+        nll = evaluate_nll(model, data["test_x"], data["test_y"], k, likelihood, sigma, seed)
+        results.update(nll_samples=k, test_nll=nll)
         bits = ""
         if likelihood == "bernoulli" and binary:
-            results["test_nll_bits_per_dim"] = nll / (test_x[0].numel() * math.log(2))
+            results["test_nll_bits_per_dim"] = nll / (data["test_x"][0].numel() * math.log(2))
             bits = f", {results['test_nll_bits_per_dim']:.4f} bits/dim"
-        what = "NLL" if y is None else "-log p(x|y)"
-        took = time.perf_counter() - t0
-        print(f"test {what} (K={nll_samples}): {nll:.2f} nats/image{bits} [{took:.0f} s]{note}")
-    figures = (data["classes"], te, out_dir, likelihood, sigma, seed, pair)
-    results["per_class"] = write_figures(model, test_x, data["labels"], *figures)
-    save_json(results, os.path.join(out_dir, "evaluation.json"))
+        what = "NLL" if data["test_y"] is None else "-log p(x|y)"
+        print(f"test {what} (K={k}): {nll:.2f} nats/image{bits}{note}")
+    error, mu, logvar, x_hat = reconstruction_errors(model, data, likelihood, sigma)
+    labels, classes = data["labels"], data["classes"]
+    if labels is not None:  # each class's mean reconstruction error -log p(x | z = mu)
+        present = sorted(set(labels.tolist()))
+        results["recon_error_per_class"] = {
+            classes[c]: error[labels == c].mean().item() for c in present
+        }
+    with open(path("evaluation.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    title = f"epoch {epoch}: test images and their reconstructions"
+    save_reconstructions(model, data, path(f"reconstructions_epoch{epoch:03d}.png"), title)
+    plot_losses(history, path("loss_curves.png"))
+    samples = "samples_per_class.png" if model.num_classes else "samples.png"
+    save_samples(model, path(samples), classes, seed)
+    save_interpolation(model, data, config.interpolate, path("interpolation.png"))
+    save_latent_distribution(mu, logvar, te, path("latent_distribution.png"), seed)
+    y = None if data["test_y"] is None else data["test_y"][0]
+    save_traversals(model, to_float(data["test_x"][0]), y, te["mu_var"], path("traversals.png"))
+    save_best_worst(data, error, x_hat, path("best_worst.png"))
+    if labels is not None:
+        save_class_means(model, mu, labels, classes, path("class_means.png"), seed)
+    save_latent_pca(mu, labels, classes, path("latent_pca.png"))
     return results
 
 
 # ---------------------------------------------------------------------------------------------
-# A training run
+# A run
+
+# The flags --resume and --checkpoint may change, and their defaults for a new run: on the command
+# line they default to None, which keeps the saved run's value.
+RESUMABLE = dict(epochs=30, lr=2e-3, grad_clip=0.0, nll_samples=0, iwae_samples=1)
+RESUMABLE.update(data_dir=None, device="auto", deterministic=False)
 
 
-def build_model(args, num_classes=0):
-    """The command line's model: --model conv, a ConvVAE whose first block has --width channels and
-    --res_blocks residual blocks on each side, or mlp, an MLPVAE with hidden layers of 16 and 8
-    times --width units (512 and 256 at 32)."""
-    size = (args.image_size, args.channels, args.latent_dim)
-    if args.model == "conv":
-        return ConvVAE(*size, args.width, num_classes, args.res_blocks)
-    return MLPVAE(*size, hidden=(16 * args.width, 8 * args.width), num_classes=num_classes)
+def settings(args):
+    """(config, state): a new run's config is its flags (state None); --resume and --checkpoint
+    take the saved run's and its checkpoint (state), with the flags of RESUMABLE given."""
+    out_dir = args.out_dir or os.path.join("runs", args.model)
+    given = {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}
+    config = vars(args) | RESUMABLE | given | dict(out_dir=out_dir)
+    config["data_dir"] = config["data_dir"] or ("./mnist" if args.dataset == "mnist" else "./data")
+    state = None
+    if args.resume or args.checkpoint:
+        state = load_checkpoint(args.checkpoint or os.path.join(out_dir, "checkpoint.pt"))
+        config = state["config"] | given | dict(out_dir=out_dir, resume=args.resume)
+        config.update(checkpoint=args.checkpoint, overwrite=args.overwrite)
+    config = argparse.Namespace(**config)
+    if args.checkpoint:  # the report of the saved epoch, in a folder of its own
+        config.out_dir = args.out_dir or os.path.join(os.path.dirname(args.checkpoint), "eval")
+        config.epochs = state["epoch"]
+        if {"checkpoint.pt", "metrics.csv"} & set(run_files(config.out_dir)):
+            fail(f"'{config.out_dir}' holds a run; give --checkpoint an --out_dir of its own.")
+    elif args.resume and state["epoch"] >= config.epochs:
+        fail(f"the run in '{out_dir}' is finished; give --epochs above {state['epoch']}.")
+    if run_files(config.out_dir) and not (args.resume or args.overwrite):
+        fail(f"'{config.out_dir}' holds a run: --resume it, --overwrite it, or choose another.")
+    if config.iwae_samples > 1 and (config.beta != 1 or config.free_bits or config.kl_warmup):
+        fail("the IWAE bound (--iwae_samples) has no --beta, --free_bits or --kl_warmup.")
+    return config, state
 
 
-def to_device(model, device, distributed=False):
-    """The model on `device`, a ConvVAE in the NHWC layout (channels_last), about 25% faster on CPUs
-    (oneDNN) and tensor-core GPUs, unless under DDP, whose gradient buckets expect the default
-    strides. A run of one process and the evaluation of its checkpoint both use it, and so compute
-    the same numbers, bit for bit."""
-    model = model.to(device)
-    if isinstance(model, ConvVAE) and not distributed:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+def build_model(config, num_classes):
+    """--model conv: a ConvVAE whose first block has --width channels; mlp: an MLPVAE with hidden
+    layers of 16 and 8 times --width units (512 and 256 at 32)."""
+    size = (config.image_size, config.channels, config.latent_dim)
+    if config.model == "conv":
+        return ConvVAE(*size, config.width, num_classes, config.res_blocks)
+    return MLPVAE(*size, (16 * config.width, 8 * config.width), num_classes)
 
 
-def check_classes(model, classes, data_dir):
-    """UserError when a conditional model was trained on another number of classes than `classes`."""
-    if model.num_classes and model.num_classes != len(classes or ()):
-        raise UserError(
-            f"the model is conditional on {model.num_classes} classes, and the data in "
-            f"'{data_dir}' has {len(classes or ())}; give it the data it was trained on."
+def build(config, state, data, device, rank, world):
+    """(model, optimizer, scheduler, history): new, or the checkpoint's (state), from which a resumed
+    run goes on bit for bit on the CPU: the same weights, Adam state and random state."""
+    num_classes = len(data["classes"]) if config.conditional else 0
+    model = build_model(config, num_classes) if state is None else model_from_dict(state)
+    if model.num_classes != num_classes:
+        fail(
+            f"the model is conditional on {model.num_classes} classes, the data has {num_classes}."
         )
+    model = model.to(device, memory_format=torch.channels_last)  # NHWC: faster convolutions
+    if world > 1:
+        average_gradients(model, world)
+    fused = device.type in ("cuda", "cpu")  # Adam's update of every tensor in one kernel
+    optimizer = torch.optim.Adam(model.parameters(), config.lr, fused=fused)
+    history = []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type == "cuda" and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        history = state["history"]
+    if rank > 0:  # each process its own draws; rank 0 draws what a single process would
+        torch.manual_seed(config.seed + rank + world * len(history))
+    for group in optimizer.param_groups:  # a resumed run may be given another --lr
+        group["lr"] = group["initial_lr"] = config.lr
+    at = len(history) - 1  # a resumed run goes on at its epoch, on the curve of its --epochs
+    if config.lr_schedule == "constant":
+        return (
+            model,
+            optimizer,
+            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1, at),
+            history,
+        )
+    return model, optimizer, cosine_decay(optimizer, config.epochs, at), history
 
 
-def train_share(model, optimizer, data, batch_size, beta, binarize, step_args, epoch, share):
-    """Part 1's loop over this process's share of an epoch, with a progress bar: the epoch's mean
-    [loss, recon, kl] (3,) on the device. Under torchrun (share: rank, world, seed) one order,
-    seeded by the epoch, is padded so that each process takes as many steps, and dealt by rank."""
+def train_share(model, optimizer, data, config, epoch, rank, world):
+    """Part 1's train_step over this process's share of an epoch, with a progress bar: the epoch's
+    metrics row, its means over all processes. Under torchrun one order, seeded by the epoch, is
+    padded so that each process takes as many steps, and dealt out by rank."""
     from tqdm import tqdm
 
-    images = data["train_x"]
+    t0 = time.perf_counter()
+    beta = beta_schedule(epoch, config.beta, config.kl_warmup)
+    images, labels = data["train_x"], data["train_y"]
     n = len(images)
-    rank, world, seed = share
     if world == 1:
         order = torch.randperm(n, device=images.device)
     else:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed + epoch))
         order = torch.cat([order, order[: -n % world]])[rank::world].to(images.device)
-    model.train()
-    sums = torch.zeros(3, device=images.device)  # summed on the device, read once by the caller
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc=f"epoch {epoch}", leave=False, disable=not sys.stderr.isatty()):
-        idx = order[start : start + batch_size]  # (B,)
-        x = get_batch(images, idx, binarize)  # (B, C, H, W) in [0, 1]
-        y = None if data["train_y"] is None else data["train_y"][idx]
-        stats = train_step(model, optimizer, x, beta, y, **step_args)
+    keys = ("likelihood", "sigma", "free_bits", "grad_clip", "iwae_samples")
+    step_args = {k: vars(config)[k] for k in keys}
+    sums = torch.zeros(3, device=images.device)  # summed on the device: no wait at each step
+    batch = config.batch_size // world
+    for start in tqdm(range(0, len(order), batch), f"epoch {epoch}", leave=False, disable=None):
+        idx = order[start : start + batch]  # (B,)
+        x = get_batch(images, idx, config.binarize)  # (B, C, H, W) in [0, 1]
+        y = None if labels is None else labels[idx]
+        stats = train_step(model, optimizer, x, beta=beta, y=y, **step_args)
         sums += torch.stack([stats["loss"], stats["recon"], stats["kl"]]) * len(idx)
-    return sums / len(order)
+    if world > 1:  # every process took as many images
+        dist.all_reduce(sums)
+    loss, recon, kl = (sums / (len(order) * world)).tolist()  # waits for the device
+    seconds = time.perf_counter() - t0
+    objective = "elbo" if config.iwae_samples == 1 else f"iwae{config.iwae_samples}"
+    row = dict(epoch=epoch, beta=beta, lr=optimizer.param_groups[0]["lr"], objective=objective)
+    row.update(train_loss=loss, train_recon=recon, train_kl=kl, train_seconds=seconds)
+    return row | dict(images_per_sec=n / seconds)
 
 
-# The settings a resumed run may change; everything else comes from its checkpoint. A run of the
-# ELBO resumed with --iwae_samples K goes on under the tighter bound (the longer recipe's last piece).
-RESUMABLE = "epochs lr grad_clip data_dir device deterministic nll_samples iwae_samples".split()
-RUN_STATE = {"config", "epoch", "history", "optimizer", "rng"}  # what a run saves beside the model
+def kept(config, saved):
+    """What a stopped run has kept, and how to go on, for the sentence that stops it."""
+    if not saved:
+        return "no epoch had finished, so no checkpoint was written"
+    path = config.checkpoint or os.path.join(config.out_dir, "checkpoint.pt")
+    more = saved < config.epochs and not config.checkpoint
+    then = f"--resume --out_dir {config.out_dir}" if more else f"--checkpoint {path}"
+    return f"the checkpoint of epoch {saved}, '{path}', is intact; go on with: python vae.py {then}"
 
 
-def resume_config(args, explicit):
-    """(settings, model, checkpoint) of a resumed run: the saved settings, with the flags of
-    RESUMABLE that the command line writes out (`explicit`)."""
-    path = os.path.join(args.out_dir, "checkpoint.pt")
-    if not os.path.exists(path):
-        raise UserError(
-            f"--resume found no checkpoint.pt in '{args.out_dir}'; start the run without "
-            f"--resume, or point --out_dir at the run's folder."
-        )
-    model, state = load_checkpoint(path)
-    if not RUN_STATE <= set(state):
-        raise UserError(f"'{path}' holds a model but not a training run to resume.")
-    config = dict(state["config"], resume=True, overwrite=False, out_dir=args.out_dir)
-    config.update({k: getattr(args, k) for k in RESUMABLE if k in explicit})
-    args = argparse.Namespace(**config)
-    if iwae_with_a_beta(args):
-        raise UserError(
-            f"the run in '{args.out_dir}' trains with --beta, --free_bits or --kl_warmup, which "
-            f"the IWAE bound has not; resume it without --iwae_samples."
-        )
-    if state["epoch"] >= args.epochs:
-        raise UserError(
-            f"the run in '{args.out_dir}' has finished epoch {state['epoch']} of "
-            f"{args.epochs}; give --resume a larger --epochs to train further."
-        )
-    return args, model, state
-
-
-def restore(state, optimizer, args, device, rank, world):
-    """Go on from a resumed run's checkpoint: Adam's state and the random generators, so that on a
-    CPU the run ends bit for bit as the uninterrupted one does (the checkpoint holds rank 0's
-    generators; the other processes get their own). Returns the metrics' rows so far."""
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if device.type == "cuda" and state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    if rank > 0:
-        torch.manual_seed(args.seed + rank + world * state["epoch"])
-    changed = [k for k in RESUMABLE if getattr(args, k) != state["config"].get(k)]
-    but = ", ".join(f"--{k} {getattr(args, k)}" for k in changed)
-    print(
-        f"resuming at epoch {state['epoch'] + 1} of {args.epochs} with the saved settings"
-        f"{f' but {but}' if but else ''}"
-    )
-    return state["history"]
-
-
-def train(args, explicit=()):
-    """A run of the command line, in its order: load the data, build or restore the model, and for
-    each epoch train, evaluate and log, save; then the final report. Returns the metrics' rows.
-    Under torchrun each process runs this, and rank 0 alone prints and writes. explicit: the flags
-    written on the command line (a resumed run takes those of RESUMABLE)."""
-    model = state = None
-    if args.resume:
-        args, model, state = resume_config(args, explicit)
-    else:
-        refuse_other_run(args.out_dir, args.overwrite)
-    device = select_device(args.device, args.deterministic)
-    with process_group(device) as (rank, world, device):
-        with contextlib.redirect_stdout(sys.stdout if rank == 0 else io.StringIO()):
-            if args.batch_size % world:
-                raise UserError(
-                    f"--batch_size {args.batch_size} is the batch of all {world} processes "
-                    f"together, so it must be a multiple of {world}."
-                )
-            torch.manual_seed(args.seed + rank)  # rank 0 draws what a single process would
-            data = load_data(vars(args), device)
-            args.channels = data["train_x"].shape[1]
-            args.image_size = data["train_x"].shape[-1]
-            if rank == 0:  # the data is good: now the folder may be made, an earlier run cleared
-                lock = prepare_output_dir(args.out_dir, args.overwrite, args.resume)  # noqa: F841
-            num_classes = len(data["classes"]) if args.conditional else 0
-            model = build_model(args, num_classes) if model is None else model
-            check_classes(model, data["classes"], args.data_dir)
-            model = to_device(model, device, distributed=dist.is_initialized())
-            # The fused Adam updates every parameter in one kernel, not a dozen per tensor.
-            fused = device.type in ("cuda", "cpu")
-            optimizer = torch.optim.Adam(model.parameters(), args.lr, fused=fused)
-            print(
-                f"{args.model} VAE{f' conditional on {num_classes} classes' if num_classes else ''}, "
-                f"{sum(p.numel() for p in model.parameters()):,} parameters, latent_dim "
-                f"{args.latent_dim}, {len(data['train_x']):,} train / {len(data['test_x']):,} test "
-                f"{args.dataset} images of {args.channels}x{args.image_size}x{args.image_size}"
-                f"{' binarized' if args.binarize else ''}, device {device}"
-                f"{f' x {world} processes' if world > 1 else ''}, writing to {args.out_dir}",
-                flush=True,
-            )
-            history = [] if state is None else restore(state, optimizer, args, device, rank, world)
-            config = dict(vars(args), num_classes=num_classes, classes=data["classes"])
-            if rank == 0:
-                save_json(config, os.path.join(args.out_dir, "config.json"))
-            train_epochs(args, model, optimizer, data, history, config, rank, world)
-    if rank == 0:  # the final evaluation on the whole test set, by one process
-        plot_losses(history, os.path.join(args.out_dir, "loss_curves.png"))
-        settings = (args.likelihood, args.sigma, history[-1]["beta"], args.seed, args.nll_samples)
-        extra = dict(epoch=history[-1]["epoch"])
-        report(model, data, args.out_dir, *settings, args.interpolate, extra)
-    return history
-
-
-def train_epochs(args, model, optimizer, data, history, config, rank, world):
-    """The epoch loop: each process trains its share (DDP averages the gradients), then rank 0
-    evaluates, logs and saves, adding the epoch's row to `history`. Ctrl-C stops it with one
-    sentence (exit code 130), a non-finite loss with another (exit code 1); the last good
-    checkpoint stays."""
-    device = data["train_x"].device
-    step_model = model
-    if dist.is_initialized():  # under torchrun, even with one process
-        step_model = nn.parallel.DistributedDataParallel(
-            model, [device] if device.type == "cuda" else None
-        )
-    step_args = dict(likelihood=args.likelihood, sigma=args.sigma, free_bits=args.free_bits)
-    step_args.update(grad_clip=args.grad_clip, iwae_samples=args.iwae_samples)
-    saved = epoch = len(history)
-    for group in optimizer.param_groups:  # a resumed run may be given another --lr
-        group["lr"] = group["initial_lr"] = args.lr
-    scheduler = None
-    if args.lr_schedule == "cosine":  # at a resumed run's epoch, on the curve of its --epochs
-        scheduler = cosine_decay(optimizer, args.epochs, last_epoch=saved - 1)
-    try:
-        for epoch in range(saved + 1, args.epochs + 1):
-            t0 = time.perf_counter()
-            beta = beta_schedule(epoch, args.beta, args.kl_warmup)
-            step = (args.batch_size // world, beta, args.binarize, step_args)
-            means = train_share(step_model, optimizer, data, *step, epoch, (rank, world, args.seed))
-            if world > 1:  # every process took as many images: the mean of their means
-                dist.all_reduce(means)
-                means /= world
-                for buffer in model.buffers():  # BatchNorm's statistics of rank 0, as DDP does
-                    dist.broadcast(buffer, src=0)
-            train_loss = means.tolist()  # waits for the device: the epoch's steps are done
-            if rank == 0:  # the test set is small: rank 0 evaluates it alone
-                row = dict(epoch=epoch, beta=beta, lr=optimizer.param_groups[0]["lr"])
-                history.append(log_epoch(args, model, data, row, train_loss, t0, saved))
-                save_epoch(model, optimizer, data, history, config, args.out_dir, args.epochs)
-                saved = epoch
-            if scheduler is not None:
-                scheduler.step()
-    except KeyboardInterrupt:
-        hint = f"; continue with: python vae.py --resume --out_dir {args.out_dir}" if saved else ""
-        raise UserError(
-            f"stopped by Ctrl-C in epoch {epoch}; {kept(args.out_dir, saved)}{hint}", 130
-        ) from None
-
-
-def kept(out_dir, epoch):
-    """What a stopped run has kept, for the sentence that stops it."""
-    if epoch:
-        return f"the checkpoint of epoch {epoch} in '{out_dir}' is intact"
-    return "no epoch had finished, so no checkpoint was written"
-
-
-def log_epoch(args, model, data, row, train_loss, t0, saved):
-    """The epoch's metrics row, completed with the training means (train_loss: recon + beta kl, or
-    minus the IWAE bound), the test -ELBO of the weights (z drawn from a generator seeded --seed)
-    and the time since t0; printed as one line, with the collapse warning if it applies.
-    UserError (exit code 1) when a loss is not finite."""
-    generator = torch.Generator(data["test_x"].device).manual_seed(args.seed)
-    te = evaluate(model, data["test_x"], data["test_y"], args.likelihood, args.sigma, generator)
-    if not all(map(math.isfinite, (*train_loss, te["neg_elbo"]))):
-        raise UserError(
-            f"the loss became non-finite in epoch {row['epoch']} (train {train_loss[0]:.4g}, test "
-            f"-ELBO {te['neg_elbo']:.4g}), so training stopped; {kept(args.out_dir, saved)}; try "
-            f"a lower --lr (now {args.lr:g}) or --grad_clip 10.",
-            1,
-        )
-    k = args.iwae_samples
-    row.update(objective="elbo" if k == 1 else f"iwae{k}")
-    row.update(zip(("train_loss", "train_recon", "train_kl"), train_loss))
+def end_epoch(model, optimizer, data, history, config, row):
+    """Rank 0's end of an epoch: the test -ELBO, the log line, metrics.csv, the checkpoint, and
+    reconstructions at epochs 1, 5 and 15. A non-finite loss stops the run before any of them."""
+    generator = torch.Generator(data["test_x"].device).manual_seed(config.seed)
+    te = evaluate(model, data["test_x"], data["test_y"], config.likelihood, config.sigma, generator)
+    if not math.isfinite(row["train_loss"] + te["neg_elbo"]):
+        stop = f"the loss became non-finite in epoch {row['epoch']}; {kept(config, len(history))}"
+        fail(f"{stop}; try a lower --lr or --grad_clip 10.")
     row.update(test_neg_elbo=te["neg_elbo"], test_recon=te["recon"], test_kl=te["kl"])
-    row.update(test_active_units=te["active_units"], seconds=time.perf_counter() - t0)
-    row.update(images_per_sec=len(data["train_x"]) / row["seconds"])
+    history.append(row | dict(test_active_units=te["active_units"]))
+    loss = "loss" if config.iwae_samples == 1 else f"-IWAE{config.iwae_samples}"
     print(
-        f"epoch {row['epoch']:3d}/{args.epochs} | beta {row['beta']:.3f} | train "
-        f"{'loss' if k == 1 else f'-IWAE{k}'} {row['train_loss']:8.3f} recon "
-        f"{row['train_recon']:8.3f} kl {row['train_kl']:7.3f} | test -ELBO "
-        f"{row['test_neg_elbo']:8.3f} recon {row['test_recon']:8.3f} kl {row['test_kl']:7.3f} | AU "
-        f"{row['test_active_units']:3d} | {row['seconds']:6.2f} s {row['images_per_sec']:7.0f} img/s",
+        f"epoch {row['epoch']:3d}/{config.epochs} | beta {row['beta']:.3f} | train {loss} "
+        f"{row['train_loss']:8.3f} recon {row['train_recon']:8.3f} kl {row['train_kl']:7.3f} | "
+        f"test -ELBO {te['neg_elbo']:8.3f} recon {te['recon']:8.3f} kl {te['kl']:7.3f} | AU "
+        f"{te['active_units']:3d} | {row['train_seconds']:6.2f} s {row['images_per_sec']:7.0f} img/s",
         flush=True,
     )
-    warning = collapse_warning(te["kl"], te["active_units"], len(data["test_x"]))
-    if warning:
-        print(warning, flush=True)
-    return row
-
-
-def save_epoch(model, optimizer, data, history, config, out_dir, epochs):
-    """The epoch's files: metrics.csv, the checkpoint and, at epochs 1, 5, 15 and the last, the
-    reconstructions of the first 16 test images."""
-    epoch = history[-1]["epoch"]
-    if epoch in (1, 5, 15, epochs):
-        y = None if data["test_y"] is None else data["test_y"][:16]
-        path = os.path.join(out_dir, f"reconstructions_epoch{epoch:03d}.png")
+    if te["kl"] < 0.1 or te["active_units"] == 0:  # posterior collapse (Bowman et al. 2016)
+        print(
+            f"warning: the posterior has collapsed: the test KL is {te['kl']:.3f} nats and "
+            f"{te['active_units']} latent units are active, so the decoder learns little from z; "
+            f"try --kl_warmup 10, --free_bits 0.5 or a smaller --beta."
+        )
+    path = lambda name: os.path.join(config.out_dir, name)  # noqa: E731
+    epoch = row["epoch"]
+    if epoch in (1, 5, 15):
         title = f"epoch {epoch}: test images and their reconstructions"
-        save_reconstructions(model, to_float(data["test_x"][:16]), path, title, y)
-    save_csv(history, os.path.join(out_dir, "metrics.csv"))
+        save_reconstructions(model, data, path(f"reconstructions_epoch{epoch:03d}.png"), title)
     rng = dict(cpu=torch.get_rng_state(), cuda=[])
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    state = dict(optimizer=optimizer.state_dict(), epoch=epoch, config=config, history=history)
-    save_checkpoint(os.path.join(out_dir, "checkpoint.pt"), model, rng=rng, **state)
+    state = dict(optimizer=optimizer.state_dict(), config=vars(config), history=history)
+    save_checkpoint(path("checkpoint.pt"), model, epoch=row["epoch"], rng=rng, **state)
+    with open(path("metrics.csv"), "w", newline="") as f:  # after the checkpoint, which it follows
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluating a saved model
-
-# The flags that checkpoint mode uses; it names any other flag given as ignored. A file of
-# `save_model` without a run's settings is evaluated with MODEL_FILE_FLAGS too.
-CHECKPOINT_FLAGS = {"checkpoint", "data_dir", "out_dir", "nll_samples", "interpolate", "device"}
-CHECKPOINT_FLAGS |= {"seed", "deterministic", "overwrite"}
-MODEL_FILE_FLAGS = {"dataset", "binarize", "likelihood", "sigma", "beta"}
-
-
-def evaluate_checkpoint(args, explicit=()):
-    """`--checkpoint PATH`: `report`'s files, reconstructions.png and a run's loss curves for a
-    saved model, trained no further; returns the results. Its settings come from the checkpoint
-    (for a `save_model` file, from MODEL_FILE_FLAGS, which a note names), the data from --data_dir
-    and the draws from --seed (defaults: the run's), the files go to --out_dir (default: eval/)."""
-    out_dir = args.out_dir or os.path.join(os.path.dirname(args.checkpoint), "eval")
-    if {"checkpoint.pt", "metrics.csv"} & set(run_files(out_dir)):  # not even with --overwrite
-        raise UserError(
-            f"'{out_dir}' holds a training run, which an evaluation must not change; leave "
-            f"--out_dir out (eval/ beside the checkpoint) or choose another folder."
-        )
-    refuse_other_run(out_dir, args.overwrite, training=False)
-    device = select_device(args.device, args.deterministic)
-    model, state = load_checkpoint(args.checkpoint, device)
-    model = to_device(model, device)
-    run = RUN_STATE <= set(state)
-    ignored = set(explicit) - CHECKPOINT_FLAGS - (set() if run else MODEL_FILE_FLAGS)
-    if ignored:
-        flags = ", ".join(sorted(f"--{k}" for k in ignored))
-        print(
-            f"note: --checkpoint evaluates the saved model as it was trained, so it ignores {flags}"
-        )
-    config = {**vars(args), **(state["config"] if run else {}), "out_dir": out_dir}
-    config.update(
-        {k: getattr(args, k) for k in ("interpolate", "seed", "data_dir") if k in explicit}
-    )
-    config.update(
-        image_size=model.image_size, channels=model.channels, conditional=model.num_classes > 0
-    )
-    config["data_dir"] = config["data_dir"] or default_data_dir(config["dataset"])
-    if not run:
-        print(
-            f"note: '{args.checkpoint}' holds a model without a training run's settings, so it is "
-            f"evaluated with --dataset {config['dataset']}{' --binarize' if config['binarize'] else ''}"
-            f" --likelihood {config['likelihood']} --sigma {config['sigma']} --beta {config['beta']}"
-        )
+def train(config, state=None):
+    """A run, in the order it happens: the device and processes, the data, the model and Adam (new,
+    or the checkpoint's); each epoch, train this process's share, then (rank 0) evaluate, log and
+    save; then the final report. With --checkpoint, epochs is the saved epoch: only the report.
+    Returns the metrics' rows."""
+    rank, world, device = join_processes(select_device(config.device, config.deterministic))
+    if config.batch_size % world:
+        fail(f"--batch_size {config.batch_size} is shared by {world} processes: give a multiple.")
+    torch.manual_seed(config.seed)  # the same initial weights in every process
     data = load_data(config, device)
-    check_classes(model, data["classes"], config["data_dir"])
-    lock = prepare_output_dir(out_dir, args.overwrite, training=False)  # noqa: F841 (held)
-    epoch = state.get("epoch")
-    print(
-        f"{type(model).__name__} from {args.checkpoint} (epoch {epoch}), device {device}, writing to {out_dir}"
-    )
-    path = os.path.join(out_dir, "reconstructions.png")
-    y = None if data["test_y"] is None else data["test_y"][:16]
-    save_reconstructions(
-        model, to_float(data["test_x"][:16]), path, "test images and their reconstructions", y
-    )
-    if run:
-        plot_losses(state["history"], os.path.join(out_dir, "loss_curves.png"))
-    beta = state["history"][-1]["beta"] if run else config["beta"]
-    settings = (config["likelihood"], config["sigma"], beta, config["seed"], args.nll_samples)
-    extra = dict(checkpoint=args.checkpoint, epoch=epoch)
-    return report(model, data, out_dir, *settings, config["interpolate"], extra)
+    config.channels = data["train_x"].shape[1]
+    config.image_size = data["train_x"].shape[-1]
+    config.classes = data["classes"]
+    model, optimizer, scheduler, history = build(config, state, data, device, rank, world)
+    if rank == 0:
+        make_out_dir(config.out_dir, config.overwrite)
+        with open(os.path.join(config.out_dir, "config.json"), "w") as f:
+            json.dump(vars(config), f, indent=2)
+        print(
+            f"{type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters; "
+            f"{len(data['train_x']):,} train and {len(data['test_x']):,} test images of "
+            f"{tuple(data['train_x'].shape[1:])}; {device} x {world}; to {config.out_dir}",
+            flush=True,
+        )
+    try:
+        for epoch in range(len(history) + 1, config.epochs + 1):
+            row = train_share(model, optimizer, data, config, epoch, rank, world)
+            if rank == 0:
+                end_epoch(model, optimizer, data, history, config, row)
+            scheduler.step()
+        if world > 1:
+            dist.destroy_process_group()
+        if rank == 0:
+            report(model, data, history, config)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(kept(config, len(history))) from None
+    return history
 
 
 # ---------------------------------------------------------------------------------------------
 # The command line
 #
-# Each flag's default is in its definition below, and --help prints it; --data_dir's and
-# --out_dir's depend on other flags, and `parse_args` sets them. A bad value gets one sentence
-# from argparse (exit code 2) before anything is read or written. Abbreviations are off: --epoch
-# for --epochs is easy to misread, and --resume takes only the flags written out in full.
+# Each flag's default is in its definition below, or for the flags of RESUMABLE in RESUMABLE;
+# --help prints them. A bad value is one sentence from argparse (exit code 2) before anything is
+# read or written. No abbreviations: --epoch for --epochs would be easy to misread.
 
 
 def in_range(kind, low, high):
-    """An argparse type: a number of `kind` (int or float) from low to high. Its name is the range,
-    which a flag's help shows as %(type)s."""
+    """An argparse type: a number of `kind` (int or float) from low to high; its name, the range,
+    is what a flag's help shows as %(type)s, and argparse's message for a word that is no number."""
 
     def parse(text):
-        with contextlib.suppress(ValueError):  # not a number
-            if low <= kind(text) <= high:  # also false for nan
-                return kind(text)
-        what = "an integer" if kind is int else "a number"
-        raise argparse.ArgumentTypeError(f"expected {what} from {low} to {high}, got '{text}'")
+        if not low <= kind(text) <= high:  # also for nan
+            raise argparse.ArgumentTypeError(f"expected {low} to {high}, got {text}")
+        return kind(text)
 
     parse.__name__ = f"{low} to {high}"
     return parse
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # no "(default: None)": those helps say what it is
-        shown = action.default is not None and action.default is not False
-        return super()._get_help_string(action) if shown else action.help
+class HelpFormatter(argparse.HelpFormatter):
+    def _get_help_string(self, action):  # a new run's default, unless it is None or False
+        default = RESUMABLE.get(action.dest, action.default)
+        return action.help + ("" if default in (None, False) else f" (default: {default})")
 
 
 def build_parser():
-    """The command line: every flag with its default and range, in one place (README.md says more)."""
+    """The command line: every flag with its range and default, in one place."""
     p = argparse.ArgumentParser(prog="vae.py", formatter_class=HelpFormatter, allow_abbrev=False)
-    p.description = "Train a VAE on MNIST, another dataset or your own images and write its "
-    p.description += "figures, or evaluate a saved one (--checkpoint); under torchrun, in parallel."
+    p.description = (
+        "Train a VAE on MNIST, another dataset or your images and draw what it learned, "
+    )
+    p.description += (
+        "or write the report of a saved run (--checkpoint); under torchrun in parallel."
+    )
     add = p.add_argument_group("data").add_argument
     add("--dataset", choices=DATASETS, default="mnist", help="folder: your images")
     add("--data_dir", help="default ./mnist for mnist, ./data for the others")
-    add("--image_size", type=int, choices=IMAGE_SIZES, help="default: the data's")
+    add("--image_size", type=int, choices=(28, 32, 64, 128), help="default: the data's")
     add("--channels", type=int, choices=(1, 3), help="default: the data's")
     add("--binarize", action="store_true", help="the binary likelihood protocol")
     add = p.add_argument_group("model and objective").add_argument
     add("--model", choices=("conv", "mlp"), default="conv", help="ConvVAE or MLPVAE")
-    add("--latent_dim", type=in_range(int, 1, 4096), default=32, help="%(type)s")
+    add("--latent_dim", type=in_range(int, 2, 4096), default=32, help="%(type)s")
     add("--width", type=in_range(int, 1, 1024), default=32, help="1st layer, %(type)s")
     add("--res_blocks", type=in_range(int, 0, 8), default=1, help="conv, %(type)s")
     add("--likelihood", choices=("bernoulli", "gaussian"), default="bernoulli", help="p(x|z)")
@@ -2002,89 +1582,48 @@ def build_parser():
     add("--beta", type=in_range(float, 0.0, 10000.0), default=1.0, help="KL weight, %(type)s")
     add("--kl_warmup", type=in_range(int, 0, 100000), default=0, help="epochs, %(type)s")
     add("--free_bits", type=in_range(float, 0.0, 100.0), default=0.0, help="nats, %(type)s")
-    add("--iwae_samples", type=in_range(int, 1, 1000), default=1, help="K, 1: ELBO, %(type)s")
+    add("--iwae_samples", type=in_range(int, 1, 1000), help="K, 1: ELBO, %(type)s")
     add("--conditional", action="store_true", help="a conditional VAE (labels)")
     add = p.add_argument_group("training").add_argument
-    add("--epochs", type=in_range(int, 0, 100000), default=30, help="%(type)s")
+    add("--epochs", type=in_range(int, 1, 100000), help="%(type)s")
     add("--batch_size", type=in_range(int, 1, 65536), default=128, help="%(type)s")
-    add("--lr", type=in_range(float, 1e-8, 10.0), default=2e-3, help="%(type)s")
+    add("--lr", type=in_range(float, 1e-8, 10.0), help="%(type)s")
     add("--lr_schedule", choices=("constant", "cosine"), default="cosine", help="per epoch")
     add("--seed", type=in_range(int, 0, 2**32 - 1), default=0, help="%(type)s")
-    add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="auto: best")
-    add("--grad_clip", type=in_range(float, 0.0, 1e6), default=0.0, help="norm, %(type)s")
-    add("--deterministic", action="store_true", help="repeatable CUDA runs, slower")
+    add("--device", choices=("auto", "cpu", "cuda", "mps"), help="auto: the best")
+    add("--grad_clip", type=in_range(float, 0.0, 1e6), help="norm, %(type)s")
+    add("--deterministic", action="store_true", default=None, help="repeatable CUDA runs, slower")
     add("--resume", action="store_true", help="continue the run in --out_dir")
     add("--overwrite", action="store_true", help="replace the run in --out_dir")
     add = p.add_argument_group("evaluation and outputs").add_argument
-    add("--nll_samples", type=in_range(int, 0, 100000), default=0, help="K, %(type)s")
-    add("--checkpoint", metavar="PATH", help="evaluate this saved model; no training")
+    add("--nll_samples", type=in_range(int, 0, 100000), help="K, %(type)s")
+    add("--checkpoint", metavar="PATH", help="write the report of this run's checkpoint")
     add("--out_dir", help="default runs/<model>, or eval/ beside a --checkpoint")
     add("--interpolate", type=int, nargs=2, default=[4, 9], metavar=("A", "B"), help="classes")
     return p
 
 
-def iwae_with_a_beta(args):
-    """Whether settings ask for the IWAE bound (--iwae_samples > 1) with a KL weight other than 1
-    (--beta, --free_bits, --kl_warmup), which that bound has not: a fresh run or a resumed one."""
-    return args.iwae_samples > 1 and (args.beta != 1 or args.free_bits or args.kl_warmup)
-
-
-def parse_args(argv=None):
-    """Parse and cross-check the command line; a bad combination exits with code 2 and one sentence."""
+def main(argv=None):
+    """Run the command line (default sys.argv[1:]): train, or write the report of a saved run; returns
+    the metrics' rows. A mistake stops it with one sentence: exit code 2 from argparse, else 1,
+    and 130 for Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume and (args.overwrite or args.checkpoint):
         parser.error(
             "--resume continues the run in --out_dir: not with --overwrite or --checkpoint"
         )
-    if iwae_with_a_beta(args):
-        parser.error(
-            "--iwae_samples trains the IWAE bound, which has no --beta, --free_bits or --kl_warmup"
-        )
-    if args.checkpoint is None and args.epochs == 0:
-        parser.error("--epochs 0 trains nothing; to evaluate a saved model, give --checkpoint PATH")
-    if args.checkpoint is None:
-        args.out_dir = args.out_dir or os.path.join("runs", args.model)
-        if args.data_dir is None and not args.resume:
-            if args.dataset == "folder":
-                parser.error("--dataset folder needs --data_dir, the folder of images")
-            args.data_dir = default_data_dir(args.dataset)
-    return args
-
-
-def main(argv=None):
-    """Run the command line with argv (default sys.argv[1:]): train (returns the metrics' rows) or,
-    with --checkpoint, evaluate a saved model (returns its results). A stop prints one sentence to
-    stderr and raises SystemExit: 2 for bad input, 1 for any other stop, 130 for Ctrl-C."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    words = {w.split("=")[0] for w in argv if w.startswith("--")}
-    explicit = {a.dest for a in build_parser()._actions if words & set(a.option_strings)}
+    if args.dataset == "folder" and not (args.data_dir or args.resume or args.checkpoint):
+        parser.error("--dataset folder needs --data_dir, the folder of images")
+    config, state = settings(args)
     try:
-        return evaluate_checkpoint(args, explicit) if args.checkpoint else train(args, explicit)
-    except (UserError, KeyboardInterrupt, OSError, MemoryError, RuntimeError) as e:
-        message, code = stop_sentence(e)
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun the others would say it again
-            print(f"vae.py: error: {message}", file=sys.stderr)
-        raise SystemExit(code) from None
-
-
-def stop_sentence(e):
-    """(the sentence, the exit code) of an exception that stops a run; raises it again when it is
-    a RuntimeError other than running out of memory (a bug, whose traceback should show)."""
-    if isinstance(e, UserError):
-        return str(e), e.exit_code
-    if isinstance(e, KeyboardInterrupt):  # outside the training loop
-        return "interrupted.", 130
-    if isinstance(e, OSError):  # a file or folder that cannot be read
-        return f"cannot read or write '{e.filename}' ({e.strerror or e}).", 1
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e):
-        return (
-            "memory ran out (the images, the model or a batch); use a smaller --batch_size, "
-            "--image_size or --width, or fewer images; a checkpoint already written is intact.",
-            1,
-        )
-    raise e
+        return train(config, state)
+    except KeyboardInterrupt as e:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun the others would say it again
+            print(
+                f"vae.py: error: stopped by Ctrl-C; {e or 'nothing was written'}.", file=sys.stderr
+            )
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
