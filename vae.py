@@ -2,9 +2,10 @@
 A Variational Autoencoder in one file of PyTorch, to read, to copy and to run.
 
 This first part is the VAE: the models, the loss, a training step and loop, evaluation, the
-log-likelihood, sampling, interpolation, saving and loading. It needs only torch: copied alone
-into a file of your own, it is a complete VAE. In vae.py a command-line tool follows it, which
-trains on MNIST or your images and draws what the model learned:
+log-likelihood, sampling, interpolation, saving and loading. It needs only torch, 1.13 or later
+(for torch.load's weights_only), and Python 3.9: copied alone into a file of your own, it is a
+complete VAE. In vae.py a command-line tool follows it, which trains on MNIST or your images and
+draws what the model learned:
 
     python vae.py --data_dir ./mnist --epochs 30 --beta 0.5
 
@@ -46,33 +47,34 @@ import torch.nn.functional as F
 # Images, and what each function returns
 #
 ## Every function here that takes images, the models' own methods included, takes them as uint8
-## in [0, 255] or floats in [0, 1], a batch (B, C, H, W) (or one (C, H, W) for interpolate):
-## `to_float` turns the first into the second and, on the CPU, refuses floats out of range.
-## Functions of one batch return tensors and leave them on the device (train_step's numbers, the
-## models' outputs), so that a GPU never waits for the CPU to read a number; functions of a whole
-## epoch or split (train_epoch, evaluate, defined below) read their sums once at the end and
-## return a dict of Python numbers. Every loss is in nats (natural logarithms; divide by ln 2
-## for bits) per image.
+## in [0, 255] or floats in [0, 1], a batch (B, C, H, W) (or one (C, H, W) for interpolate), and
+## `to_float` turns the first into the second. Their range is checked once, where a dataset
+## enters (`train_epoch`, `evaluate`, `log_likelihood`), the same way on every device: a check in
+## the forward pass would be a branch on the data's values, which torch.compile and torch.export
+## cannot follow, and on a GPU it would make the CPU wait for every batch. Functions of one batch
+## return tensors and leave them on the device (train_step's numbers, the models' outputs), so
+## that a GPU never waits for the CPU to read a number; functions of a whole epoch or split
+## (train_epoch, evaluate) read their sums at the end, not per batch, and return Python numbers. Every loss
+## is in nats (natural logarithms; divide by ln 2 for bits) per image.
 
 
 def to_float(images):
-    """uint8 images in [0, 255] -> float32 in [0, 1]; float images are returned as they are.
+    """uint8 images in [0, 255] -> float32 in [0, 1]; other images are returned as they are."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images
 
-    Raises ValueError for floats outside [0, 1]: under a Bernoulli likelihood 0-255 floats give
-    a loss with no lower bound, and the logits run off to infinity. Checked on the CPU only: on
-    a GPU, reading the result would make the CPU wait for every batch, so there they pass.
-    """
-    if images.dtype == torch.uint8:
-        return images.float().div_(255)
-    if images.device.type == "cpu" and images.numel():
+
+def check_images(images):
+    """ValueError unless `images` are uint8 or floats in [0, 1]: under a Bernoulli likelihood
+    0-255 floats give a loss with no lower bound, and the logits run off to infinity. It reads
+    the range, which waits for the device: call it once per dataset, not per batch."""
+    if images.dtype != torch.uint8 and images.numel():
         low, high = torch.aminmax(images)  # one pass
         if low < 0 or high > 1:
             raise ValueError(
-                f"images must be uint8 in [0, 255] or floats in [0, 1], got floats from "
+                f"images must be uint8 in [0, 255] or floats in [0, 1], got {images.dtype} from "
                 f"{low.item():g} to {high.item():g}; divide 0-255 images by 255, or clamp images "
                 f"that a resize took a little outside [0, 1] with x.clamp(0, 1)"
             )
-    return images
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,24 +129,20 @@ class VAE(nn.Module):
     """What every VAE here shares. A subclass builds `encoder`: x -> features h (B, n_h), `fc_mu`
     and `fc_logvar`: (B, n_h + num_classes) -> (B, latent_dim), `decoder`: z (B, latent_dim +
     num_classes) -> logits (B, C, H, W), and adds its own arguments to `model_args`, from which
-    `load_model` rebuilds a ConvVAE or MLPVAE as `cls(**model_args)`.
+    `load_model` rebuilds it as `cls(**model_args)` (your own subclass: `load_model(f, cls=...)`).
 
     Conditional VAE (Sohn, Lee & Yan 2015, Sec. 3), when num_classes > 0: the encoder
     q(z|x, y) and the decoder p(x|z, y) also see the one-hot label y, appended to the
     encoder's features and to z; the prior stays N(0, I). Told the class, the decoder no
     longer needs z for it, so z holds the style (slant, thickness). One-hot, not the class index
-    as a number, which would put the classes in an order with distances between them. y is (B,)
-    integer class indices or (B, num_classes) floats (one-hot, or a mixture, as `interpolate`
-    makes); an unconditional model refuses it.
+    as a number, which would put the classes in an order with distances between them. Labels y,
+    in every function: an int (one class for the whole batch), (B,) class indices, or (B,
+    num_classes) probabilities (one-hot, or a mixture, as `interpolate` makes); an unconditional
+    model refuses them, a conditional one needs them (ValueError).
     """
 
     def __init__(self, image_size, channels, latent_dim, num_classes=0):
         super().__init__()
-        if min(image_size, channels, latent_dim) < 1 or num_classes < 0:
-            raise ValueError(
-                f"image_size, channels and latent_dim must be positive and num_classes >= 0, "
-                f"got {image_size}, {channels}, {latent_dim} and {num_classes}"
-            )
         self.image_size = image_size
         self.channels = channels
         self.latent_dim = latent_dim
@@ -154,20 +152,20 @@ class VAE(nn.Module):
         self.model_args.update(num_classes=num_classes)
 
     def with_label(self, h, y):
-        """h (B, n) -> (B, n + num_classes), the one-hot y appended (h if unconditional); ValueError
-        when a conditional model gets no y."""
+        """h (B, n) -> (B, n + num_classes), the one-hot y appended (h if unconditional)."""
         if not self.num_classes:
             if y is not None:  # ignored, they would hide that the model was built without classes
                 raise ValueError("this VAE is unconditional (num_classes 0): it takes no labels y")
             return h
         if y is None:
             raise ValueError("this conditional VAE needs the class labels y")
-        onehot = y if y.is_floating_point() else F.one_hot(y.long(), self.num_classes)  # (B, K)
+        y = torch.as_tensor(y, device=h.device).expand(len(h)) if isinstance(y, int) else y
+        onehot = y if y.ndim == 2 else F.one_hot(y.long(), self.num_classes)  # (B, K)
         return torch.cat([h, onehot.to(h.dtype)], dim=1)
 
     def encode(self, x, y=None):
         """x: (B, C, H, W) images (see `to_float`) -> mu, logvar: (B, latent_dim), logvar within
-        LOGVAR_RANGE. ValueError for images out of range."""
+        LOGVAR_RANGE."""
         h = self.with_label(self.encoder(to_float(x)), y)  # (B, n_h + num_classes)
         return self.fc_mu(h), self.fc_logvar(h).clamp(*LOGVAR_RANGE)
 
@@ -209,8 +207,8 @@ class VAE(nn.Module):
         given z, so a draw adds noise to each pixel on its own (salt and pepper for binary
         pixels), which shows the likelihood's noise rather than what z encodes. The model's mode
         and buffers are left as they were."""
-        device = next(self.parameters()).device
-        z = torch.randn(n, self.latent_dim, device=device, generator=generator)
+        p = next(self.parameters())  # z on the model's device, in its dtype
+        z = torch.randn(n, self.latent_dim, device=p.device, dtype=p.dtype, generator=generator)
         return self.decode(z, y)
 
 
@@ -256,15 +254,15 @@ class ConvVAE(VAE):
     ending in logits. Why so: stopping at a side of 7 or less keeps the flattened features that
     the linear heads see small; an even side at each halving lets the doublings return exactly
     to image_size; a kernel of 4 at stride 2 halves (and its transpose doubles) a side exactly,
-    and the stride divides the kernel, which spares the decoder a checkerboard pattern; the cap
+    and the stride divides the kernel, which reduces the decoder's checkerboard pattern; the cap
     on channels bounds the parameters; BatchNorm lets the stack train fast at a high learning
     rate (its cost: train and eval mode differ, see `in_eval_mode`); LeakyReLU keeps a gradient
     for the negative half of the activations that BatchNorm centres on 0.
 
     image_size: H = W, a multiple of 4 and at least 16 (else ValueError); channels: C (1 or 3,
     any works); latent_dim: size of z; num_classes: K > 0 for a conditional VAE (see `VAE`);
-    res_blocks: residual blocks on each side, 0 for the plainest model (1 is worth its cost: see
-    `ResidualBlock`).
+    res_blocks: residual blocks on each side (0 for the plainest model; 1, the default, is worth
+    its cost: see `ResidualBlock`).
     """
 
     def __init__(
@@ -274,7 +272,7 @@ class ConvVAE(VAE):
         latent_dim=32,
         base_channels=32,
         num_classes=0,
-        res_blocks=0,
+        res_blocks=1,
     ):
         super().__init__(image_size, channels, latent_dim, num_classes)
         if image_size < 16 or image_size % 4 or res_blocks < 0:
@@ -385,7 +383,9 @@ def reconstruction_loss(recon_logits, x, likelihood="bernoulli", sigma=0.1):
 
     likelihood='bernoulli': each pixel Bernoulli with mean sigmoid(logit) (Kingma & Welling
         2013, Appendix C.1), computed from the logits for stability. A probability only for
-        binary x: on grey pixels it is a cross-entropy that compares runs, not a likelihood.
+        binary x. A Bernoulli gives probability to 0 and 1 alone; for a grey x the formula
+        -x log p - (1 - x) log(1 - p) is a cross-entropy, whose least value is not 0 but the
+        entropy of x (0.69 nats at x = 0.5): it compares runs, not likelihoods.
     likelihood='gaussian': each pixel Normal(sigmoid(logit), sigma^2), one sigma for all
         pixels: a density of continuous x, with its constant,
             -log N(x; m, sigma^2) = (x - m)^2 / (2 sigma^2) + log sigma + 1/2 log(2 pi).
@@ -396,8 +396,7 @@ def reconstruction_loss(recon_logits, x, likelihood="bernoulli", sigma=0.1):
         all pixels, stated by the user: learned per pixel, it would have no floor on MNIST's
         always-black pixels. On 8-bit images this density (which can exceed 1) compares Gaussian
         runs with each other, not with published likelihoods of discrete pixels.
-    x: uint8 or floats in [0, 1] (see `to_float`); sigma > 0. Raises ValueError when x is out of
-    range (on the CPU) or likelihood is neither.
+    x: uint8 or floats in [0, 1] (see `to_float`); sigma > 0. ValueError for another likelihood.
     """
     x = to_float(x)
     logits = recon_logits.float()  # sums of 784 or more terms, in float32 whatever the model's
@@ -423,12 +422,14 @@ def vae_loss(
     reconstructions; far enough, the posterior collapses (KL -> 0) and the decoder ignores
     z. beta < 1 lets the posteriors shrink and move away from the prior: sharper
     reconstructions, but gaps in z between the training images, so samples from N(0, I)
-    look worse. beta = 0 is a plain autoencoder with noise.
+    look worse. beta = 0 is a plain autoencoder with noise. Runs with different betas compare by
+    their -ELBO, recon + kl (`evaluate`'s), not by their losses, each weighted by its own beta.
 
     With free_bits = L > 0, the KL term becomes sum_j max(L, KL_j), KL_j the batch mean of
     dimension j's KL (Kingma et al. 2016, arXiv:1606.04934, eq. 15): a dimension under L
     nats is not pushed towards the prior, which keeps dimensions from collapsing early. The
-    loss is then no longer a bound on -log p(x); the kl it returns stays the true one.
+    floor can only raise the KL term, so at beta >= 1 the loss is still an upper bound on
+    -log p(x), a looser one; the kl it returns stays the true one.
 
     Args:
         recon_logits: (B, C, H, W) the decoder's logits, `model(x)[0]`.
@@ -438,13 +439,12 @@ def vae_loss(
         likelihood, sigma: p(x|z), see `reconstruction_loss`.
         free_bits: L, nats per latent dimension.
 
-    Returns (loss, recon, kl): scalar tensors in nats per image; loss == recon + beta * kl
-    when free_bits is 0, and kl is always the true KL. Raises ValueError: x out of range (checked
-    on the CPU), an unknown likelihood. beta is not checked here (it may be a tensor):
-    `beta_schedule` refuses a negative beta, `train_epoch` a negative beta or free_bits.
+    Returns (loss, recon, kl): scalar tensors in nats per image, float32 (under autocast too);
+    loss == recon + beta * kl when free_bits is 0, and kl is always the true KL. ValueError for
+    an unknown likelihood; beta and free_bits are checked by `train_step`.
     """
     rec = reconstruction_loss(recon_logits, x, likelihood, sigma).mean()
-    kl_dims = kl_per_dimension(mu, logvar).mean(0)  # (D,) batch means
+    kl_dims = kl_per_dimension(mu.float(), logvar.float()).mean(0)  # (D,) batch means
     kl = kl_dims.sum()
     kl_term = kl_dims.clamp(min=free_bits).sum() if free_bits > 0 else kl
     return rec + beta * kl_term, rec, kl
@@ -455,7 +455,9 @@ def vae_loss(
 #
 ## The training set is one tensor in memory (MNIST: 60,000 x 28 x 28 bytes, 47 MB), batched by
 ## a shuffled index: no DataLoader, whose per-image Python work outlasts the model on a GPU.
-## Kept as uint8 (4x smaller than float32), the images become floats a batch at a time.
+## Kept as uint8 (4x smaller than float32), the images become floats a batch at a time. This
+## stops working when the images outgrow the device's memory (ImageNet's 1.3 million at 64 x 64
+## are 16 GB) or want a random crop per image: then a DataLoader feeds `train_step` the batches.
 
 
 def get_batch(images, idx, binarize=False):
@@ -463,16 +465,20 @@ def get_batch(images, idx, binarize=False):
     Bernoulli(intensity) afresh on every call: the dynamic binarization of Burda et al.
     (2015), under which the Bernoulli likelihood is a true likelihood of binary images. Drawn
     afresh, it also acts as data augmentation (one fixed binarization overfits sooner); the test
-    images are binarized once, so that their numbers are likelihoods of fixed binary images."""
+    images are to be binarized once (seeded), so that their numbers are likelihoods of fixed
+    binary images."""
     x = to_float(images[idx])
     return torch.bernoulli(x) if binarize else x
 
 
-def train_step(model, optimizer, x, beta=1.0, y=None, grad_clip=0.0, iwae_samples=1, **loss_args):
-    """One optimizer step on a batch of images x (B, C, H, W) (labels y (B,) if conditional).
-    beta and **loss_args (likelihood, sigma, free_bits): see `vae_loss`. iwae_samples = K > 1
-    trains `iwae_loss` with K samples instead, which has no beta or free bits (`train_epoch`
-    refuses them). grad_clip > 0 first rescales the gradient to at most that global L2 norm.
+def train_step(
+    model, optimizer, x, y=None, *, beta=1.0, grad_clip=0.0, iwae_samples=1, **loss_args
+):
+    """One optimizer step on a batch of images x (B, C, H, W) (labels y if conditional), the model
+    in train mode. beta, **loss_args (likelihood, sigma, free_bits): see `vae_loss`. K =
+    iwae_samples > 1 trains `iwae_loss` with K samples instead, which has no beta or free bits.
+    grad_clip > 0 first rescales the gradient to at most that global L2 norm. ValueError for a
+    negative beta or free_bits, or either with iwae_samples > 1 (where they would be ignored).
 
     Returns a dict of detached 0-dim tensors, left on the device: loss (the loss minimised: recon +
     beta * kl, each KL_j floored at free_bits, or minus the IWAE bound), recon and kl (the true KL)
@@ -480,18 +486,24 @@ def train_step(model, optimizer, x, beta=1.0, y=None, grad_clip=0.0, iwae_sample
     (a norm that grows by orders of magnitude, or turns inf or nan, is the first sign of a
     diverging run).
     """
+    free_bits = loss_args.get("free_bits", 0.0)
+    if beta < 0 or free_bits < 0 or (iwae_samples > 1 and (beta != 1 or free_bits)):
+        raise ValueError(
+            f"train_step needs beta >= 0 and free_bits >= 0, and beta 1 and no free bits for the "
+            f"IWAE bound; got beta {beta}, free_bits {free_bits}, iwae_samples {iwae_samples}"
+        )
+    model.train()  # BatchNorm normalises by the batch's statistics and updates its running ones
     if iwae_samples > 1:
-        loss_args.pop("free_bits", None)  # the bound has none (nor a beta)
+        loss_args.pop("free_bits", None)  # 0, as checked
         loss, rec, kl = iwae_loss(model, x, iwae_samples, y, **loss_args)
     else:
         logits, mu, logvar = model(x, y)
         loss, rec, kl = vae_loss(logits, x, mu, logvar, beta, **loss_args)
     optimizer.zero_grad(set_to_none=True)  # gradients accumulate in .grad until cleared
     loss.backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm(grads)
-    if grad_clip > 0:  # a rare huge gradient would also swell Adam's moments for many steps
-        torch.nn.utils.clip_grads_with_norm_(model.parameters(), grad_clip, grad_norm)
+    # a rare huge gradient would also swell Adam's moments for many steps; with grad_clip 0 the
+    # largest norm is infinite, and clip_grad_norm_ only returns the norm
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
     optimizer.step()
     stats = dict(loss=loss, recon=rec, kl=kl, grad_norm=grad_norm)
     return {k: v.detach() for k, v in stats.items()}  # no graph kept alive past the step
@@ -515,17 +527,18 @@ def beta_schedule(epoch, beta, kl_warmup=0):
 def cosine_decay(optimizer, epochs, last_epoch=-1):
     """torch's LambdaLR for a learning rate that falls along half a cosine, stepped once per
     epoch (scheduler.step() after each): epoch e = 1, 2, ... trains at lr (1 + cos(pi (e - 1) /
-    epochs)) / 2, from the optimizer's lr down to 0.003 lr at the last of 30 (Loshchilov & Hutter
-    2017, SGDR, eq. 5, one cycle). Why decay: at a constant rate, Adam's steps keep the weights
-    moving about a minimum, by a distance that scales with lr; a falling rate lets them settle
-    into it. last_epoch = k - 1 goes on after epoch k (each group's "initial_lr" is the lr)."""
+    epochs)) / 2, from the optimizer's lr down to 0.003 lr at the last of 30, and 0 after, where
+    it stays (Loshchilov & Hutter 2017, SGDR, eq. 5, one cycle). Why decay: at a constant rate,
+    Adam's steps keep the weights moving about a minimum, by a distance that scales with lr; a
+    falling rate lets them settle into it. last_epoch = k - 1 goes on after epoch k, once each
+    group's "initial_lr" is set to the lr (torch's schedulers need it)."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: (1 + math.cos(math.pi * e / epochs)) / 2, last_epoch
+        optimizer, lambda e: (1 + math.cos(math.pi * min(e, epochs) / epochs)) / 2, last_epoch
     )
 
 
 def train_epoch(
-    model, optimizer, images, batch_size=128, beta=1.0, labels=None, binarize=False, **step_args
+    model, optimizer, images, labels=None, *, batch_size=128, beta=1.0, binarize=False, **step_args
 ):
     """One pass over `images` in a random order: the training loop. A whole run is
 
@@ -536,26 +549,20 @@ def train_epoch(
 
     (ConvVAE(res_blocks=1), Adam with lr 2e-3, the cosine decay and beta 1 fit MNIST in 30 epochs).
 
-    images: (N, C, H, W) uint8, or float in [0, 1], on the model's device; labels: (N,) int64 there,
-    for a conditional model; beta, binarize, **step_args (likelihood, sigma, free_bits, grad_clip,
-    iwae_samples): see `train_step` and `get_batch`.
+    images: (N, C, H, W) uint8, or float in [0, 1] (else ValueError), on the model's device;
+    labels: (N,) there, for a conditional model; beta, binarize, **step_args (likelihood, sigma,
+    free_bits, grad_clip, iwae_samples): see `train_step` and `get_batch`.
 
-    Returns a dict of the epoch's means, in nats per image: loss (as `train_step`'s), recon and kl. ValueError if beta < 0 or free_bits < 0, if an IWAE objective has
-    a beta or free bits, or if labels do not fit the model (given or not).
+    Returns a dict of the epoch's means, in nats per image: loss (as `train_step`'s), recon and kl.
     """
-    free_bits = step_args.get("free_bits", 0)
-    if beta < 0 or free_bits < 0:
-        raise ValueError(f"beta and free_bits must be >= 0, got {beta} and {free_bits}")
-    if step_args.get("iwae_samples", 1) > 1 and (beta != 1 or free_bits):
-        raise ValueError(f"the IWAE objective has beta 1 and no free bits, got {beta}, {free_bits}")
-    model.train()  # BatchNorm normalises by each batch's statistics and updates its running ones
+    check_images(images)
     order = torch.randperm(len(images), device=images.device)  # new batches each epoch
     sums = torch.zeros(3, device=images.device)  # summed on the device, read once at the end
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]  # (B,)
         x = get_batch(images, idx, binarize)  # (B, C, H, W) in [0, 1]
         y = None if labels is None else labels[idx]
-        stats = train_step(model, optimizer, x, beta, y, **step_args)
+        stats = train_step(model, optimizer, x, y, beta=beta, **step_args)
         # weighted by the batch's size, which is smaller for the last: the mean over images
         sums += torch.stack([stats["loss"], stats["recon"], stats["kl"]]) * len(idx)
     loss, rec, kl = (sums / len(order)).tolist()
@@ -584,15 +591,18 @@ ACTIVE_UNIT_THRESHOLD = 0.01
 def evaluate(
     model, images, labels=None, likelihood="bernoulli", sigma=0.1, generator=None, batch_size=1000
 ):
-    """The test -ELBO, its recon and KL, over a split, in eval mode, with z sampled from q(z|x).
+    """The test -ELBO, its recon and KL, over a split, in eval mode, with z sampled from q(z|x):
+    the ELBO is an expectation over q(z|x), as in training. Decoding mu instead would give a
+    smaller recon (a code without noise decodes best), and the sum would bound nothing.
 
-    images: (N, C, H, W) uint8, or float in [0, 1], on the model's device; labels: (N,) there,
-    for a conditional model; likelihood, sigma: p(x|z), see `reconstruction_loss`; generator:
-    for z (default: seeded 0). Returns a dict: neg_elbo (recon + kl), recon, kl: nats
-    per image, the mean over images; kl_per_dim: the KL per latent dimension; mu_var: for
-    each dimension u, the variance of mu_u across images; active_units: how many dimensions
-    have mu_var > ACTIVE_UNIT_THRESHOLD.
+    images: (N, C, H, W) uint8, or float in [0, 1] (else ValueError), on the model's device;
+    labels: (N,) there, for a conditional model; likelihood, sigma: p(x|z), see
+    `reconstruction_loss`; generator: for z (default: seeded 0). Returns a dict: neg_elbo (recon
+    + kl), recon, kl: nats per image, the mean over images; kl_per_dim: the KL per latent
+    dimension; mu_var: for each dimension u, the variance of mu_u across images; active_units:
+    how many dimensions have mu_var > ACTIVE_UNIT_THRESHOLD.
     """
+    check_images(images)
     generator = generator or torch.Generator(images.device).manual_seed(0)
     recon = torch.zeros((), device=images.device)  # summed over images
     dims = torch.zeros(3, model.latent_dim, device=images.device)  # per dim: sum KL, mu, mu^2
@@ -608,14 +618,9 @@ def evaluate(
     mu_var = (mu_sq - mu_mean.pow(2)).clamp(min=0)  # Var_x(mu_u), (D,); rounding can go below 0
     rec = recon.item() / n
     kl = kl_per_dim.sum().item()
-    return dict(
-        neg_elbo=rec + kl,
-        recon=rec,
-        kl=kl,
-        kl_per_dim=kl_per_dim.tolist(),
-        mu_var=mu_var.tolist(),
-        active_units=int((mu_var > ACTIVE_UNIT_THRESHOLD).sum()),
-    )
+    active_units = int((mu_var > ACTIVE_UNIT_THRESHOLD).sum())
+    stats = dict(neg_elbo=rec + kl, recon=rec, kl=kl, kl_per_dim=kl_per_dim.tolist())
+    return stats | dict(mu_var=mu_var.tolist(), active_units=active_units)
 
 
 @in_eval_mode
@@ -632,11 +637,14 @@ def log_likelihood(
     average of the logs (Jensen, log is concave), so
         log p(x) = log E[(1/K) sum_k w_k] >= E[log (1/K) sum_k w_k]   (the estimate)
                                           >= E[(1/K) sum_k log w_k] = E_q[log w] = ELBO.
-    K = 1 is the ELBO, estimated with a sampled KL (`evaluate` uses its closed form). Why it
-    rises with K, in expectation (Burda et al., Thm. 1): the mean of K weights is the
-    average of the means of its subsets of K - 1, so by Jensen again the bound with K is at
-    least the bound with K - 1. And it reaches log p(x) as K -> infinity: the mean of the w_k
-    then converges to p(x) itself (for bounded w_k), and the first gap closes.
+    K = 1 is the ELBO, estimated with a sampled KL, log q(z_k|x) - log p(z_k) of each draw: the
+    log of the mean of the w_k does not split into a reconstruction and a KL. The ELBO alone
+    (`evaluate`, `vae_loss`) takes the KL in closed form, exact where a sample would add noise,
+    which two Gaussians allow; a prior or posterior without one (a mixture, a flow) would sample
+    it there too. Why it rises with K, in expectation (Burda et al., Thm. 1): the mean of K
+    weights is the average of the means of its subsets of K - 1, so by Jensen again the bound
+    with K is at least the bound with K - 1. And it reaches log p(x) as K -> infinity: the mean
+    of the w_k then converges to p(x) itself (for bounded w_k), and the first gap closes.
 
     Args:
         model: a module with `encode`, `decode_logits` and `latent_dim`; it runs in eval mode.
@@ -644,18 +652,18 @@ def log_likelihood(
             likelihood.
         k: the number of importance samples, >= 1 (else ValueError); decoded in chunks of
             about max_decodes images, since K * B decodes at once (1000 x 100) fill any memory.
-        y: (B,) integer or (B, num_classes) one-hot labels for a conditional model, whose
-            estimate is then of log p(x|y).
+        y: labels for a conditional model (see `VAE`), whose estimate is then of log p(x|y).
         likelihood, sigma: p(x|z) as the model was trained with it (`reconstruction_loss`), or
             for a model of your own a function (logits, x) -> (N,) log p(x|z) (not minus it).
         generator: for the z_k (default: seeded 0).
 
     Returns:
-        (B,) estimates of log p(x) in nats (the NLL is minus them). Raises ValueError: x out
-        of range (checked on the CPU), an unknown likelihood.
+        (B,) estimates of log p(x) in nats (the NLL is minus them). ValueError: x out of
+        range, an unknown likelihood.
     """
     if k < 1:
         raise ValueError(f"log_likelihood needs k >= 1 importance samples, got {k}")
+    check_images(x)
     x = to_float(x)
     generator = generator or torch.Generator(x.device).manual_seed(0)
     cond = () if y is None else (y,)  # so that a model with encode(x) and decode_logits(z) works
@@ -681,7 +689,7 @@ def log_weights(model, x, mu, logvar, k, y=None, likelihood="bernoulli", sigma=0
     b = len(x)
     eps = torch.randn(k, b, mu.shape[1], device=x.device, dtype=mu.dtype, generator=generator)
     z = mu + torch.exp(0.5 * logvar) * eps  # (k, B, D)
-    labels = () if y is None else (torch.cat([y] * k),)  # (k*B,) or (k*B, K), in z's order
+    labels = () if y is None else (y if isinstance(y, int) else torch.cat([y] * k),)  # z's order
     logits = model.decode_logits(z.flatten(0, 1), *labels)  # (k*B, C, H, W)
     x_k = x.repeat(k, 1, 1, 1)
     if callable(likelihood):
@@ -709,7 +717,10 @@ def iwae_loss(model, x, k, y=None, likelihood="bernoulli", sigma=0.1):
     so it may be kept for the last epochs of a run that trained on the ELBO.
     With K = 1 it is the ELBO with a sampled KL, log q(z|x) - log p(z), in place of the closed form:
     the same in expectation, noisier.
-    x: (B, C, H, W) uint8 or in [0, 1]; k >= 1; y, likelihood, sigma: see `log_likelihood`."""
+    x: (B, C, H, W) uint8 or in [0, 1]; k >= 1; y, likelihood, sigma: see `log_likelihood`. It
+    calls the model's encode and decode_logits, not its forward, the one method whose gradients
+    DistributedDataParallel's wrapper averages: under it, pass the wrapper's .module and average
+    the gradients yourself (a hook on each parameter)."""
     x = to_float(x)
     mu, logvar = model.encode(x, y)
     log_w, log_px_z = log_weights(model, x, mu, logvar, k, y, likelihood, sigma)  # (K, B)
@@ -735,12 +746,10 @@ def interpolate(model, x_a, x_b, steps=10, y_a=None, y_b=None):
     typical draws from N(0, I), which makes them a little more average.)
 
     x_a, x_b: single images, (C, H, W) or (1, C, H, W), uint8 or in [0, 1]. The first and last
-    images are decode(mu(x_a)) and decode(mu(x_b)). A conditional model takes their labels y_a,
-    y_b (ints), and its one-hot label moves from y_a to y_b along with z. ValueError when x_a
-    or x_b is not one image, or a conditional model is given no labels.
+    images are decode(mu(x_a)) and decode(mu(x_b)). A conditional model takes both labels y_a,
+    y_b (ints), and its one-hot label moves from y_a to y_b along with z; an unconditional one
+    refuses them. ValueError when x_a or x_b is not one image, or for labels as `VAE` says.
     """
-    if model.num_classes and (y_a is None or y_b is None):
-        raise ValueError("interpolate on a conditional VAE needs the labels y_a and y_b")
     ends = []
     for x in (x_a, x_b):
         if x.ndim == 4 and len(x) == 1:
@@ -748,13 +757,14 @@ def interpolate(model, x_a, x_b, steps=10, y_a=None, y_b=None):
         if x.ndim != 3:
             raise ValueError(f"interpolate takes single images (C, H, W), got {tuple(x.shape)}")
         ends.append(to_float(x))
-    y = None
-    if model.num_classes:
-        y = F.one_hot(torch.tensor([y_a, y_b], device=x_a.device), model.num_classes).float()
+    y = None if y_a is None and y_b is None else torch.tensor([y_a, y_b], device=x_a.device)
     mu = model.encode(torch.stack(ends), y)[0]  # (2, D)
     t = torch.linspace(0, 1, steps, device=x_a.device).unsqueeze(1)  # (steps, 1)
     z = (1 - t) * mu[0] + t * mu[1]  # (steps, D)
-    return model.decode(z, None if y is None else (1 - t) * y[0] + t * y[1])  # y: (steps, K)
+    if y is None:
+        return model.decode(z)
+    onehot = F.one_hot(y, model.num_classes).float()  # (2, K)
+    return model.decode(z, (1 - t) * onehot[0] + t * onehot[1])  # (steps, K) label mixtures
 
 
 # ---------------------------------------------------------------------------------------------
@@ -768,43 +778,46 @@ def interpolate(model, x_a, x_b, steps=10, y_a=None, y_b=None):
 
 
 def save_model(model, file, **extra):
-    """Save model (a ConvVAE or MLPVAE) to `file` (a path or a binary file object), in torch.save's
-    order, as a plain dict: model_class, model_args, model (the weights), and the plain values of
-    `extra` (an optimizer's state_dict, say). The model is saved as it is; a loaded one returns
-    in eval mode."""
+    """Save model (a VAE of this file, or a subclass) to `file` (a path or a binary file object),
+    in torch.save's order, as a plain dict: model_class, model_args, model (the weights), and the
+    plain values of `extra` (an optimizer's state_dict, say). A model compiled by torch.compile or
+    wrapped in DistributedDataParallel is saved as the model inside, whose names its keys have."""
+    for _ in range(2):  # torch.compile's wrapper and DistributedDataParallel's, in either order
+        model = getattr(model, "_orig_mod", getattr(model, "module", model))
     state = dict(model_class=type(model).__name__, model_args=model.model_args)
     torch.save(dict(state, model=model.state_dict(), **extra), file)
 
 
-def model_from_dict(state, name="the file"):
+def model_from_dict(state, name="the file", cls=None):
     """The model described by the dict of a `save_model` file (as torch.load returns it), on the
-    device its weights were loaded to, in eval mode. ValueError names the file (`name`) when the
-    dict is not one of `save_model` (a plain state_dict, say) or its weights do not fit."""
-    classes = {cls.__name__: cls for cls in (ConvVAE, MLPVAE)}
-    if not isinstance(state, dict) or state.get("model_class") not in classes:
+    device its weights were loaded to, in eval mode: a `cls(**model_args)`, cls by default the
+    ConvVAE or MLPVAE the file names. ValueError names the file (`name`) when the dict is not one
+    of `save_model` (a plain state_dict, say) or names a class of your own and no cls is given;
+    TypeError when model_args do not fit cls, torch's RuntimeError when the weights do not."""
+    if not isinstance(state, dict) or "model_class" not in state:
         raise ValueError(
-            f"{name} was not written by save_model: it names no model class ConvVAE or MLPVAE; "
-            f"for a plain state_dict, build the model and call model.load_state_dict(torch.load(...))"
+            f"{name} was not written by save_model; for a plain state_dict, build the model and "
+            f"call model.load_state_dict(torch.load(...))"
         )
-    try:
-        model = classes[state["model_class"]](**state["model_args"])
-        model.load_state_dict(state["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        described = f"{state['model_class']}({state.get('model_args')})"
+    cls = cls or {c.__name__: c for c in (ConvVAE, MLPVAE)}.get(state["model_class"])
+    if cls is None:
         raise ValueError(
-            f"the weights in {name} do not fit the {described} it describes ({type(e).__name__})"
-        ) from None
+            f"{name} holds a {state['model_class']}, a class of your own: give it to load_model, "
+            f"load_model(file, cls={state['model_class']})"
+        )
+    model = cls(**state["model_args"])
+    model.load_state_dict(state["model"])  # torch's RuntimeError names the weights that do not fit
     return model.to(next(iter(state["model"].values())).device).eval()
 
 
-def load_model(file, map_location="cpu"):
+def load_model(file, map_location="cpu", cls=None):
     """The model saved by `save_model` in `file`, on map_location (a device), in eval mode, as
-    evaluation and sampling want it (call model.train() to train it further).
-    torch.load(weights_only=True) refuses a file that carries Python objects, which could run code
-    when loaded. ValueError as `model_from_dict`; torch.load's errors (no file, not a PyTorch file,
-    a pickle with code) pass through."""
+    evaluation and sampling want it (`train_step` puts it back in train mode); cls: your own
+    subclass, which `save_model` named. torch.load(weights_only=True) refuses a file that carries
+    Python objects, which could run code when loaded. ValueError as `model_from_dict`; torch.load's
+    errors (no file, not a PyTorch file, a pickle with code) pass through."""
     state = torch.load(file, map_location=map_location, weights_only=True)
-    return model_from_dict(state, f"'{file}'")
+    return model_from_dict(state, f"'{file}'", cls)
 
 
 # =============================================================================================
@@ -915,9 +928,11 @@ def load_folder(data_dir, image_size, channels):
     else:
         paths, labels, classes = image_folder(data_dir)
         order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0)).tolist()
-        train, test = order[round(0.1 * len(paths)) :], order[: round(0.1 * len(paths))]
-        train_paths, test_paths = [paths[i] for i in train], [paths[i] for i in test]
-        train_y, test_y = (labels and [labels[i] for i in idx] for idx in (train, test))
+        n_test = round(0.1 * len(paths))
+        train_paths = [paths[i] for i in order[n_test:]]
+        test_paths = [paths[i] for i in order[:n_test]]
+        train_y = None if labels is None else [labels[i] for i in order[n_test:]]
+        test_y = None if labels is None else [labels[i] for i in order[:n_test]]
     data = dict(classes=classes)
     for split, paths, labels in (("train", train_paths, train_y), ("test", test_paths, test_y)):
         if not paths:
@@ -931,7 +946,8 @@ def load_folder(data_dir, image_size, channels):
 def load_data(config, device):
     """The run's data on the device: `load_torchvision`'s dict, the test set binarized once with
     --binarize, the labels there only for --conditional (else None; on the CPU in `labels`)."""
-    size, channels = config.image_size, config.channels
+    size = config.image_size
+    channels = config.channels
     if config.dataset == "folder":
         data = load_folder(config.data_dir, size or 64, channels or 3)
     else:
@@ -1097,16 +1113,21 @@ def save_samples(model, path, classes, seed):
 
 
 def save_interpolation(model, data, pair, path):
-    """decode(z) on the line between the mu of the first test images of the classes `pair` (test
-    images 0 and 1 when the test set lacks them), between the two images."""
+    """decode(z) on the line between the mu of the first test images of the classes `pair`
+    (indices; test images 0 and 1 when they are one class or the test set lacks one), between the
+    two images."""
     labels = [] if data["labels"] is None else data["labels"].tolist()
-    i, j, what = 0, 1, "test images 0 and 1"
+    i = 0
+    j = 1
+    what = "test images 0 and 1"
     if pair[0] != pair[1] and set(pair) <= set(labels):
-        i, j, what = labels.index(pair[0]), labels.index(pair[1]), f"a {pair[0]} and a {pair[1]}"
+        i = labels.index(pair[0])
+        j = labels.index(pair[1])
+        what = f"test images of {data['classes'][pair[0]]} and {data['classes'][pair[1]]}"
     ends = to_float(data["test_x"][[i, j]])
     y = (labels[i], labels[j]) if model.num_classes else (None, None)
     line = interpolate(model, ends[0], ends[1], 10, *y)
-    title = f"interpolation: decode(z) on the line between the mu of {what}"
+    title = f"interpolation: decode(z) between the mu of {what}"
     save_grid(torch.cat([ends[:1], line, ends[1:]])[None], path, title)
 
 
@@ -1167,8 +1188,8 @@ def save_latent_distribution(mu, logvar, stats, path, seed):
 
 def save_traversals(model, x, y, mu_var, path, n_dims=8):
     """mu(x) of one image x (C, H, W) (label y if conditional) decoded with one dimension swept over
-    [-3, 3], for the n_dims dimensions whose mu varies most across the test set (its active units:
-    a dimension's KL can be spent on nothing about x)."""
+    [-3, 3], for the n_dims dimensions whose mu varies most across the test set (the active-unit
+    measure: a dimension's KL can be spent on nothing about x)."""
     y = None if y is None else y[None]
     mu = model.encode(x[None], y)[0][0]  # (D,)
     dims = torch.argsort(torch.tensor(mu_var), descending=True)[:n_dims].tolist()
@@ -1177,8 +1198,8 @@ def save_traversals(model, x, y, mu_var, path, n_dims=8):
     for row, d in enumerate(dims):
         z[row, :, d] = values
     images = model.decode(z.flatten(0, 1), None if y is None else y.expand(len(dims) * 11))
-    title = "traversals of the dimensions whose mu varies most, from mu of one test image"
-    rows = [f"z{d} (Var mu {mu_var[d]:.2f})" for d in dims]
+    title = "traversals of the dimensions of largest Var(mu) (in brackets), from one test image"
+    rows = [f"z{d} ({mu_var[d]:.2f})" for d in dims]
     columns = [f"{round(v, 1) + 0.0:+.1f}" for v in values.tolist()]  # + 0.0: no -0.0
     save_grid(images.view(len(dims), 11, *x.shape), path, title, rows, columns)
 
@@ -1220,7 +1241,8 @@ def save_best_worst(data, error, x_hat, path, n=16):
     """The n test images reconstructed best and worst (error (N,), in nats), above x_hat (N, C, H, W)
     uint8, their reconstructions."""
     order = torch.argsort(error)
-    best, worst = order[:n], order.flip(0)[:n]
+    best = order[:n]
+    worst = order.flip(0)[:n]
     x = data["test_x"].cpu()
     grid = torch.stack([x[best], x_hat[best], x[worst], x_hat[worst]]).float() / 255
     title = f"best and worst reconstructed test images ({error[best[0]]:.4g} to "
@@ -1249,7 +1271,6 @@ def reconstruction_errors(model, data, likelihood, sigma):
     return [torch.cat(parts) for parts in zip(*out)]
 
 
-@in_eval_mode
 def evaluate_nll(model, images, labels, k, likelihood, sigma, seed):
     """-log p(x) by `log_likelihood` with k samples (of x given y, for a conditional model), in
     nats per image, the mean over images (N, C, H, W) on the model's device."""
@@ -1268,12 +1289,19 @@ def report(model, data, history, config):
     in config.out_dir. Bits per dimension only for binary pixels: a Bernoulli of grey pixels
     is not a probability, a Gaussian a density."""
     path = lambda name: os.path.join(config.out_dir, name)  # noqa: E731
-    likelihood, sigma, seed = config.likelihood, config.sigma, config.seed
-    epoch, beta = history[-1]["epoch"], history[-1]["beta"]
+    likelihood = config.likelihood
+    sigma = config.sigma
+    seed = config.seed
+    epoch = history[-1]["epoch"]
+    beta = history[-1]["beta"]
     generator = torch.Generator(data["test_x"].device).manual_seed(seed)
     te = evaluate(model, data["test_x"], data["test_y"], likelihood, sigma, generator)
-    # the loss as the last epoch minimised it, each KL_j with its floor
+    # the loss as the last epoch minimised it: each KL_j (the test set's mean) with its floor, or
+    # minus the IWAE bound of its K
+    iwae = config.iwae_samples
     loss = te["recon"] + beta * sum(max(config.free_bits, kl) for kl in te["kl_per_dim"])
+    if iwae > 1:
+        loss = evaluate_nll(model, data["test_x"], data["test_y"], iwae, likelihood, sigma, seed)
     results = dict(epoch=epoch, likelihood=likelihood, sigma=sigma, beta=beta, test_loss=loss)
     results.update(test_neg_elbo=te["neg_elbo"], test_recon=te["recon"], test_kl=te["kl"])
     results.update({k: te[k] for k in ("active_units", "kl_per_dim", "mu_var")})
@@ -1288,8 +1316,9 @@ def report(model, data, history, config):
         f"test -ELBO {te['neg_elbo']:.3f} = recon {te['recon']:.3f} + kl {te['kl']:.3f} nats/image "
         f"(one z per image){note}; {te['active_units']} of {model.latent_dim} latent units active"
     )
-    if beta != 1 or config.free_bits:
-        print(f"test loss as the last epoch minimised it, at beta {beta:g}: {loss:.3f}")
+    if beta != 1 or config.free_bits or iwae > 1:
+        what = f"-IWAE{iwae}" if iwae > 1 else f"beta {beta:g}"
+        print(f"test loss as the last epoch minimised it ({what}): {loss:.3f}")
     if config.nll_samples:
         k = config.nll_samples
         nll = evaluate_nll(model, data["test_x"], data["test_y"], k, likelihood, sigma, seed)
@@ -1301,7 +1330,8 @@ def report(model, data, history, config):
         what = "NLL" if data["test_y"] is None else "-log p(x|y)"
         print(f"test {what} (K={k}): {nll:.2f} nats/image{bits}{note}")
     error, mu, logvar, x_hat = reconstruction_errors(model, data, likelihood, sigma)
-    labels, classes = data["labels"], data["classes"]
+    labels = data["labels"]
+    classes = data["classes"]
     if labels is not None:  # each class's mean reconstruction error -log p(x | z = mu)
         present = sorted(set(labels.tolist()))
         results["recon_error_per_class"] = {
@@ -1414,7 +1444,8 @@ def train_share(model, optimizer, data, config, epoch, rank, world):
 
     t0 = time.perf_counter()
     beta = beta_schedule(epoch, config.beta, config.kl_warmup)
-    images, labels = data["train_x"], data["train_y"]
+    images = data["train_x"]
+    labels = data["train_y"]
     n = len(images)
     if world == 1:
         order = torch.randperm(n, device=images.device)
@@ -1552,9 +1583,11 @@ def in_range(kind, low, high):
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    def _get_help_string(self, action):  # a new run's default, unless it is None or False
+    def _get_help_string(self, action):  # a new run's default, where there is one
         default = RESUMABLE.get(action.dest, action.default)
-        return action.help + ("" if default in (None, False) else f" (default: {default})")
+        if default is None or default is False or default == argparse.SUPPRESS:
+            return action.help
+        return f"{action.help} (default: {default})"
 
 
 def build_parser():
