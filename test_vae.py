@@ -698,7 +698,8 @@ def test_a_run_writes_every_file_and_its_numbers_agree(mnist_dir, tmp_path, monk
 
 def test_the_report_names_what_each_number_is(mnist_dir, tmp_path, capsys):
     extra = "--epochs 2 --nll_samples 2 --kl_warmup 4 --beta 0.5 --free_bits 5"
-    history = vae.main(quick_run(mnist_dir, tmp_path / "grey", extra))
+    history = vae.main(quick_run(mnist_dir, tmp_path / "grey", extra + " --lr_schedule constant"))
+    assert [row["lr"] for row in history] == [0.002, 0.002]
     out = capsys.readouterr().out.splitlines()
     note = "Bernoulli on pixels that are not binary: a cross-entropy that compares runs"
     assert all(note in line for line in out if line.startswith(("test -ELBO", "test NLL (K=2)")))

@@ -1427,13 +1427,10 @@ def build(config, state, data, device, rank, world):
         group["lr"] = group["initial_lr"] = config.lr
     at = len(history) - 1  # a resumed run goes on at its epoch, on the curve of its --epochs
     if config.lr_schedule == "constant":
-        return (
-            model,
-            optimizer,
-            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1, at),
-            history,
-        )
-    return model, optimizer, cosine_decay(optimizer, config.epochs, at), history
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1, at)
+    else:
+        scheduler = cosine_decay(optimizer, config.epochs, at)
+    return model, optimizer, scheduler, history
 
 
 def train_share(model, optimizer, data, config, epoch, rank, world):
